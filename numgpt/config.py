@@ -1,0 +1,187 @@
+"""Configuration: one flat dataclass for model and training, the ladder presets, --key=value parsing.
+
+Every rung of the ladder in docs (bigram .. scaled) is a preset, i.e. a set of overrides of the
+defaults below; `laptop` is the default preset of train.py.
+"""
+import dataclasses
+import math
+from dataclasses import dataclass, fields
+
+
+class ConfigError(ValueError):
+    """A configuration the model or trainer cannot run; the message is one line for the user."""
+
+
+@dataclass
+class Config:
+    # --- model ---
+    model: str = "gpt"            # "bigram" (logits = embedding(token)) or "gpt"
+    vocab_size: int = 65
+    block_size: int = 8           # context length T
+    n_embd: int = 32              # channels C
+    n_head: int = 4               # heads; head size = n_embd // n_head
+    n_layer: int = 1              # blocks
+    attn_proj: bool = False       # output projection after the concatenated heads
+    ffn_mult: float = 0.0         # feed-forward width as a multiple of n_embd; 0 = no feed-forward
+    ffn_proj: bool = True         # second linear of the feed-forward (width -> n_embd)
+    activation: str = "relu"      # "relu" or "gelu" (tanh form)
+    residual: bool = False        # x + f(x) around attention and feed-forward
+    norm: str = "none"            # "none", "post" (LN after the residual add) or "pre" (LN before f)
+    dropout: float = 0.0          # on attention weights, after the projection, after the feed-forward
+    init: str = "torch"           # "torch" (PyTorch's default layer init) or "normal" (N(0, init_std))
+    init_std: float = 0.02
+    # --- training ---
+    batch_size: int = 32
+    max_iters: int = 5000
+    learning_rate: float = 1e-3
+    min_lr: float = 1e-4          # end of the cosine decay
+    warmup_iters: int = 0
+    decay_lr: bool = False        # cosine decay from learning_rate to min_lr over max_iters
+    weight_decay: float = 0.01    # AdamW, on matrices and embeddings only
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    grad_clip: float = 0.0        # clip the global gradient norm; 0 = off
+    eval_interval: int = 500
+    eval_iters: int = 200
+    seed: int = 1337
+
+    @property
+    def head_size(self):
+        return self.n_embd // self.n_head
+
+    @property
+    def ffn_hidden(self):
+        return int(round(self.ffn_mult * self.n_embd))
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    def replace(self, **kw):
+        return validate(dataclasses.replace(self, **kw))
+
+
+FIELDS = {f.name: f for f in fields(Config)}
+
+_RUNG = dict(model="gpt", block_size=8, n_embd=32, batch_size=32, learning_rate=1e-3,
+             max_iters=5000, eval_interval=500, eval_iters=200)
+
+PRESETS = {
+    # the ladder of the video (see docs/ladder.md); published validation losses in LADDER_TARGETS
+    "bigram": dict(model="bigram", block_size=8, batch_size=32, learning_rate=1e-2,
+                   max_iters=3000, eval_interval=300, eval_iters=200, n_layer=0),
+    "single_head": dict(_RUNG, n_head=1, n_layer=1),
+    "multi_head": dict(_RUNG, n_head=4, n_layer=1),
+    "ffn": dict(_RUNG, n_head=4, n_layer=1, ffn_mult=1.0, ffn_proj=False),
+    "residual": dict(_RUNG, n_head=4, n_layer=3, attn_proj=True, ffn_mult=4.0, residual=True),
+    "layernorm": dict(_RUNG, n_head=4, n_layer=3, attn_proj=True, ffn_mult=4.0, residual=True,
+                      norm="post"),
+    "preln": dict(_RUNG, n_head=4, n_layer=3, attn_proj=True, ffn_mult=4.0, residual=True,
+                  norm="pre"),
+    "scaled": dict(model="gpt", block_size=256, n_embd=384, n_head=6, n_layer=6, attn_proj=True,
+                   ffn_mult=4.0, residual=True, norm="pre", dropout=0.2, init="normal",
+                   batch_size=64, learning_rate=3e-4, max_iters=5000, eval_interval=500,
+                   eval_iters=200),
+    # the default of train.py: a small pre-norm GPT sized for ~10 minutes on a 2-core CPU
+    "laptop": dict(model="gpt", block_size=64, n_embd=128, n_head=4, n_layer=4, attn_proj=True,
+                   ffn_mult=4.0, residual=True, norm="pre", dropout=0.0, init="normal",
+                   batch_size=12, learning_rate=1e-3, min_lr=1e-4, decay_lr=True,
+                   warmup_iters=100, max_iters=2000, eval_interval=250, eval_iters=50,
+                   weight_decay=0.1, beta2=0.99, grad_clip=1.0),
+}
+
+LADDER = ["bigram", "single_head", "multi_head", "ffn", "residual", "layernorm", "preln", "scaled"]
+LADDER_TARGETS = {"bigram": 2.49, "single_head": 2.40, "multi_head": 2.28, "ffn": 2.27,
+                  "residual": 2.09, "layernorm": 2.08, "preln": 2.08, "scaled": 1.48}
+
+
+def _coerce(name, value):
+    """Turn a string (from the command line) into the type of field `name`."""
+    f = FIELDS[name]
+    typ = f.type if isinstance(f.type, type) else {"int": int, "float": float, "bool": bool,
+                                                    "str": str}[f.type]
+    if not isinstance(value, str):
+        if typ is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, typ) and not (typ is int and isinstance(value, bool)):
+            return value
+        raise ConfigError(f"{name} must be {typ.__name__}, got {value!r}")
+    s = value.strip()
+    if typ is bool:
+        if s.lower() in ("1", "true", "yes", "on"):
+            return True
+        if s.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    if typ is int:
+        try:
+            return int(s)
+        except ValueError:
+            raise ConfigError(f"{name} must be a whole number, got {value!r}") from None
+    if typ is float:
+        try:
+            return float(s)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number, got {value!r}") from None
+    return s
+
+
+def validate(cfg):
+    """Refuse configurations that cannot run, with a one-line message naming the field."""
+    def need(ok, msg):
+        if not ok:
+            raise ConfigError(msg)
+    need(cfg.model in ("bigram", "gpt"), f"model must be 'bigram' or 'gpt', got {cfg.model!r}")
+    for name in ("vocab_size", "block_size", "batch_size", "max_iters", "eval_interval",
+                 "eval_iters"):
+        need(getattr(cfg, name) >= 1, f"{name} must be at least 1, got {getattr(cfg, name)}")
+    need(cfg.warmup_iters >= 0, f"warmup_iters must be >= 0, got {cfg.warmup_iters}")
+    if cfg.model == "gpt":
+        need(cfg.n_embd >= 1, f"n_embd must be at least 1, got {cfg.n_embd}")
+        need(cfg.n_head >= 1, f"n_head must be at least 1, got {cfg.n_head}")
+        need(cfg.n_layer >= 1, f"n_layer must be at least 1 for model 'gpt', got {cfg.n_layer}")
+        need(cfg.n_embd % cfg.n_head == 0,
+             f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head})")
+        need(cfg.ffn_mult >= 0 and math.isfinite(cfg.ffn_mult),
+             f"ffn_mult must be >= 0, got {cfg.ffn_mult}")
+        need(cfg.ffn_mult == 0 or cfg.ffn_hidden >= 1,
+             f"ffn_mult {cfg.ffn_mult} gives a feed-forward of width 0")
+        need(cfg.ffn_proj or cfg.ffn_mult == 0 or cfg.ffn_hidden == cfg.n_embd,
+             "ffn_proj=false needs ffn_mult=1 (the feed-forward must return n_embd channels)")
+    need(cfg.activation in ("relu", "gelu"),
+         f"activation must be 'relu' or 'gelu', got {cfg.activation!r}")
+    need(cfg.norm in ("none", "post", "pre"),
+         f"norm must be 'none', 'post' or 'pre', got {cfg.norm!r}")
+    need(cfg.init in ("torch", "normal"), f"init must be 'torch' or 'normal', got {cfg.init!r}")
+    need(0.0 <= cfg.dropout < 1.0, f"dropout must be in [0, 1), got {cfg.dropout}")
+    need(0.0 < cfg.learning_rate < 10.0 and math.isfinite(cfg.learning_rate),
+         f"learning_rate must be in (0, 10), got {cfg.learning_rate}")
+    need(0.0 <= cfg.min_lr <= cfg.learning_rate,
+         f"min_lr must be in [0, learning_rate], got {cfg.min_lr}")
+    need(cfg.weight_decay >= 0 and math.isfinite(cfg.weight_decay),
+         f"weight_decay must be >= 0, got {cfg.weight_decay}")
+    need(0.0 <= cfg.beta1 < 1.0 and 0.0 <= cfg.beta2 < 1.0, "beta1 and beta2 must be in [0, 1)")
+    need(cfg.eps > 0, f"eps must be > 0, got {cfg.eps}")
+    need(cfg.grad_clip >= 0, f"grad_clip must be >= 0 (0 = off), got {cfg.grad_clip}")
+    need(cfg.init_std > 0, f"init_std must be > 0, got {cfg.init_std}")
+    return cfg
+
+
+def get_config(preset="laptop", **overrides):
+    """The Config of a preset with overrides applied and checked, e.g. get_config('preln', n_layer=2)."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    values = dict(PRESETS[preset])
+    for k, v in overrides.items():
+        if k not in FIELDS:
+            raise ConfigError(f"unknown config key {k!r}; known keys: {', '.join(FIELDS)}")
+        values[k] = _coerce(k, v)
+    return validate(Config(**values))
+
+
+def config_from_dict(d):
+    """Rebuild a Config from to_dict() output (e.g. read from a checkpoint); unknown keys are refused."""
+    unknown = set(d) - set(FIELDS)
+    if unknown:
+        raise ConfigError(f"unknown config keys: {', '.join(sorted(unknown))}")
+    return validate(Config(**{k: _coerce(k, v) for k, v in d.items()}))

@@ -1,0 +1,239 @@
+"""The GPT assembled from the layers; every rung of the ladder is a Config of this one model.
+
+    idx [B, T] -> tok_emb[idx] + pos_emb[:T]                 x [B, T, C]
+               -> n_layer blocks, each:
+                    attention sublayer   a = MHA(x)           (pre-norm: MHA(LN1(x)))
+                                         x = x + a            (residual, else x = a)
+                                         x = LN1(x)           (post-norm only)
+                    feed-forward sublayer, the same with FFN and LN2
+               -> LN_f (when norm is not "none") -> lm_head  logits [B, T, V]
+    The bigram model is logits = tok_emb[idx] with a [V, V] table.
+
+Parameters live in a flat dict name -> array; weights are stored [in, out] (y = x W + b).
+"""
+import numpy as np
+
+from .config import Config, validate
+from .layers import (cross_entropy_backward, cross_entropy_forward, embedding_backward,
+                     embedding_forward, feedforward_backward, feedforward_forward,
+                     layernorm_backward, layernorm_forward, linear_backward, linear_forward,
+                     multihead_backward, multihead_forward, position_backward, position_forward,
+                     residual_backward, residual_forward)
+
+
+def param_shapes(cfg):
+    """Ordered dict name -> shape of every parameter tensor of the model described by cfg."""
+    V, C = cfg.vocab_size, cfg.n_embd
+    if cfg.model == "bigram":
+        return {"tok_emb": (V, V)}
+    shapes = {"tok_emb": (V, C), "pos_emb": (cfg.block_size, C)}
+    for i in range(cfg.n_layer):
+        b = f"blocks.{i}."
+        if cfg.norm != "none":
+            shapes[b + "ln1.g"] = (C,)
+            shapes[b + "ln1.b"] = (C,)
+        shapes[b + "attn.w_q"] = (C, C)
+        shapes[b + "attn.w_k"] = (C, C)
+        shapes[b + "attn.w_v"] = (C, C)
+        if cfg.attn_proj:
+            shapes[b + "attn.w_proj"] = (C, C)
+            shapes[b + "attn.b_proj"] = (C,)
+        if cfg.ffn_mult > 0:
+            H = cfg.ffn_hidden
+            if cfg.norm != "none":
+                shapes[b + "ln2.g"] = (C,)
+                shapes[b + "ln2.b"] = (C,)
+            shapes[b + "ffn.w_fc"] = (C, H)
+            shapes[b + "ffn.b_fc"] = (H,)
+            if cfg.ffn_proj:
+                shapes[b + "ffn.w_out"] = (H, C)
+                shapes[b + "ffn.b_out"] = (C,)
+    if cfg.norm != "none":
+        shapes["ln_f.g"] = (C,)
+        shapes["ln_f.b"] = (C,)
+    shapes["lm_head.w"] = (C, V)
+    shapes["lm_head.b"] = (V,)
+    return shapes
+
+
+def init_params(cfg, seed=0, dtype=np.float32):
+    """Fresh parameters. Drawn in float64 and then cast, so one seed gives the same model in any dtype.
+
+    init="torch": PyTorch's defaults (embeddings N(0, 1); a Linear's weight and bias U(-k, k),
+    k = 1/sqrt(fan_in)); init="normal": weights and embeddings N(0, init_std), biases 0.
+    LayerNorm starts at g = 1, b = 0 either way.
+    """
+    rng = np.random.default_rng(seed)
+    params = {}
+    for name, shape in param_shapes(cfg).items():
+        leaf = name.rsplit(".", 1)[-1]
+        if name.endswith(".g"):
+            p = np.ones(shape)
+        elif ".ln" in name or name.startswith("ln_f"):
+            p = np.zeros(shape)
+        elif name in ("tok_emb", "pos_emb"):
+            p = rng.normal(0.0, 1.0 if cfg.init == "torch" else cfg.init_std, shape)
+        elif cfg.init == "normal":
+            p = rng.normal(0.0, cfg.init_std, shape) if leaf.startswith("w") else np.zeros(shape)
+        else:  # torch: weight [in, out] and its bias both U(-1/sqrt(in), 1/sqrt(in))
+            wname = name if leaf.startswith("w") else name.replace(".b", ".w", 1)
+            fan_in = param_shapes(cfg)[wname][0]
+            k = 1.0 / np.sqrt(fan_in)
+            p = rng.uniform(-k, k, shape)
+        params[name] = p.astype(dtype)
+    return params
+
+
+def _sub(params, prefix):
+    """The entries of params under prefix, with the prefix removed: {'w_q': ..., ...}."""
+    n = len(prefix)
+    return {k[n:]: v for k, v in params.items() if k.startswith(prefix)}
+
+
+class GPT:
+    """A character-level GPT with hand-written backward passes.
+
+    model = GPT(cfg, seed=0, dtype=np.float64)
+    loss, grads = model.loss_and_grads(x, y, rng=np.random.default_rng(0))
+    """
+
+    def __init__(self, cfg: Config, seed=0, dtype=np.float32, params=None):
+        self.cfg = validate(cfg)
+        self.dtype = np.dtype(dtype)
+        self.params = init_params(self.cfg, seed, self.dtype) if params is None else {}
+        if params is not None:
+            self.set_params(params)
+
+    # ---- parameters as a name -> array dict ----
+    def get_params(self):
+        """A copy of every parameter, name -> array."""
+        return {k: v.copy() for k, v in self.params.items()}
+
+    def set_params(self, params):
+        """Replace the parameters; names and shapes must match this config exactly."""
+        shapes = param_shapes(self.cfg)
+        missing = set(shapes) - set(params)
+        extra = set(params) - set(shapes)
+        if missing or extra:
+            raise ValueError("parameter names do not match the config: "
+                             f"missing {sorted(missing)}, unexpected {sorted(extra)}")
+        new = {}
+        for name, shape in shapes.items():
+            a = np.asarray(params[name])
+            if a.shape != tuple(shape):
+                raise ValueError(f"parameter {name} has shape {a.shape}, the config needs {shape}")
+            new[name] = a.astype(self.dtype, copy=True)
+        self.params = new
+
+    def num_params(self):
+        return sum(v.size for v in self.params.values())
+
+    # ---- forward / backward ----
+    def _block_forward(self, x, i, train, rng):
+        cfg = self.cfg
+        p = _sub(self.params, f"blocks.{i}.")
+        drop = cfg.dropout if train else 0.0
+        cache = {}
+        sublayers = [("attn", "ln1")]
+        if cfg.ffn_mult > 0:
+            sublayers.append(("ffn", "ln2"))
+        for name, ln in sublayers:
+            h = x
+            if cfg.norm == "pre":
+                h, cache[ln] = layernorm_forward(x, p[ln + ".g"], p[ln + ".b"])
+            sp = _sub(p, name + ".")
+            if name == "attn":
+                f, cache[name] = multihead_forward(h, sp, cfg.n_head, drop, drop, rng)
+            else:
+                f, cache[name] = feedforward_forward(h, sp, cfg.activation, drop, rng)
+            x = residual_forward(x, f) if cfg.residual else f
+            if cfg.norm == "post":
+                x, cache[ln] = layernorm_forward(x, p[ln + ".g"], p[ln + ".b"])
+        return x, (cache, sublayers)
+
+    def _block_backward(self, dx, i, bcache, grads):
+        cfg = self.cfg
+        cache, sublayers = bcache
+        pre = f"blocks.{i}."
+        for name, ln in reversed(sublayers):
+            if cfg.norm == "post":
+                dx, grads[pre + ln + ".g"], grads[pre + ln + ".b"] = layernorm_backward(dx, cache[ln])
+            dskip, df = residual_backward(dx) if cfg.residual else (None, dx)
+            if name == "attn":
+                dh, g = multihead_backward(df, cache[name])
+            else:
+                dh, g = feedforward_backward(df, cache[name])
+            for k, v in g.items():
+                grads[pre + name + "." + k] = v
+            if cfg.norm == "pre":
+                dh, grads[pre + ln + ".g"], grads[pre + ln + ".b"] = layernorm_backward(dh, cache[ln])
+            dx = dh if dskip is None else dskip + dh
+        return dx
+
+    def forward(self, idx, train=False, rng=None):
+        """idx: [B, T] token ids (T <= block_size) -> logits [B, T, V], cache for backward.
+
+        train=True turns dropout on; its masks are drawn from rng (a numpy Generator), so passing
+        generators with the same seed replays the same masks.
+        """
+        cfg, P = self.cfg, self.params
+        idx = np.asarray(idx)
+        if idx.ndim != 2:
+            raise ValueError(f"idx must be [B, T], got shape {idx.shape}")
+        T = idx.shape[1]
+        if T > cfg.block_size and cfg.model == "gpt":
+            raise ValueError(f"sequence length {T} exceeds block_size {cfg.block_size}")
+        if train and cfg.dropout > 0 and rng is None:
+            raise ValueError("training with dropout needs rng (a numpy Generator)")
+        x, c_tok = embedding_forward(idx, P["tok_emb"])
+        if cfg.model == "bigram":
+            return x, {"tok": c_tok}
+        pos, c_pos = position_forward(T, P["pos_emb"])
+        x = x + pos
+        blocks = []
+        for i in range(cfg.n_layer):
+            x, bc = self._block_forward(x, i, train, rng)
+            blocks.append(bc)
+        c_lnf = None
+        if cfg.norm != "none":
+            x, c_lnf = layernorm_forward(x, P["ln_f.g"], P["ln_f.b"])
+        logits, c_head = linear_forward(x, P["lm_head.w"], P["lm_head.b"])
+        return logits, {"tok": c_tok, "pos": c_pos, "blocks": blocks, "ln_f": c_lnf,
+                        "head": c_head}
+
+    def backward(self, dlogits, cache):
+        """dlogits [B, T, V] -> grads dict with one entry per parameter (same names, shapes, dtype)."""
+        cfg = self.cfg
+        if cfg.model == "bigram":
+            return {"tok_emb": embedding_backward(dlogits, cache["tok"])}
+        grads = {}
+        dx, grads["lm_head.w"], grads["lm_head.b"] = linear_backward(dlogits, cache["head"])
+        if cache["ln_f"] is not None:
+            dx, grads["ln_f.g"], grads["ln_f.b"] = layernorm_backward(dx, cache["ln_f"])
+        for i in reversed(range(cfg.n_layer)):
+            dx = self._block_backward(dx, i, cache["blocks"][i], grads)
+        # x = tok_emb[idx] + pos_emb[:T]: both terms receive dx
+        grads["pos_emb"] = position_backward(dx, cache["pos"])
+        grads["tok_emb"] = embedding_backward(dx, cache["tok"])
+        return {k: grads[k] for k in self.params}
+
+    def loss(self, x, y, train=False, rng=None):
+        """Mean cross-entropy of next-token prediction for inputs x [B, T] and targets y [B, T]."""
+        logits, _ = self.forward(x, train, rng)
+        return cross_entropy_forward(logits, np.asarray(y))[0]
+
+    def loss_and_grads(self, x, y, train=True, rng=None):
+        """(loss, grads): the mean cross-entropy and its gradient for every parameter.
+
+        train=True (the default) applies dropout with masks drawn from rng.
+        """
+        logits, cache = self.forward(x, train, rng)
+        loss, c_loss = cross_entropy_forward(logits, np.asarray(y))
+        return loss, self.backward(cross_entropy_backward(c_loss), cache)
+
+    # ---- generation (no key/value cache: each step re-reads the last block_size tokens) ----
+    def next_token_logits(self, idx):
+        """idx: [B, T] -> logits of the next token [B, V] (float64), looking at the last block_size."""
+        idx = np.asarray(idx)[:, -self.cfg.block_size:]
+        logits, _ = self.forward(idx, train=False)
+        return logits[:, -1, :].astype(np.float64)

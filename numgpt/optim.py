@@ -1,0 +1,95 @@
+"""AdamW, gradient clipping by global norm, and the learning-rate schedule.
+
+Derivation of the update: docs/derivations.md#adamw
+Tests: tests/test_optim.py
+"""
+import math
+
+import numpy as np
+
+
+def decays(name, p):
+    """Weight decay applies to matrices and embedding tables (ndim >= 2), never to biases or LayerNorm."""
+    return p.ndim >= 2
+
+
+class AdamW:
+    """Adam with decoupled weight decay (Loshchilov & Hutter), updating a params dict in place.
+
+    For each parameter p with gradient g, at step t = 1, 2, ...:
+        p <- p - lr * wd * p                      (only where decays(name, p))
+        m <- b1 m + (1 - b1) g,    v <- b2 v + (1 - b2) g^2
+        p <- p - lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
+        self.params = params
+        self.lr = lr
+        self.b1, self.b2 = betas
+        self.eps = eps
+        self.weight_decay = weight_decay
+        self.t = 0
+        self.m = {k: np.zeros_like(v) for k, v in params.items()}
+        self.v = {k: np.zeros_like(v) for k, v in params.items()}
+
+    def step(self, grads, lr=None):
+        """One update of every parameter from grads (name -> array); lr overrides self.lr for this step."""
+        lr = self.lr if lr is None else lr
+        self.t += 1
+        b1, b2, t = self.b1, self.b2, self.t
+        c1 = 1.0 - b1 ** t
+        c2 = 1.0 - b2 ** t
+        step_size = lr / c1
+        for name, p in self.params.items():
+            g = grads[name]
+            m, v = self.m[name], self.v[name]
+            if self.weight_decay and decays(name, p):
+                p *= 1.0 - lr * self.weight_decay
+            m *= b1
+            m += (1.0 - b1) * g
+            v *= b2
+            v += (1.0 - b2) * (g * g)
+            denom = np.sqrt(v / c2)
+            denom += self.eps
+            p -= step_size * (m / denom)
+
+    def state_dict(self):
+        """name -> array of the optimizer's state ('m.<param>', 'v.<param>'), plus the step count."""
+        out = {"t": np.array(self.t, dtype=np.int64)}
+        for k in self.params:
+            out["m." + k] = self.m[k]
+            out["v." + k] = self.v[k]
+        return out
+
+    def load_state_dict(self, state):
+        self.t = int(state["t"])
+        for k, p in self.params.items():
+            for slot, store in (("m.", self.m), ("v.", self.v)):
+                a = np.asarray(state[slot + k])
+                if a.shape != p.shape:
+                    raise ValueError(f"optimizer state {slot + k} has shape {a.shape}, "
+                                     f"the parameter has {p.shape}")
+                store[k] = a.astype(p.dtype, copy=True)
+
+
+def clip_grad_norm(grads, max_norm):
+    """Scale all gradients in place so their global L2 norm is at most max_norm; returns the norm before."""
+    total = math.sqrt(sum(float(np.vdot(g, g)) for g in grads.values()))
+    if max_norm > 0 and total > max_norm:
+        s = max_norm / (total + 1e-6)
+        for g in grads.values():
+            g *= s
+    return total
+
+
+def get_lr(it, cfg):
+    """Learning rate at iteration it (0-based): linear warmup over warmup_iters, then constant or
+    cosine decay from learning_rate to min_lr at max_iters (when cfg.decay_lr)."""
+    lr = cfg.learning_rate
+    if cfg.warmup_iters > 0 and it < cfg.warmup_iters:
+        return lr * (it + 1) / cfg.warmup_iters
+    if not cfg.decay_lr:
+        return lr
+    span = max(1, cfg.max_iters - cfg.warmup_iters)
+    frac = min(1.0, (it - cfg.warmup_iters) / span)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * frac)) * (lr - cfg.min_lr)
