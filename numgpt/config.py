@@ -30,6 +30,7 @@ class Config:
     dropout: float = 0.0          # on attention weights, after the projection, after the feed-forward
     init: str = "torch"           # "torch" (PyTorch's default layer init) or "normal" (N(0, init_std))
     init_std: float = 0.02
+    zero_head: bool = True        # output layer (lm_head, or the bigram table) starts at 0: loss = ln V
     # --- training ---
     batch_size: int = 32
     max_iters: int = 5000

@@ -2,7 +2,7 @@
 
 rel_error(a, n) = ||a - n|| / max(||a|| + ||n||, tiny), the norms taken over a whole tensor (or over
 the sampled entries of it), so an entry whose true gradient is ~0 cannot blow the ratio up.
-See docs/gradcheck.md.
+See docs/derivations.md#gradient-checking.
 """
 import numpy as np
 
@@ -60,3 +60,21 @@ def check_model_grads(model, x, y, train=True, seed=0, per_tensor=20, h=1e-6, sa
         num = numeric_grad(f, p, h, ix)
         errors[name] = rel_error(grads[name].reshape(-1)[ix], num)
     return errors
+
+
+def check_layer(forward, backward, arrays, seed=0, h=1e-6):
+    """Relative error of a layer's backward against central differences, for every input array.
+
+    forward(**arrays) -> (out, cache);  backward(dout, cache) -> dict name -> gradient.
+    The scalar checked is sum(out * dout) with a fixed random dout, so every output entry matters.
+    Returns dict name -> relative error over all entries of that array.
+    """
+    out, cache = forward(**arrays)
+    dout = np.random.default_rng(seed).standard_normal(np.shape(out))
+    analytic = backward(dout, cache)
+
+    def f():
+        return float(np.sum(forward(**arrays)[0] * dout))
+
+    return {name: rel_error(analytic[name], numeric_grad(f, arrays[name], h))
+            for name in analytic}

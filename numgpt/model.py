@@ -61,13 +61,17 @@ def init_params(cfg, seed=0, dtype=np.float32):
 
     init="torch": PyTorch's defaults (embeddings N(0, 1); a Linear's weight and bias U(-k, k),
     k = 1/sqrt(fan_in)); init="normal": weights and embeddings N(0, init_std), biases 0.
-    LayerNorm starts at g = 1, b = 0 either way.
+    LayerNorm starts at g = 1, b = 0 either way. zero_head: the output layer (lm_head, or the
+    bigram table, which is the logits) starts at zero, so an untrained model predicts the uniform
+    distribution and its loss is exactly ln(vocab_size).
     """
     rng = np.random.default_rng(seed)
     params = {}
     for name, shape in param_shapes(cfg).items():
         leaf = name.rsplit(".", 1)[-1]
-        if name.endswith(".g"):
+        if cfg.zero_head and (name.startswith("lm_head") or cfg.model == "bigram"):
+            p = np.zeros(shape)
+        elif name.endswith(".g"):
             p = np.ones(shape)
         elif ".ln" in name or name.startswith("ln_f"):
             p = np.zeros(shape)

@@ -1,0 +1,150 @@
+"""Command lines of train.py and sample.py: --key=value parsing and one-line errors."""
+import os
+import sys
+
+import numpy as np
+
+from .checkpoint import CheckpointError, load_checkpoint
+from .config import FIELDS, PRESETS, ConfigError, config_from_dict, get_config
+from .data import DataError, Vocab, load_dataset
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError)
+
+
+def parse_flags(argv, known, flags=()):
+    """--key=value pairs (and bare --flag for names in flags) -> dict; anything else is refused."""
+    out = {}
+    for arg in argv:
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; options look like --key=value")
+        key, eq, value = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if not eq:
+            if key in flags:
+                out[key] = True
+                continue
+            raise ConfigError(f"--{key} needs a value: --{key}=VALUE")
+        if key not in known and key not in flags:
+            raise ConfigError(f"unknown option --{key}; see --help")
+        if key in out:
+            raise ConfigError(f"--{key} is given twice")
+        out[key] = value
+    return out
+
+
+def run(main):
+    """Run main(argv), turning the user's errors into one line on stderr and exit status 2/1."""
+    try:
+        return main(sys.argv[1:]) or 0
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the trainer's own one-line errors
+        from .trainer import TrainingError
+        if isinstance(e, TrainingError):
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+TRAIN_HELP = f"""usage: python train.py [--preset=NAME] [--data=FILE] [--out_dir=DIR] [--resume] [--key=value ...]
+
+Trains a character-level GPT (default preset: laptop) on Tiny Shakespeare or any UTF-8 text file.
+  --preset=NAME   one of: {', '.join(PRESETS)}
+  --data=FILE     a UTF-8 text file to train on (default: Tiny Shakespeare, fetched if missing)
+  --out_dir=DIR   where ckpt.npz, log.jsonl and loss.png go (default: out)
+  --resume        continue the run in out_dir
+  --key=value     any config field: {', '.join(FIELDS)}
+"""
+
+
+def train_main(argv):
+    if any(a in ("-h", "--help") for a in argv):
+        print(TRAIN_HELP)
+        return 0
+    from .trainer import train
+    opts = parse_flags(argv, set(FIELDS) | {"preset", "data", "out_dir"}, flags=("resume",))
+    preset = opts.pop("preset", "laptop")
+    data = opts.pop("data", None)
+    out_dir = opts.pop("out_dir", "out")
+    resume = bool(opts.pop("resume", False))
+    cfg = get_config(preset, **opts)
+    ds = load_dataset(data)
+    train(cfg, ds, out_dir, resume=resume)
+    return 0
+
+
+SAMPLE_HELP = """usage: python sample.py [--out_dir=DIR] [--start=TEXT|FILE:path] [--num_samples=N]
+                        [--max_new_tokens=N] [--temperature=T] [--top_k=K] [--top_p=P] [--seed=S]
+
+Generates text from the checkpoint in out_dir (default: out), streaming it as it is sampled.
+"""
+
+SAMPLE_DEFAULTS = {"out_dir": "out", "start": "\n", "num_samples": "1", "max_new_tokens": "500",
+                   "temperature": "0.8", "top_k": "0", "top_p": "1.0", "seed": "1337"}
+
+
+def _num(opts, key, typ, ok, what):
+    try:
+        v = typ(opts[key])
+    except ValueError:
+        raise ConfigError(f"--{key} must be {what}, got {opts[key]!r}") from None
+    if not ok(v):
+        raise ConfigError(f"--{key} must be {what}, got {opts[key]!r}")
+    return v
+
+
+def sample_main(argv):
+    if any(a in ("-h", "--help") for a in argv):
+        print(SAMPLE_HELP)
+        return 0
+    from .generate import generate
+    from .model import GPT
+    opts = dict(SAMPLE_DEFAULTS)
+    opts.update(parse_flags(argv, set(SAMPLE_DEFAULTS)))
+    n = _num(opts, "num_samples", int, lambda v: v >= 1, "a whole number >= 1")
+    max_new = _num(opts, "max_new_tokens", int, lambda v: v >= 0, "a whole number >= 0")
+    temperature = _num(opts, "temperature", float, lambda v: 0 <= v < float("inf"),
+                       "a number >= 0")
+    top_k = _num(opts, "top_k", int, lambda v: v >= 0, "a whole number >= 0 (0 = off)")
+    top_p = _num(opts, "top_p", float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+    seed = _num(opts, "seed", int, lambda v: v >= 0, "a whole number >= 0")
+    start = opts["start"]
+    if start.startswith("FILE:"):
+        path = start[5:]
+        try:
+            with open(path, encoding="utf-8") as f:
+                start = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"cannot read the prompt file {path}: {e}") from None
+    ckpt = os.path.join(opts["out_dir"], "ckpt.npz")
+    if not os.path.isfile(ckpt):
+        raise CheckpointError(f"no checkpoint at {ckpt}; train one first with python train.py "
+                              "(or pass --out_dir)")
+    params, _, meta = load_checkpoint(ckpt)
+    try:
+        cfg = config_from_dict(meta["config"])
+        vocab = Vocab(meta["vocab"])
+        model = GPT(cfg, dtype=np.float32, params=params)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{ckpt} is inconsistent ({e})") from None
+    if not start:
+        start = "\n" if "\n" in vocab.stoi else vocab.chars[0]
+    ids = vocab.encode(start)
+    rng = np.random.default_rng(seed)
+    out = sys.stdout
+    for i in range(n):
+        out.write(start)
+        out.flush()
+
+        def emit(tok):
+            out.write(vocab.decode(tok))
+            out.flush()
+        generate(model, ids[None, :], max_new, temperature, top_k or None,
+                 top_p if top_p < 1 else None, rng, on_token=emit)
+        out.write("\n" + ("---------------\n" if i < n - 1 else ""))
+        out.flush()
+    return 0

@@ -1,0 +1,216 @@
+"""Corpus preparation, the character vocabulary, and random-offset batches.
+
+Prepared data lives in a folder laid out as nanoGPT users know it:
+    train.bin, val.bin   uint16 token ids (first 90% of the text, last 10%)
+    vocab.json           {"chars": [...], "source": ..., "sha256": ...}   (JSON, never pickle)
+"""
+import hashlib
+import json
+import os
+import tempfile
+import urllib.error
+import urllib.request
+
+import numpy as np
+
+SHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
+                   "tinyshakespeare/input.txt")
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA_DIR = os.path.join(REPO_DIR, "data")
+SHAKESPEARE_DIR = os.path.join(DATA_DIR, "shakespeare_char")
+
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+class DataError(Exception):
+    """A problem with the user's data; the message is one line saying what to do."""
+
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path, data):
+    """Write data to path via a temporary file in the same folder and os.replace: never half-written."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def download(url, dest, sha256=None, timeout=30):
+    """Fetch url into dest atomically, refusing it when its sha256 differs from the expected one."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            body = r.read()
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        raise DataError(f"could not download {url} ({reason}); offline, put the file at {dest} "
+                        "or pass --data=PATH") from None
+    if sha256 is not None and hashlib.sha256(body).hexdigest() != sha256:
+        raise DataError(f"the file downloaded from {url} does not match its sha256 {sha256}; "
+                        f"nothing was written to {dest}")
+    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    atomic_write_bytes(dest, body)
+    return dest
+
+
+def local_shakespeare_candidates():
+    """Where an existing copy of Tiny Shakespeare is looked for before downloading it."""
+    cands = [os.path.join(SHAKESPEARE_DIR, "input.txt")]
+    env = os.environ.get("NUMGPT_SHAKESPEARE")
+    if env:
+        cands.insert(0, env)
+    # a shared data folder beside the clone, as on the project's own machines
+    cands.append(os.path.join(os.path.dirname(REPO_DIR), "shared", "data", "tinyshakespeare",
+                              "input.txt"))
+    return cands
+
+
+def find_or_fetch_shakespeare(url=SHAKESPEARE_URL):
+    """Path of a verified Tiny Shakespeare input.txt: an existing local copy, else a download."""
+    for path in local_shakespeare_candidates():
+        if os.path.isfile(path):
+            if sha256_file(path) == SHAKESPEARE_SHA256:
+                return path
+            if path == os.environ.get("NUMGPT_SHAKESPEARE"):
+                raise DataError(f"{path} (NUMGPT_SHAKESPEARE) is not Tiny Shakespeare "
+                                "(sha256 differs); pass it as --data=PATH to train on it anyway")
+    return download(url, os.path.join(SHAKESPEARE_DIR, "input.txt"), SHAKESPEARE_SHA256)
+
+
+def read_text(path):
+    """The text of a UTF-8 file, with one-line errors for the usual problems."""
+    if not os.path.exists(path):
+        raise DataError(f"data file not found: {path}")
+    if os.path.isdir(path):
+        raise DataError(f"--data must be a text file, {path} is a folder")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (bad byte at offset {e.start}); "
+                        "convert it to UTF-8 first") from None
+    if not text:
+        raise DataError(f"{path} is empty")
+    return text
+
+
+class Vocab:
+    """Characters <-> ids, ids in order of sorted characters (as in the video)."""
+
+    def __init__(self, chars):
+        self.chars = list(chars)
+        if len(self.chars) > 65535:
+            raise DataError(f"{len(self.chars)} distinct characters do not fit uint16 ids")
+        self.stoi = {c: i for i, c in enumerate(self.chars)}
+
+    @classmethod
+    def from_text(cls, text):
+        return cls(sorted(set(text)))
+
+    def __len__(self):
+        return len(self.chars)
+
+    def encode(self, s):
+        unknown = sorted({c for c in s if c not in self.stoi})
+        if unknown:
+            shown = "".join(unknown[:10])
+            raise DataError(f"characters not in the vocabulary: {shown!r}; use only characters "
+                            "that occur in the training text")
+        return np.array([self.stoi[c] for c in s], dtype=np.int64)
+
+    def decode(self, ids):
+        return "".join(self.chars[int(i)] for i in ids)
+
+
+def prepare(text_path, out_dir, source=None):
+    """Encode a UTF-8 text file into out_dir/{train.bin, val.bin, vocab.json} (90% / 10%)."""
+    text = read_text(text_path)
+    vocab = Vocab.from_text(text)
+    ids = np.array([vocab.stoi[c] for c in text], dtype=np.uint16)
+    n = int(0.9 * len(ids))
+    os.makedirs(out_dir, exist_ok=True)
+    atomic_write_bytes(os.path.join(out_dir, "train.bin"), ids[:n].tobytes())
+    atomic_write_bytes(os.path.join(out_dir, "val.bin"), ids[n:].tobytes())
+    meta = {"chars": vocab.chars, "source": source or os.path.abspath(text_path),
+            "sha256": sha256_file(text_path), "n_train": n, "n_val": len(ids) - n}
+    atomic_write_bytes(os.path.join(out_dir, "vocab.json"),
+                       json.dumps(meta, ensure_ascii=False, indent=0).encode("utf-8"))
+    return out_dir
+
+
+def prepared_dir_for(text_path):
+    """Where the prepared copy of an arbitrary text file goes: data/<name>-<sha8>/."""
+    stem = os.path.splitext(os.path.basename(text_path))[0] or "text"
+    return os.path.join(DATA_DIR, f"{stem}-{sha256_file(text_path)[:8]}")
+
+
+class Dataset:
+    """The train and val splits of a prepared folder, with random-offset batches."""
+
+    def __init__(self, folder):
+        try:
+            with open(os.path.join(folder, "vocab.json"), encoding="utf-8") as f:
+                meta = json.load(f)
+            self.vocab = Vocab(meta["chars"])
+            self.train = np.fromfile(os.path.join(folder, "train.bin"), dtype=np.uint16)
+            self.val = np.fromfile(os.path.join(folder, "val.bin"), dtype=np.uint16)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DataError(f"prepared data in {folder} is missing or broken ({e}); "
+                            "delete the folder to prepare it again") from None
+        self.folder = folder
+        self.meta = meta
+
+    def check_block(self, block_size):
+        for name, split in (("train", self.train), ("val", self.val)):
+            if len(split) < block_size + 1:
+                raise DataError(f"the {name} split has {len(split)} characters, fewer than "
+                                f"block_size + 1 = {block_size + 1}; use a longer text or a "
+                                "smaller --block_size")
+
+    def get_batch(self, split, batch_size, block_size, rng):
+        """x, y: [B, T] int64, y shifted one character right of x, from random offsets."""
+        data = self.train if split == "train" else self.val
+        ix = rng.integers(0, len(data) - block_size, batch_size)
+        x = np.stack([data[i:i + block_size] for i in ix]).astype(np.int64)
+        y = np.stack([data[i + 1:i + 1 + block_size] for i in ix]).astype(np.int64)
+        return x, y
+
+
+def load_dataset(data=None):
+    """Prepare (if needed) and open a dataset: Tiny Shakespeare when data is None, else a text file."""
+    if data is None:
+        folder = SHAKESPEARE_DIR
+        if not all(os.path.isfile(os.path.join(folder, f))
+                   for f in ("train.bin", "val.bin", "vocab.json")):
+            prepare(find_or_fetch_shakespeare(), folder, source=SHAKESPEARE_URL)
+        return Dataset(folder)
+    text_path = os.path.abspath(data)
+    read_text(text_path)  # one-line errors for missing, empty, non-UTF-8 files
+    folder = prepared_dir_for(text_path)
+    if not os.path.isfile(os.path.join(folder, "vocab.json")):
+        prepare(text_path, folder)
+    return Dataset(folder)

@@ -1,0 +1,250 @@
+"""The training loop behind train.py: batches, AdamW steps, evals, logs, plots, checkpoints, resume."""
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+
+from . import make_optimizer
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .config import Config, config_from_dict
+from .data import Dataset, atomic_write_bytes
+from .generate import generate
+from .model import GPT
+from .optim import clip_grad_norm, get_lr
+
+CKPT = "ckpt.npz"
+LOG = "log.jsonl"
+PLOT = "loss.png"
+
+
+class TrainingError(Exception):
+    """Training cannot go on; the message is one line for the user."""
+
+
+def estimate_loss(model, ds, cfg, step):
+    """Mean loss over eval_iters batches of each split, from a generator seeded by (seed, step) so
+    evaluation never disturbs the training stream and a resumed run evaluates the same batches."""
+    out = {}
+    for split in ("train", "val"):
+        rng = np.random.default_rng([cfg.seed, step, 0 if split == "train" else 1])
+        losses = [model.loss(*ds.get_batch(split, cfg.batch_size, cfg.block_size, rng))
+                  for _ in range(cfg.eval_iters)]
+        out[split] = float(np.mean(losses))
+    return out
+
+
+def read_log(path):
+    rows = []
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                line = line.strip()
+                if line:
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        break  # a line cut by a kill: everything after it is unreliable
+    return rows
+
+
+def write_log(path, rows):
+    atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in rows).encode("utf-8"))
+
+
+def plot_losses(rows, path, title):
+    """Train and val loss against step, written atomically as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    ax.plot(steps, [r["train_loss"] for r in rows], label="train", marker=".")
+    ax.plot(steps, [r["val_loss"] for r in rows], label="val", marker=".")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy loss (nats / character)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+class _StopFlag:
+    """SIGINT sets a flag that the loop checks between steps, so the state saved is consistent."""
+
+    def __init__(self):
+        self.stop = False
+        self._old = None
+
+    def __enter__(self):
+        def handler(signum, frame):
+            if self.stop:  # second Ctrl-C: give up at once
+                raise KeyboardInterrupt
+            self.stop = True
+        try:
+            self._old = signal.signal(signal.SIGINT, handler)
+        except ValueError:  # not the main thread
+            self._old = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def _config_mismatch(a: Config, b: Config, allowed=("max_iters", "eval_interval", "eval_iters",
+                                                       "learning_rate", "min_lr", "warmup_iters",
+                                                       "decay_lr", "grad_clip")):
+    da, db = a.to_dict(), b.to_dict()
+    return [k for k in da if da[k] != db[k] and k not in allowed]
+
+
+def train(cfg: Config, ds: Dataset, out_dir, resume=False, stop_at=None, quiet=False,
+          sample_chars=500, progress=True):
+    """Train cfg on ds, writing ckpt.npz, log.jsonl and loss.png into out_dir.
+
+    resume: continue from out_dir/ckpt.npz (its model config and vocabulary must match).
+    stop_at: stop (with a checkpoint) after this many steps, as if interrupted; used by tests.
+    Returns dict with the final losses and paths.
+    """
+    say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
+    ds.check_block(cfg.block_size)
+    cfg = cfg.replace(vocab_size=len(ds.vocab))
+    ckpt_path = os.path.join(out_dir, CKPT)
+    log_path = os.path.join(out_dir, LOG)
+    plot_path = os.path.join(out_dir, PLOT)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = os.path.join(out_dir, ".write-test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise TrainingError(f"cannot write to out_dir {out_dir}: {e.strerror}") from None
+
+    model = GPT(cfg, seed=cfg.seed, dtype=np.float32)
+    opt = make_optimizer(model, cfg)
+    rng = np.random.default_rng(cfg.seed)
+    step = 0
+    best_val = math.inf
+    rows = []
+    if resume:
+        params, opt_state, meta = load_checkpoint(ckpt_path)
+        saved_cfg = config_from_dict(meta["config"])
+        bad = _config_mismatch(saved_cfg, cfg)
+        if bad:
+            raise TrainingError(f"--resume: the checkpoint in {out_dir} was trained with other "
+                                f"settings of {', '.join(bad)}; drop those overrides or use a new "
+                                "--out_dir")
+        if meta.get("vocab") != ds.vocab.chars:
+            raise TrainingError(f"--resume: the checkpoint in {out_dir} has another vocabulary "
+                                "than this data; resume with the data it was trained on")
+        try:
+            model.set_params(params)
+            opt = make_optimizer(model, cfg)
+            opt.load_state_dict(opt_state)
+            rng.bit_generator.state = meta["rng_state"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{ckpt_path} does not fit its own config ({e})") from None
+        step = int(meta["step"])
+        best_val = float(meta.get("best_val", math.inf))
+        rows = [r for r in read_log(log_path) if r["step"] < step]
+        write_log(log_path, rows)
+        say(f"resuming from step {step} of {cfg.max_iters} in {out_dir}")
+    elif os.path.exists(ckpt_path):
+        raise TrainingError(f"{out_dir} already holds a checkpoint; pass --resume to continue it "
+                            "or choose another --out_dir")
+    else:
+        write_log(log_path, [])
+
+    def save(at_step):
+        meta = {"step": at_step, "config": cfg.to_dict(), "vocab": ds.vocab.chars,
+                "rng_state": rng.bit_generator.state, "best_val": best_val,
+                "data": ds.meta.get("source")}
+        try:
+            save_checkpoint(ckpt_path, model.params, opt.state_dict(), meta)
+        except OSError as e:
+            raise TrainingError(f"could not write the checkpoint at step {at_step} "
+                                f"({e.strerror}); the previous checkpoint is intact") from None
+
+    def evaluate(at_step, lr):
+        nonlocal best_val
+        losses = estimate_loss(model, ds, cfg, at_step)
+        best_val = min(best_val, losses["val"])
+        save(at_step)
+        rows.append({"step": at_step, "train_loss": losses["train"], "val_loss": losses["val"],
+                     "lr": lr, "time": round(time.time() - t_start + t_prev, 3)})
+        write_log(log_path, rows)
+        plot_losses(rows, plot_path, f"numgpt: {cfg.n_layer} layers, C{cfg.n_embd}, "
+                                     f"T{cfg.block_size}, B{cfg.batch_size}")
+        return losses
+
+    say(f"model: {model.num_params():,} parameters; training on {len(ds.train):,} characters, "
+        f"vocabulary {len(ds.vocab)}; writing to {out_dir}")
+    t_prev = rows[-1]["time"] if rows else 0.0
+    t_start = time.time()
+    tokens_per_step = cfg.batch_size * cfg.block_size
+    bar = None
+    if progress and not quiet:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.max_iters, initial=step, unit="step", dynamic_ncols=True,
+                   file=sys.stderr, mininterval=0.5)
+    interrupted = False
+    losses = None
+    t_last, tok_rate = time.time(), 0.0
+    with _StopFlag() as flag:
+        while step < cfg.max_iters:
+            lr = get_lr(step, cfg)
+            if step % cfg.eval_interval == 0:
+                losses = evaluate(step, lr)
+                msg = f"step {step}: train {losses['train']:.4f}, val {losses['val']:.4f}"
+                (bar.write(msg) if bar else say(msg))
+            if flag.stop or (stop_at is not None and step >= stop_at):
+                interrupted = True
+                break
+            x, y = ds.get_batch("train", cfg.batch_size, cfg.block_size, rng)
+            loss, grads = model.loss_and_grads(x, y, train=True, rng=rng)
+            gnorm = clip_grad_norm(grads, cfg.grad_clip)
+            if not (math.isfinite(loss) and math.isfinite(gnorm)):
+                if bar:
+                    bar.close()
+                raise TrainingError(f"the loss became {loss} (gradient norm {gnorm}) at step "
+                                    f"{step}; the last good checkpoint {ckpt_path} is kept; try a "
+                                    "lower --learning_rate or --grad_clip=1")
+            opt.step(grads, lr)
+            step += 1
+            now = time.time()
+            dt = max(now - t_last, 1e-9)
+            t_last = now
+            tok_rate = tokens_per_step / dt if tok_rate == 0 else 0.9 * tok_rate + 0.1 * tokens_per_step / dt
+            if bar:
+                bar.set_postfix_str(f"loss {loss:.4f}, {tok_rate:,.0f} tok/s", refresh=False)
+                bar.update(1)
+        if interrupted:
+            if step % cfg.eval_interval != 0:
+                save(step)
+            if bar:
+                bar.close()
+            say(f"stopped at step {step}; checkpoint saved to {ckpt_path}; continue with --resume")
+        else:
+            losses = evaluate(step, get_lr(step, cfg))
+            if bar:
+                bar.close()
+            say(f"step {step}: train {losses['train']:.4f}, val {losses['val']:.4f}")
+    elapsed = time.time() - t_start
+    result = {"step": step, "train_loss": losses["train"], "val_loss": losses["val"],
+              "seconds": elapsed, "checkpoint": ckpt_path, "log": log_path, "plot": plot_path,
+              "interrupted": interrupted}
+    if not interrupted and sample_chars and not quiet:
+        say(f"done in {elapsed / 60:.1f} min; loss curve: {plot_path}\n--- a sample ---")
+        start = np.array([[ds.vocab.stoi.get("\n", 0)]])
+        out = generate(model, start, sample_chars, rng=np.random.default_rng(cfg.seed))
+        say(ds.vocab.decode(out[0, 1:]))
+    return result

@@ -1,0 +1,152 @@
+"""The assembled GPT: parameter counts of every ladder rung, loss at init, whole-model gradient
+checks (every parameter tensor, dropout on with a fixed mask), and overfitting one batch."""
+import math
+
+import numpy as np
+import pytest
+
+import numgpt
+from numgpt.gradcheck import check_model_grads
+
+COUNTS = {"bigram": 4225, "single_head": 7553, "multi_head": 7553, "ffn": 8609,
+          "residual": 41921, "layernorm": 42369, "preln": 42369, "scaled": 10788929}
+
+
+@pytest.mark.parametrize("preset", list(COUNTS))
+def test_param_counts_match_the_video(preset):
+    m = numgpt.build_model(preset)
+    assert m.num_params() == COUNTS[preset]
+    assert set(m.params) == set(numgpt.param_shapes(m.cfg))
+
+
+@pytest.mark.parametrize("preset", numgpt.LADDER + ["laptop"])
+def test_untrained_loss_is_near_uniform(preset):
+    m = numgpt.build_model(preset, dtype=np.float64)
+    rng = np.random.default_rng(0)
+    T = min(m.cfg.block_size, 16)
+    x = rng.integers(0, 65, (8, T))
+    y = rng.integers(0, 65, (8, T))
+    assert abs(m.loss(x, y) - math.log(65)) < 0.2
+
+
+def small(preset, **kw):
+    """A preset shrunk so that a full float64 gradient check takes a fraction of a second."""
+    over = dict(vocab_size=11, block_size=6)
+    if preset != "bigram":
+        over.update(n_embd=12, n_head=1 if preset == "single_head" else 3,
+                    n_layer=2 if numgpt.PRESETS[preset].get("n_layer", 1) > 1 else 1)
+    over.update(kw)
+    return numgpt.build_model(preset, dtype=np.float64, seed=3, **over)
+
+
+def batch(m, B=3, seed=0):
+    rng = np.random.default_rng(seed)
+    T = m.cfg.block_size
+    return rng.integers(0, m.cfg.vocab_size, (B, T)), rng.integers(0, m.cfg.vocab_size, (B, T))
+
+
+CASES = [(p, {}) for p in numgpt.LADDER + ["laptop"]] + [
+    ("preln", {"dropout": 0.2}), ("layernorm", {"dropout": 0.2}),
+    ("residual", {"activation": "gelu", "dropout": 0.1}), ("laptop", {"dropout": 0.2}),
+]
+
+
+@pytest.mark.parametrize("preset,kw", CASES, ids=[f"{p}-{'-'.join(f'{k}{v}' for k, v in kw.items())}"
+                                                   for p, kw in CASES])
+def test_model_gradients(preset, kw):
+    """Every parameter tensor, 25 entries sampled from each, against central differences."""
+    m = small(preset, **kw)
+    # move every tensor off its init (a zero lm_head would block all gradients, LayerNorm would
+    # sit at g = 1, b = 0), so that no gradient is trivially zero
+    rng = np.random.default_rng(11)
+    m.set_params({k: v * 2.0 + 0.5 * rng.standard_normal(v.shape) for k, v in m.params.items()})
+    x, y = batch(m)
+    errors = check_model_grads(m, x, y, train=True, seed=5, per_tensor=25)
+    assert set(errors) == set(m.params)
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= 1e-6, f"{worst}: {errors[worst]:.2e}"
+
+
+def test_model_check_fails_on_a_wrong_backward(monkeypatch):
+    """Break one layer's backward inside the model: the whole-model check must see it."""
+    import numgpt.model as model_mod
+    from numgpt.layers import layernorm_backward
+
+    def wrong(dy, cache):
+        dx, dg, db = layernorm_backward(dy, cache)
+        return dx, dg * 1.01, db
+    monkeypatch.setattr(model_mod, "layernorm_backward", wrong)
+    m = small("preln", zero_head=False)
+    errors = check_model_grads(m, *batch(m), per_tensor=25)
+    assert errors["ln_f.g"] > 1e-3
+    assert errors["lm_head.w"] < 1e-6
+
+
+def test_dropout_makes_train_and_eval_differ_and_replays_with_a_seed():
+    m = small("scaled", dropout=0.3, zero_head=False)
+    x, y = batch(m)
+    a = m.loss(x, y, train=True, rng=np.random.default_rng(1))
+    b = m.loss(x, y, train=True, rng=np.random.default_rng(1))
+    c = m.loss(x, y, train=True, rng=np.random.default_rng(2))
+    e = m.loss(x, y, train=False)
+    assert a == b and a != c and a != e
+    with pytest.raises(ValueError):
+        m.loss(x, y, train=True)  # dropout needs an explicit generator
+
+
+def test_float32_matches_float64():
+    m64 = numgpt.build_model("preln", dtype=np.float64, seed=1)
+    m32 = numgpt.build_model("preln", dtype=np.float32, seed=1)
+    x, y = batch(m64, B=4)
+    l64, g64 = m64.loss_and_grads(x, y)
+    l32, g32 = m32.loss_and_grads(x, y)
+    assert abs(l64 - l32) < 1e-5
+    for k in g64:
+        assert g32[k].dtype == np.float32
+        np.testing.assert_allclose(g32[k], g64[k], rtol=1e-3, atol=1e-5)
+
+
+def test_params_roundtrip_and_validation():
+    m = numgpt.build_model("residual", seed=0)
+    p = m.get_params()
+    p["lm_head.b"] += 1.0
+    m2 = numgpt.build_model("residual", seed=9)
+    m2.set_params(p)
+    np.testing.assert_array_equal(m2.params["lm_head.b"], p["lm_head.b"])
+    p["lm_head.b"] += 1.0  # get_params returned copies: the model is unaffected
+    assert not np.array_equal(m2.params["lm_head.b"], p["lm_head.b"])
+    with pytest.raises(ValueError, match="shape"):
+        m2.set_params({**p, "lm_head.b": np.zeros(3)})
+    with pytest.raises(ValueError, match="missing"):
+        m2.set_params({k: v for k, v in p.items() if k != "pos_emb"})
+    with pytest.raises(ValueError, match="block_size"):
+        m.forward(np.zeros((1, 9), dtype=int))
+
+
+def test_a_small_model_overfits_one_batch():
+    cfg = numgpt.get_config("preln", n_embd=32, n_layer=2, block_size=16)
+    m = numgpt.GPT(cfg, seed=0, dtype=np.float32)
+    opt = numgpt.AdamW(m.params, lr=3e-3, weight_decay=0.0)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 65, (4, 16))
+    y = rng.integers(0, 65, (4, 16))
+    first = m.loss(x, y)
+    for _ in range(300):
+        loss, grads = m.loss_and_grads(x, y)
+        opt.step(grads)
+    assert first > 4.0
+    assert m.loss(x, y) < 0.05
+
+
+def test_bigram_learns_bigram_statistics():
+    """The bigram model's optimum is the empirical next-character distribution."""
+    m = numgpt.build_model("bigram", dtype=np.float64, vocab_size=3)
+    x = np.array([[0, 0, 1, 2, 0, 1]])
+    y = np.array([[0, 1, 2, 0, 1, 2]])
+    opt = numgpt.AdamW(m.params, lr=0.05, weight_decay=0.0)
+    for _ in range(2000):
+        opt.step(m.loss_and_grads(x, y)[1])
+    p = np.exp(m.params["tok_emb"])
+    p /= p.sum(1, keepdims=True)
+    np.testing.assert_allclose(p[0], [1 / 3, 2 / 3, 0], atol=0.02)
+    np.testing.assert_allclose(p[1], [0, 0, 1], atol=0.02)
