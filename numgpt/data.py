@@ -17,8 +17,8 @@ SHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/d
                    "tinyshakespeare/input.txt")
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATA_DIR = os.path.join(REPO_DIR, "data")
-SHAKESPEARE_DIR = os.path.join(DATA_DIR, "shakespeare_char")
+DATA_DIR = os.environ.get("NUMGPT_DATA_DIR") or os.path.join(REPO_DIR, "data")
+SHAKESPEARE_DIR = os.path.join(REPO_DIR, "data", "shakespeare_char")
 
 
 _UMASK = os.umask(0)
@@ -163,7 +163,8 @@ def prepare(text_path, out_dir, source=None):
 
 
 def prepared_dir_for(text_path):
-    """Where the prepared copy of an arbitrary text file goes: data/<name>-<sha8>/."""
+    """Where the prepared copy of an arbitrary text file goes: data/<name>-<sha8>/ (or under
+    $NUMGPT_DATA_DIR when set)."""
     stem = os.path.splitext(os.path.basename(text_path))[0] or "text"
     return os.path.join(DATA_DIR, f"{stem}-{sha256_file(text_path)[:8]}")
 

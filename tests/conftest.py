@@ -1,0 +1,29 @@
+import os
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    """A small UTF-8 corpus (with a non-ASCII character) written to a temp file."""
+    rng = np.random.default_rng(0)
+    words = ["to", "be", "or", "not", "that", "is", "the", "question", "whether", "tis",
+             "nobler", "in", "mind", "suffer", "é"]
+    lines = [" ".join(rng.choice(words, 8)) for _ in range(400)]
+    p = tmp_path / "corpus.txt"
+    p.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(p)
+
+
+@pytest.fixture
+def repo():
+    return REPO
+
+
+@pytest.fixture
+def python():
+    return sys.executable
