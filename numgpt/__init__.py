@@ -6,7 +6,9 @@
     opt = numgpt.AdamW(model.params, lr=1e-3, weight_decay=0.01)
     opt.step(grads)
 """
-import numpy as np
+from . import _threads  # noqa: F401  (before NumPy loads OpenBLAS)
+
+import numpy as np  # noqa: E402
 
 from .config import LADDER, LADDER_TARGETS, PRESETS, Config, ConfigError, get_config
 from .model import GPT, param_shapes
@@ -24,7 +26,7 @@ def make_optimizer(model, cfg=None):
     """AdamW over model.params with the betas, eps, weight decay and learning rate of cfg (or model.cfg)."""
     cfg = cfg or model.cfg
     return AdamW(model.params, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                 weight_decay=cfg.weight_decay)
+                 weight_decay=cfg.weight_decay, use_kernels=cfg.kernels)
 
 
 __all__ = ["AdamW", "Config", "ConfigError", "GPT", "LADDER", "LADDER_TARGETS", "PRESETS",

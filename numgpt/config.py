@@ -31,6 +31,7 @@ class Config:
     init: str = "torch"           # "torch" (PyTorch's default layer init) or "normal" (N(0, init_std))
     init_std: float = 0.02
     zero_head: bool = True        # output layer (lm_head, or the bigram table) starts at 0: loss = ln V
+    kernels: bool = True          # numba kernels (kernels/); false = the NumPy reference layers
     # --- training ---
     batch_size: int = 32
     max_iters: int = 5000

@@ -14,11 +14,8 @@ Parameters live in a flat dict name -> array; weights are stored [in, out] (y = 
 import numpy as np
 
 from .config import Config, validate
-from .layers import (cross_entropy_backward, cross_entropy_forward, embedding_backward,
-                     embedding_forward, feedforward_backward, feedforward_forward,
-                     layernorm_backward, layernorm_forward, linear_backward, linear_forward,
-                     multihead_backward, multihead_forward, position_backward, position_forward,
-                     residual_backward, residual_forward)
+from .layers import linear_backward, linear_forward, residual_backward, residual_forward
+from .ops import get_ops
 
 
 def param_shapes(cfg):
@@ -104,6 +101,7 @@ class GPT:
     def __init__(self, cfg: Config, seed=0, dtype=np.float32, params=None):
         self.cfg = validate(cfg)
         self.dtype = np.dtype(dtype)
+        self.ops = get_ops(self.cfg.kernels)  # numba kernels, or the NumPy reference layers
         self.params = init_params(self.cfg, seed, self.dtype) if params is None else {}
         if params is not None:
             self.set_params(params)
@@ -134,7 +132,7 @@ class GPT:
 
     # ---- forward / backward ----
     def _block_forward(self, x, i, train, rng):
-        cfg = self.cfg
+        cfg, ops = self.cfg, self.ops
         p = _sub(self.params, f"blocks.{i}.")
         drop = cfg.dropout if train else 0.0
         cache = {}
@@ -144,33 +142,35 @@ class GPT:
         for name, ln in sublayers:
             h = x
             if cfg.norm == "pre":
-                h, cache[ln] = layernorm_forward(x, p[ln + ".g"], p[ln + ".b"])
+                h, cache[ln] = ops.layernorm_forward(x, p[ln + ".g"], p[ln + ".b"])
             sp = _sub(p, name + ".")
             if name == "attn":
-                f, cache[name] = multihead_forward(h, sp, cfg.n_head, drop, drop, rng)
+                f, cache[name] = ops.multihead_forward(h, sp, cfg.n_head, drop, drop, rng)
             else:
-                f, cache[name] = feedforward_forward(h, sp, cfg.activation, drop, rng)
+                f, cache[name] = ops.feedforward_forward(h, sp, cfg.activation, drop, rng)
             x = residual_forward(x, f) if cfg.residual else f
             if cfg.norm == "post":
-                x, cache[ln] = layernorm_forward(x, p[ln + ".g"], p[ln + ".b"])
+                x, cache[ln] = ops.layernorm_forward(x, p[ln + ".g"], p[ln + ".b"])
         return x, (cache, sublayers)
 
     def _block_backward(self, dx, i, bcache, grads):
-        cfg = self.cfg
+        cfg, ops = self.cfg, self.ops
         cache, sublayers = bcache
         pre = f"blocks.{i}."
         for name, ln in reversed(sublayers):
             if cfg.norm == "post":
-                dx, grads[pre + ln + ".g"], grads[pre + ln + ".b"] = layernorm_backward(dx, cache[ln])
+                dx, grads[pre + ln + ".g"], grads[pre + ln + ".b"] = ops.layernorm_backward(
+                    dx, cache[ln])
             dskip, df = residual_backward(dx) if cfg.residual else (None, dx)
             if name == "attn":
-                dh, g = multihead_backward(df, cache[name])
+                dh, g = ops.multihead_backward(df, cache[name])
             else:
-                dh, g = feedforward_backward(df, cache[name])
+                dh, g = ops.feedforward_backward(df, cache[name])
             for k, v in g.items():
                 grads[pre + name + "." + k] = v
             if cfg.norm == "pre":
-                dh, grads[pre + ln + ".g"], grads[pre + ln + ".b"] = layernorm_backward(dh, cache[ln])
+                dh, grads[pre + ln + ".g"], grads[pre + ln + ".b"] = ops.layernorm_backward(
+                    dh, cache[ln])
             dx = dh if dskip is None else dskip + dh
         return dx
 
@@ -180,7 +180,7 @@ class GPT:
         train=True turns dropout on; its masks are drawn from rng (a numpy Generator), so passing
         generators with the same seed replays the same masks.
         """
-        cfg, P = self.cfg, self.params
+        cfg, P, ops = self.cfg, self.params, self.ops
         idx = np.asarray(idx)
         if idx.ndim != 2:
             raise ValueError(f"idx must be [B, T], got shape {idx.shape}")
@@ -189,42 +189,39 @@ class GPT:
             raise ValueError(f"sequence length {T} exceeds block_size {cfg.block_size}")
         if train and cfg.dropout > 0 and rng is None:
             raise ValueError("training with dropout needs rng (a numpy Generator)")
-        x, c_tok = embedding_forward(idx, P["tok_emb"])
         if cfg.model == "bigram":
-            return x, {"tok": c_tok}
-        pos, c_pos = position_forward(T, P["pos_emb"])
-        x = x + pos
+            logits, c_tok = ops.table_forward(idx, P["tok_emb"])
+            return logits, {"tok": c_tok}
+        x, c_emb = ops.embed_forward(idx, P["tok_emb"], P["pos_emb"])  # tok_emb[idx] + pos_emb[:T]
         blocks = []
         for i in range(cfg.n_layer):
             x, bc = self._block_forward(x, i, train, rng)
             blocks.append(bc)
         c_lnf = None
         if cfg.norm != "none":
-            x, c_lnf = layernorm_forward(x, P["ln_f.g"], P["ln_f.b"])
+            x, c_lnf = ops.layernorm_forward(x, P["ln_f.g"], P["ln_f.b"])
         logits, c_head = linear_forward(x, P["lm_head.w"], P["lm_head.b"])
-        return logits, {"tok": c_tok, "pos": c_pos, "blocks": blocks, "ln_f": c_lnf,
-                        "head": c_head}
+        return logits, {"emb": c_emb, "blocks": blocks, "ln_f": c_lnf, "head": c_head}
 
     def backward(self, dlogits, cache):
         """dlogits [B, T, V] -> grads dict with one entry per parameter (same names, shapes, dtype)."""
-        cfg = self.cfg
+        cfg, ops = self.cfg, self.ops
         if cfg.model == "bigram":
-            return {"tok_emb": embedding_backward(dlogits, cache["tok"])}
+            return {"tok_emb": ops.table_backward(dlogits, cache["tok"])}
         grads = {}
         dx, grads["lm_head.w"], grads["lm_head.b"] = linear_backward(dlogits, cache["head"])
         if cache["ln_f"] is not None:
-            dx, grads["ln_f.g"], grads["ln_f.b"] = layernorm_backward(dx, cache["ln_f"])
+            dx, grads["ln_f.g"], grads["ln_f.b"] = ops.layernorm_backward(dx, cache["ln_f"])
         for i in reversed(range(cfg.n_layer)):
             dx = self._block_backward(dx, i, cache["blocks"][i], grads)
-        # x = tok_emb[idx] + pos_emb[:T]: both terms receive dx
-        grads["pos_emb"] = position_backward(dx, cache["pos"])
-        grads["tok_emb"] = embedding_backward(dx, cache["tok"])
+        # x = tok_emb[idx] + pos_emb[:T]: both tables receive dx
+        grads["tok_emb"], grads["pos_emb"] = ops.embed_backward(dx, cache["emb"])
         return {k: grads[k] for k in self.params}
 
     def loss(self, x, y, train=False, rng=None):
         """Mean cross-entropy of next-token prediction for inputs x [B, T] and targets y [B, T]."""
         logits, _ = self.forward(x, train, rng)
-        return cross_entropy_forward(logits, np.asarray(y))[0]
+        return self.ops.cross_entropy(logits, np.asarray(y), want_grad=False)[0]
 
     def loss_and_grads(self, x, y, train=True, rng=None):
         """(loss, grads): the mean cross-entropy and its gradient for every parameter.
@@ -232,8 +229,8 @@ class GPT:
         train=True (the default) applies dropout with masks drawn from rng.
         """
         logits, cache = self.forward(x, train, rng)
-        loss, c_loss = cross_entropy_forward(logits, np.asarray(y))
-        return loss, self.backward(cross_entropy_backward(c_loss), cache)
+        loss, dlogits = self.ops.cross_entropy(logits, np.asarray(y), want_grad=True)
+        return loss, self.backward(dlogits, cache)
 
     # ---- generation (no key/value cache: each step re-reads the last block_size tokens) ----
     def next_token_logits(self, idx):

@@ -22,8 +22,10 @@ class AdamW:
         p <- p - lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
     """
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01,
+                 use_kernels=False):
         self.params = params
+        self.use_kernels = use_kernels
         self.lr = lr
         self.b1, self.b2 = betas
         self.eps = eps
@@ -40,9 +42,18 @@ class AdamW:
         c1 = 1.0 - b1 ** t
         c2 = 1.0 - b2 ** t
         step_size = lr / c1
+        if self.use_kernels:
+            from kernels._jit import pick
+            from kernels.adamw import adamw_update
         for name, p in self.params.items():
             g = grads[name]
             m, v = self.m[name], self.v[name]
+            if self.use_kernels:  # the same update in one pass over memory (kernels/adamw.py)
+                decay = 1.0 - lr * self.weight_decay if decays(name, p) else 1.0
+                pick(adamw_update, p.size)(p.reshape(-1), np.ascontiguousarray(g).reshape(-1),
+                                           m.reshape(-1), v.reshape(-1), lr, b1, b2, self.eps,
+                                           decay, c1, c2)
+                continue
             if self.weight_decay and decays(name, p):
                 p *= 1.0 - lr * self.weight_decay
             m *= b1

@@ -101,7 +101,7 @@ class _StopFlag:
 
 def _config_mismatch(a: Config, b: Config, allowed=("max_iters", "eval_interval", "eval_iters",
                                                        "learning_rate", "min_lr", "warmup_iters",
-                                                       "decay_lr", "grad_clip")):
+                                                       "decay_lr", "grad_clip", "kernels")):
     da, db = a.to_dict(), b.to_dict()
     return [k for k in da if da[k] != db[k] and k not in allowed]
 
@@ -129,6 +129,9 @@ def train(cfg: Config, ds: Dataset, out_dir, resume=False, stop_at=None, quiet=F
     except OSError as e:
         raise TrainingError(f"cannot write to out_dir {out_dir}: {e.strerror}") from None
 
+    if cfg.kernels:
+        import kernels
+        kernels.warmup("float32", say=None if not quiet else (lambda msg: None))
     model = GPT(cfg, seed=cfg.seed, dtype=np.float32)
     opt = make_optimizer(model, cfg)
     rng = np.random.default_rng(cfg.seed)

@@ -1,6 +1,7 @@
 import os
 import sys
 
+import numgpt  # noqa: F401  (first: sets the BLAS/OpenMP thread settings before NumPy loads)
 import numpy as np
 import pytest
 

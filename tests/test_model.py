@@ -35,6 +35,8 @@ def small(preset, **kw):
     if preset != "bigram":
         over.update(n_embd=12, n_head=1 if preset == "single_head" else 3,
                     n_layer=2 if numgpt.PRESETS[preset].get("n_layer", 1) > 1 else 1)
+    if numgpt.PRESETS[preset].get("init") == "normal":
+        over["init_std"] = 0.3  # GPT-2's 0.02 makes w_q, w_k gradients ~1e-5: too close to round-off
     over.update(kw)
     return numgpt.build_model(preset, dtype=np.float64, seed=3, **over)
 
@@ -49,6 +51,8 @@ CASES = [(p, {}) for p in numgpt.LADDER + ["laptop"]] + [
     ("preln", {"dropout": 0.2}), ("layernorm", {"dropout": 0.2}),
     ("residual", {"activation": "gelu", "dropout": 0.1}), ("laptop", {"dropout": 0.2}),
 ]
+# the same checks with the numba kernels off (NumPy reference layers) and on
+CASES = [(p, dict(kw, kernels=k)) for k in (False, True) for p, kw in CASES]
 
 
 @pytest.mark.parametrize("preset,kw", CASES, ids=[f"{p}-{'-'.join(f'{k}{v}' for k, v in kw.items())}"
@@ -59,24 +63,31 @@ def test_model_gradients(preset, kw):
     # move every tensor off its init (a zero lm_head would block all gradients, LayerNorm would
     # sit at g = 1, b = 0), so that no gradient is trivially zero
     rng = np.random.default_rng(11)
-    m.set_params({k: v * 2.0 + 0.5 * rng.standard_normal(v.shape) for k, v in m.params.items()})
+    m.set_params({k: v + 0.5 * (v.std() or 0.1) * rng.standard_normal(v.shape)
+                  for k, v in m.params.items()})
     x, y = batch(m)
+    loss, grads = m.loss_and_grads(x, y, rng=np.random.default_rng(5))
+    assert 0.5 < loss < 10  # a model in a sane regime, not saturated
+    for k, g in grads.items():  # and every gradient is far from zero: the check is not trivial
+        assert np.linalg.norm(g) > 1e-4 * np.sqrt(g.size), k
     errors = check_model_grads(m, x, y, train=True, seed=5, per_tensor=25)
     assert set(errors) == set(m.params)
     worst = max(errors, key=errors.get)
     assert errors[worst] <= 1e-6, f"{worst}: {errors[worst]:.2e}"
 
 
-def test_model_check_fails_on_a_wrong_backward(monkeypatch):
+@pytest.mark.parametrize("kernels", [False, True])
+def test_model_check_fails_on_a_wrong_backward(monkeypatch, kernels):
     """Break one layer's backward inside the model: the whole-model check must see it."""
-    import numgpt.model as model_mod
-    from numgpt.layers import layernorm_backward
+    from numgpt.ops import get_ops
+    ops = get_ops(kernels)
+    right = ops.layernorm_backward
 
     def wrong(dy, cache):
-        dx, dg, db = layernorm_backward(dy, cache)
+        dx, dg, db = right(dy, cache)
         return dx, dg * 1.01, db
-    monkeypatch.setattr(model_mod, "layernorm_backward", wrong)
-    m = small("preln", zero_head=False)
+    monkeypatch.setattr(ops, "layernorm_backward", wrong)
+    m = small("preln", zero_head=False, kernels=kernels)
     errors = check_model_grads(m, *batch(m), per_tensor=25)
     assert errors["ln_f.g"] > 1e-3
     assert errors["lm_head.w"] < 1e-6

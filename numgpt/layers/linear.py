@@ -9,11 +9,15 @@ import numpy as np
 
 
 def linear_forward(x, W, b=None):
-    """x: [..., C_in], W: [C_in, C_out], b: [C_out] or None -> y [..., C_out], cache"""
-    y = x @ W
+    """x: [..., C_in], W: [C_in, C_out], b: [C_out] or None -> y [..., C_out], cache
+
+    The leading dimensions are flattened so that the product is one [N, C_in] x [C_in, C_out]
+    matrix multiply (one BLAS call, rather than one per batch row).
+    """
+    y = x.reshape(-1, x.shape[-1]) @ W
     if b is not None:
         y += b
-    return y, (x, W, b is not None)
+    return y.reshape(*x.shape[:-1], W.shape[1]), (x, W, b is not None)
 
 
 def linear_backward(dy, cache):
@@ -23,9 +27,9 @@ def linear_backward(dy, cache):
     (docs/derivations.md#linear)
     """
     x, W, has_bias = cache
-    dx = dy @ W.T
     x2 = x.reshape(-1, x.shape[-1])      # [N, C_in]
     dy2 = dy.reshape(-1, dy.shape[-1])   # [N, C_out]
+    dx = (dy2 @ W.T).reshape(x.shape)
     dW = x2.T @ dy2
     db = dy2.sum(axis=0) if has_bias else None
     return dx, dW, db

@@ -1,0 +1,72 @@
+"""numba twins of numgpt's hot layers (issue: speed). Each kernel has its NumPy reference in
+numgpt/layers; tests/test_kernels.py holds the two equal, and the gradient checks run with both.
+
+    attention.py    fused causal attention forward/backward (flash style, no T x T stored)
+    layernorm.py    LayerNorm forward/backward
+    activations.py  bias + ReLU/GELU forward/backward
+    loss.py         softmax cross-entropy with its gradient in one pass
+    embedding.py    token + position embedding forward/backward
+    adamw.py        the AdamW update in one pass
+    ops.py          the kernel set with the same API as numgpt.ops.REFERENCE
+"""
+import glob
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+KERNEL_NAMES = {"attention": ["attention_fwd", "attention_bwd"],
+                "layernorm": ["layernorm_fwd", "layernorm_bwd"],
+                "activations": ["bias_act_fwd", "bias_act_bwd"],
+                "loss": ["cross_entropy_fwd_bwd"], "embedding": ["embed_fwd", "embed_bwd"],
+                "adamw": ["adamw_update"]}
+
+
+def cache_is_warm():
+    """True when numba's on-disk cache holds every kernel and its serial twin."""
+    d = os.environ.get("NUMBA_CACHE_DIR") or os.path.join(HERE, "__pycache__")
+    for mod, names in KERNEL_NAMES.items():
+        for name in names:
+            for suffix in ("", "_serial"):
+                if not glob.glob(os.path.join(d, "**", f"{mod}.{name}{suffix}-*.nbi"),
+                                 recursive=True):
+                    return False
+    return True
+
+
+def warmup(dtype="float32", say=None):
+    """Compile (or load from cache) every kernel for dtype, telling the user when it compiles."""
+    import numpy as np
+    say = say or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    cold = not cache_is_warm()
+    t0 = time.time()
+    if cold:
+        say("compiling numba kernels (first run only; cached in kernels/__pycache__) ...")
+    from numgpt.config import get_config
+    from numgpt.model import GPT
+    from numgpt.optim import AdamW
+
+    from . import _jit
+    dt = np.dtype(dtype)
+    min_work = _jit.PARALLEL_MIN_WORK
+    try:
+        for serial in (True, False):  # the serial twins, then the parallel kernels
+            _jit.FORCE_SERIAL = serial
+            _jit.PARALLEL_MIN_WORK = 0
+            for act in ("relu", "gelu"):
+                cfg = get_config("laptop", n_embd=8, n_head=2, n_layer=1, block_size=4,
+                                 vocab_size=5, dropout=0.1, activation=act, kernels=True)
+                m = GPT(cfg, dtype=dt)
+                rng = np.random.default_rng(0)
+                x = rng.integers(0, 5, (2, 4))
+                loss, grads = m.loss_and_grads(x, x, rng=rng)
+                m.loss(x, x)
+                AdamW(m.params, use_kernels=True).step(grads)
+    finally:
+        _jit.FORCE_SERIAL = False
+        _jit.PARALLEL_MIN_WORK = min_work
+    if cold:
+        say(f"compiled in {time.time() - t0:.0f} s")
+    return time.time() - t0

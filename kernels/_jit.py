@@ -1,0 +1,48 @@
+"""Shared numba settings for the kernels.
+
+FASTMATH lets numba reorder sums and fuse multiply-adds so loops vectorise, but keeps IEEE
+semantics for inf and nan ('nnan'/'ninf' are left out): the kernels bound their loops to the
+causal range instead of writing -inf, and a NaN loss must still be seen as NaN.
+
+Every parallel kernel is compiled twice: `f` runs its prange loops on numba's threads, `f.serial`
+runs them on the calling thread. Waking threads costs tens of microseconds, more than a small
+array's whole work, so the ops call `pick(f, work)` to choose by size.
+"""
+import types
+
+import numba
+
+from numgpt import _threads
+
+FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
+PARALLEL_MIN_WORK = 1 << 17   # elements (or inner-loop iterations) below which threads do not pay
+
+
+def _renamed(fn, suffix):
+    """A copy of fn under another qualified name: numba names its cache files after the function,
+    so without this the serial twin would load the parallel build from the cache (and vice versa)."""
+    g = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + suffix, fn.__defaults__,
+                           fn.__closure__)
+    g.__qualname__ = fn.__qualname__ + suffix
+    g.__doc__ = fn.__doc__
+    return g
+
+
+def jit(parallel=False):
+    def wrap(fn):
+        fast = numba.njit(cache=True, nogil=True, parallel=parallel, fastmath=FASTMATH)(fn)
+        if parallel:
+            fast.serial = numba.njit(cache=True, nogil=True, fastmath=FASTMATH)(
+                _renamed(fn, "_serial"))
+        return fast
+    return wrap
+
+
+FORCE_SERIAL = False  # warm-up switch: compile the serial twins even for big work
+
+
+def pick(kernel, work):
+    """The parallel kernel for big work, its serial twin for small (or when BLAS threads spin)."""
+    if work >= PARALLEL_MIN_WORK and _threads.PARALLEL_KERNELS and FORCE_SERIAL is False:
+        return kernel
+    return kernel.serial

@@ -1,0 +1,171 @@
+"""The numba versions of numgpt.ops.REFERENCE: same functions, same arguments, same results.
+
+Matrix products stay with NumPy's BLAS (numgpt/layers/linear.py); the kernels take everything
+around them: attention, LayerNorm, bias + activation, cross-entropy, embeddings. No kernel calls
+BLAS inside a parallel loop, so numba's threads and BLAS's threads never run at the same time.
+"""
+import os
+from types import SimpleNamespace
+
+import numba
+import numpy as np
+
+from numgpt.layers import dropout_backward, dropout_forward, linear_backward, linear_forward
+from numgpt.layers.embedding import embedding_backward, embedding_forward
+
+from ._jit import pick
+from .activations import bias_act_bwd, bias_act_fwd
+from .attention import attention_bwd, attention_fwd
+from .embedding import embed_bwd, embed_fwd
+from .layernorm import layernorm_bwd, layernorm_fwd
+from .loss import cross_entropy_fwd_bwd
+
+_ACT = {"relu": 0, "gelu": 1}
+_NO_MASK = np.zeros((1, 1, 1, 1), dtype=bool)
+
+
+def _chunks(n):
+    return max(1, min(n, 4 * numba.get_num_threads()))
+
+
+# ---- embeddings ----
+
+def embed_forward(idx, W, P):
+    idx = np.ascontiguousarray(idx, dtype=np.int64)
+    B, T = idx.shape
+    out = np.empty((B, T, W.shape[1]), dtype=W.dtype)
+    pick(embed_fwd, out.size)(idx, W, P, out)
+    return out, (idx, W.shape, P.shape)
+
+
+def embed_backward(dx, cache):
+    idx, wshape, pshape = cache
+    dW = np.empty(wshape, dtype=dx.dtype)
+    dP = np.empty(pshape, dtype=dx.dtype)
+    pick(embed_bwd, dx.size)(idx, np.ascontiguousarray(dx), dW, dP)
+    return dW, dP
+
+
+# ---- LayerNorm ----
+
+def layernorm_forward(x, g, b, eps=1e-5):
+    C = x.shape[-1]
+    x2 = np.ascontiguousarray(x).reshape(-1, C)
+    N = x2.shape[0]
+    y = np.empty_like(x2)
+    mean = np.empty(N, dtype=x.dtype)
+    rstd = np.empty(N, dtype=x.dtype)
+    pick(layernorm_fwd, x2.size)(x2, g, b, x.dtype.type(eps), y, mean, rstd)
+    return y.reshape(x.shape), (x2, g, mean, rstd, x.shape)
+
+
+def layernorm_backward(dy, cache):
+    x2, g, mean, rstd, shape = cache
+    N, C = x2.shape
+    k = _chunks(N)
+    dx = np.empty_like(x2)
+    dg = np.empty((k, C), dtype=x2.dtype)
+    db = np.empty((k, C), dtype=x2.dtype)
+    pick(layernorm_bwd, x2.size)(np.ascontiguousarray(dy).reshape(N, C), x2, g, mean, rstd, k,
+                                 dx, dg, db)
+    return dx.reshape(shape), dg.sum(axis=0), db.sum(axis=0)
+
+
+# ---- attention ----
+
+def multihead_forward(x, p, n_head, attn_dropout=0.0, resid_dropout=0.0, rng=None):
+    """As numgpt.layers.attention.multihead_forward, with q, k, v from one packed product."""
+    B, T, C = x.shape
+    w_qkv = np.concatenate([p["w_q"], p["w_k"], p["w_v"]], axis=1)  # [C, 3C]
+    qkv, c_qkv = linear_forward(x, w_qkv)                           # [B, T, 3C]
+    dt = x.dtype.type
+    if attn_dropout > 0:
+        if rng is None:
+            raise ValueError("dropout with p > 0 needs an rng (numpy Generator) or a mask")
+        keep = rng.random((B, n_head, T, T), dtype=np.float32) >= attn_dropout
+        inv_keep = dt(1.0 / (1.0 - attn_dropout))
+    else:
+        keep, inv_keep = _NO_MASK, dt(1.0)
+    y = np.empty((B, T, C), dtype=x.dtype)
+    lse = np.empty((B, n_head, T), dtype=x.dtype)
+    scale = dt((C // n_head) ** -0.5)
+    pick(attention_fwd, B * T * T * C // 2)(qkv, n_head, scale, keep, inv_keep, attn_dropout > 0,
+                                            y, lse)
+    att = y
+    cp = None
+    if "w_proj" in p:
+        y, cp = linear_forward(y, p["w_proj"], p["b_proj"])
+    y, cd = dropout_forward(y, resid_dropout, rng)
+    return y, (c_qkv, qkv, att, lse, keep, inv_keep, attn_dropout > 0, scale, cp, cd, n_head)
+
+
+def multihead_backward(dy, cache):
+    c_qkv, qkv, att, lse, keep, inv_keep, has_drop, scale, cp, cd, n_head = cache
+    g = {}
+    dy = dropout_backward(dy, cd)
+    if cp is not None:
+        dy, g["w_proj"], g["b_proj"] = linear_backward(dy, cp)
+    dqkv = np.empty_like(qkv)
+    B, T, C = att.shape
+    pick(attention_bwd, B * T * T * C // 2)(qkv, att, np.ascontiguousarray(dy), lse, n_head, scale,
+                                            keep, inv_keep, has_drop, dqkv)
+    dx, dw, _ = linear_backward(dqkv, c_qkv)
+    C = dx.shape[-1]
+    g["w_q"] = np.ascontiguousarray(dw[:, :C])
+    g["w_k"] = np.ascontiguousarray(dw[:, C:2 * C])
+    g["w_v"] = np.ascontiguousarray(dw[:, 2 * C:])
+    return dx, g
+
+
+# ---- feed-forward ----
+
+def feedforward_forward(x, p, activation="relu", dropout=0.0, rng=None):
+    B, T, C = x.shape
+    x2 = x.reshape(-1, C)
+    h = x2 @ p["w_fc"]                       # [N, F], the bias is added by the kernel
+    a = np.empty_like(h)
+    pick(bias_act_fwd, h.size)(h, p["b_fc"], _ACT[activation], a)
+    c2 = None
+    if "w_out" in p:
+        a, c2 = linear_forward(a, p["w_out"], p["b_out"])
+    y, cd = dropout_forward(a.reshape(B, T, -1), dropout, rng)
+    return y, (x2, p["w_fc"], h, c2, cd, activation, x.shape)
+
+
+def feedforward_backward(dy, cache):
+    x2, w_fc, h, c2, cd, activation, shape = cache
+    g = {}
+    da = dropout_backward(dy, cd).reshape(h.shape[0], -1)
+    if c2 is not None:
+        da, g["w_out"], g["b_out"] = linear_backward(da, c2)
+    k = _chunks(h.shape[0])
+    dh = np.empty_like(h)
+    db = np.empty((k, h.shape[1]), dtype=h.dtype)
+    pick(bias_act_bwd, h.size)(np.ascontiguousarray(da), h, _ACT[activation], k, dh, db)
+    g["b_fc"] = db.sum(axis=0)
+    g["w_fc"] = x2.T @ dh
+    return (dh @ w_fc.T).reshape(shape), g
+
+
+# ---- loss ----
+
+def cross_entropy(logits, targets, want_grad=True):
+    V = logits.shape[-1]
+    z = np.ascontiguousarray(logits).reshape(-1, V)
+    t = np.ascontiguousarray(targets, dtype=np.int64).reshape(-1)
+    if t.size and (t.min() < 0 or t.max() >= V):
+        raise ValueError(f"targets must be in [0, {V}), got {t.min()}..{t.max()}")
+    dz = np.empty_like(z) if want_grad else np.empty((1, 1), dtype=z.dtype)
+    losses = pick(cross_entropy_fwd_bwd, z.size)(z, t, want_grad, dz)
+    return float(losses.mean()), (dz.reshape(logits.shape) if want_grad else None)
+
+
+KERNELS = SimpleNamespace(
+    name="numba",
+    embed_forward=embed_forward, embed_backward=embed_backward,
+    table_forward=embedding_forward, table_backward=embedding_backward,
+    layernorm_forward=layernorm_forward, layernorm_backward=layernorm_backward,
+    multihead_forward=multihead_forward, multihead_backward=multihead_backward,
+    feedforward_forward=feedforward_forward, feedforward_backward=feedforward_backward,
+    cross_entropy=cross_entropy,
+)

@@ -1,0 +1,175 @@
+"""Every numba kernel equals its NumPy reference (float32 tolerance; float64 to round-off), the
+kernels' backward passes pass the float64 gradient check themselves, and so does the whole model
+with kernels on."""
+import numpy as np
+import pytest
+
+import numgpt
+from kernels.ops import KERNELS as K
+from numgpt.gradcheck import check_layer
+from numgpt.ops import REFERENCE as R
+from numgpt.optim import AdamW
+
+B, T, C = 3, 7, 12
+
+
+def rnd(*shape, seed=0, dtype=np.float64):
+    return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+
+def close(a, b, dtype):
+    if dtype == np.float32:
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+    else:
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+DTYPES = [np.float32, np.float64]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_embedding_kernel_equals_reference(dtype):
+    idx = np.random.default_rng(0).integers(0, 9, (B, T))
+    idx[0, :4] = 3
+    W, P = rnd(9, C, dtype=dtype), rnd(T + 2, C, seed=1, dtype=dtype)
+    (yk, ck), (yr, cr) = K.embed_forward(idx, W, P), R.embed_forward(idx, W, P)
+    close(yk, yr, dtype)
+    d = rnd(B, T, C, seed=2, dtype=dtype)
+    for a, b in zip(K.embed_backward(d, ck), R.embed_backward(d, cr)):
+        assert a.dtype == dtype
+        close(a, b, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layernorm_kernel_equals_reference(dtype):
+    x, g, b = rnd(B, T, C, dtype=dtype) * 3 + 1, rnd(C, seed=1, dtype=dtype), rnd(C, seed=2, dtype=dtype)
+    (yk, ck), (yr, cr) = K.layernorm_forward(x, g, b), R.layernorm_forward(x, g, b)
+    close(yk, yr, dtype)
+    d = rnd(B, T, C, seed=3, dtype=dtype)
+    for a, r in zip(K.layernorm_backward(d, ck), R.layernorm_backward(d, cr)):
+        assert a.dtype == dtype
+        close(a, r, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("proj,H,drop", [(False, 1, 0.0), (True, 3, 0.0), (True, 4, 0.3)])
+def test_multihead_kernel_equals_reference(dtype, proj, H, drop):
+    p = {n: rnd(C, C, seed=i, dtype=dtype) * 0.5 for i, n in enumerate(["w_q", "w_k", "w_v"])}
+    if proj:
+        p.update(w_proj=rnd(C, C, seed=5, dtype=dtype), b_proj=rnd(C, seed=6, dtype=dtype))
+    x = rnd(B, T, C, seed=7, dtype=dtype)
+    yk, ck = K.multihead_forward(x, p, H, drop, drop, np.random.default_rng(1))
+    yr, cr = R.multihead_forward(x, p, H, drop, drop, np.random.default_rng(1))
+    close(yk, yr, dtype)
+    d = rnd(B, T, C, seed=8, dtype=dtype)
+    dxk, gk = K.multihead_backward(d, ck)
+    dxr, gr = R.multihead_backward(d, cr)
+    close(dxk, dxr, dtype)
+    assert set(gk) == set(gr)
+    for k in gr:
+        assert gk[k].dtype == dtype
+        close(gk[k], gr[k], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act,proj,drop", [("relu", True, 0.0), ("gelu", True, 0.2),
+                                           ("relu", False, 0.0)])
+def test_feedforward_kernel_equals_reference(dtype, act, proj, drop):
+    F = 20 if proj else C
+    p = {"w_fc": rnd(C, F, dtype=dtype), "b_fc": rnd(F, seed=1, dtype=dtype)}
+    if proj:
+        p.update(w_out=rnd(F, C, seed=2, dtype=dtype), b_out=rnd(C, seed=3, dtype=dtype))
+    x = rnd(B, T, C, seed=4, dtype=dtype)
+    yk, ck = K.feedforward_forward(x, p, act, drop, np.random.default_rng(2))
+    yr, cr = R.feedforward_forward(x, p, act, drop, np.random.default_rng(2))
+    close(yk, yr, dtype)
+    d = rnd(B, T, C, seed=5, dtype=dtype)
+    dxk, gk = K.feedforward_backward(d, ck)
+    dxr, gr = R.feedforward_backward(d, cr)
+    close(dxk, dxr, dtype)
+    for k in gr:
+        close(gk[k], gr[k], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cross_entropy_kernel_equals_reference(dtype):
+    z = rnd(B, T, 11, dtype=dtype) * 4
+    y = np.random.default_rng(1).integers(0, 11, (B, T))
+    lk, dk = K.cross_entropy(z, y)
+    lr, dr = R.cross_entropy(z, y)
+    assert abs(lk - lr) < (1e-5 if dtype == np.float32 else 1e-13)
+    close(dk, dr, dtype)
+    assert dk.dtype == dtype
+    assert K.cross_entropy(z, y, want_grad=False) == (lk, None)
+    big = np.array([[1e4, 0.0, -1e4]], dtype=dtype)
+    lk, dk = K.cross_entropy(big, np.array([1]))
+    assert np.isfinite(lk) and np.all(np.isfinite(dk))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_adamw_kernel_equals_reference(dtype):
+    def make():
+        return {"w": rnd(5, 4, dtype=dtype), "b": rnd(4, seed=1, dtype=dtype)}
+    pk, pr = make(), make()
+    ok = AdamW(pk, lr=0.01, weight_decay=0.1, use_kernels=True)
+    orf = AdamW(pr, lr=0.01, weight_decay=0.1, use_kernels=False)
+    for s in range(5):
+        g = {"w": rnd(5, 4, seed=10 + s, dtype=dtype), "b": rnd(4, seed=20 + s, dtype=dtype)}
+        ok.step(g)
+        orf.step(g)
+    for k in pk:
+        close(pk[k], pr[k], dtype)
+        close(ok.m[k], orf.m[k], dtype)
+        close(ok.v[k], orf.v[k], dtype)
+
+
+# ---- the kernels' backward passes against finite differences, on their own ----
+
+def test_kernel_attention_grad():
+    p = {n: rnd(C, C, seed=i) for i, n in enumerate(["w_q", "w_k", "w_v", "w_proj"])}
+    p["b_proj"] = rnd(C, seed=9)
+
+    def fwd(x, **q):
+        return K.multihead_forward(x, q, 3, 0.25, 0.1, np.random.default_rng(4))
+
+    def bwd(d, c):
+        dx, g = K.multihead_backward(d, c)
+        return {"x": dx, **g}
+    errors = check_layer(fwd, bwd, {"x": rnd(2, 5, C, seed=8), **p})
+    assert max(errors.values()) < 1e-6, errors
+
+
+@pytest.mark.parametrize("act", ["relu", "gelu"])
+def test_kernel_layernorm_and_feedforward_grad(act):
+    x = rnd(2, 5, C) * 2
+    errors = check_layer(lambda x, g, b: K.layernorm_forward(x, g, b),
+                         lambda d, c: dict(zip("xgb", K.layernorm_backward(d, c))),
+                         {"x": x, "g": rnd(C, seed=1), "b": rnd(C, seed=2)})
+    assert max(errors.values()) < 1e-6, errors
+    p = {"w_fc": rnd(C, 16, seed=3), "b_fc": rnd(16, seed=4), "w_out": rnd(16, C, seed=5),
+         "b_out": rnd(C, seed=6)}
+
+    def bwd(d, c):
+        dx, g = K.feedforward_backward(d, c)
+        return {"x": dx, **g}
+    errors = check_layer(lambda x, **q: K.feedforward_forward(x, q, act, 0.0, None), bwd,
+                         {"x": x, **p})
+    assert max(errors.values()) < 1e-6, errors
+
+
+@pytest.mark.parametrize("preset", ["bigram", "single_head", "ffn", "layernorm", "preln", "scaled"])
+def test_model_with_kernels_equals_reference(preset):
+    over = dict(block_size=16, n_embd=24, n_head=3, n_layer=2) if preset != "bigram" else {}
+    if preset in ("single_head", "ffn"):
+        over.update(n_head=1 if preset == "single_head" else 4, n_layer=1)
+    mk = numgpt.build_model(preset, seed=2, kernels=True, zero_head=False, **over)
+    mr = numgpt.build_model(preset, seed=2, kernels=False, zero_head=False, **over)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 65, (4, mk.cfg.block_size))
+    y = rng.integers(0, 65, (4, mk.cfg.block_size))
+    lk, gk = mk.loss_and_grads(x, y, rng=np.random.default_rng(5))
+    lr, gr = mr.loss_and_grads(x, y, rng=np.random.default_rng(5))
+    assert abs(lk - lr) < 1e-5
+    for k in gr:
+        np.testing.assert_allclose(gk[k], gr[k], rtol=1e-3, atol=2e-5, err_msg=k)
+    assert abs(mk.loss(x, y) - mr.loss(x, y)) < 1e-5
