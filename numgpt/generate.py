@@ -1,5 +1,54 @@
-"""Sampling: temperature, top-k and top-p (nucleus) over the model's next-token distribution."""
+"""Sampling: temperature, top-k and top-p (nucleus), with a key/value cache.
+
+Without a cache (the video's generate) every new token runs the model over the last block_size
+tokens. With the cache each block keeps the keys and values of the positions it has seen, so a new
+token costs one position's work. Positions are absolute (position embeddings), so when the cache
+reaches block_size it is rebuilt from the last block_size // 2 tokens in one forward pass: the model
+then conditions on between block_size / 2 and block_size tokens of context, where the uncached
+version always sees block_size.
+"""
 import numpy as np
+
+from .layers.attention import merge_heads, split_heads
+from .layers.linear import linear_forward
+from .layers.loss import softmax
+
+
+class KVCache:
+    """Keys and values of every block for the positions generated so far.
+
+    k[i], v[i]: [B, H, block_size, hs] for block i; t: how many positions are filled.
+    """
+
+    def __init__(self, model, batch_size):
+        cfg = model.cfg
+        shape = (batch_size, cfg.n_head, cfg.block_size, cfg.head_size)
+        self.k = [np.zeros(shape, dtype=model.dtype) for _ in range(cfg.n_layer)]
+        self.v = [np.zeros(shape, dtype=model.dtype) for _ in range(cfg.n_layer)]
+        self.n_head = cfg.n_head
+        self.t = 0
+
+    def attend(self, x, p, layer):
+        """Causal attention of the new positions x [B, n, C] over the cached ones plus themselves.
+
+        The same computation as layers.attention.multihead_forward restricted to the new rows:
+        q, k, v = x w_q, x w_k, x w_v; the new k, v are stored at positions t .. t+n-1; row r
+        (absolute position t + r) attends to positions 0 .. t + r.
+        """
+        B, n, C = x.shape
+        t0, t1 = self.t, self.t + x.shape[1]
+        q = split_heads(linear_forward(x, p["w_q"])[0], self.n_head)        # [B, H, n, hs]
+        self.k[layer][:, :, t0:t1] = split_heads(linear_forward(x, p["w_k"])[0], self.n_head)
+        self.v[layer][:, :, t0:t1] = split_heads(linear_forward(x, p["w_v"])[0], self.n_head)
+        K = self.k[layer][:, :, :t1]
+        V = self.v[layer][:, :, :t1]
+        s = (q @ K.swapaxes(-1, -2)) * x.dtype.type(q.shape[-1] ** -0.5)    # [B, H, n, t1]
+        future = np.arange(t1)[None, :] > (t0 + np.arange(n))[:, None]       # [n, t1]
+        s[..., future] = -np.inf
+        y = merge_heads(softmax(s) @ V)                                       # [B, n, C]
+        if "w_proj" in p:
+            y = linear_forward(y, p["w_proj"], p["b_proj"])[0]
+        return y
 
 
 def next_token_probs(logits, temperature=1.0, top_k=None, top_p=None):
@@ -41,17 +90,35 @@ def sample_from(probs, rng):
 
 
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, rng=None,
-             on_token=None):
+             on_token=None, use_cache=True):
     """Extend idx [B, T0] by max_new_tokens sampled tokens; returns [B, T0 + max_new_tokens].
 
     on_token(ids [B]) is called after every new token, for streaming output.
+    use_cache=False runs the whole (cropped) context through the model for every token.
     """
     rng = rng or np.random.default_rng()
     idx = np.asarray(idx, dtype=np.int64)
+    if idx.ndim != 2 or idx.shape[1] == 0:
+        raise ValueError("generate needs a prompt of at least one token, shape [B, T0]")
+    out = [idx]
+    cfg = model.cfg
+    cache = use_cache and cfg.model == "gpt"
+    if cache:
+        kv = KVCache(model, idx.shape[0])
+        logits = model.forward(idx[:, -cfg.block_size:], kv=kv)[0][:, -1]
     for _ in range(max_new_tokens):
-        probs = next_token_probs(model.next_token_logits(idx), temperature, top_k, top_p)
+        if not cache:
+            logits = model.next_token_logits(idx if len(out) == 1 else np.concatenate(out, 1))
+        probs = next_token_probs(logits, temperature, top_k, top_p)
         nxt = sample_from(probs, rng)
-        idx = np.concatenate([idx, nxt[:, None]], axis=1)
+        out.append(nxt[:, None])
         if on_token is not None:
             on_token(nxt)
-    return idx
+        if cache:
+            if kv.t == cfg.block_size:  # full: rebuild from the last half of the window
+                kv.t = 0
+                ctx = np.concatenate(out, 1)[:, -(cfg.block_size // 2):]
+                logits = model.forward(ctx, kv=kv)[0][:, -1]
+            else:
+                logits = model.forward(nxt[:, None], kv=kv)[0][:, -1]
+    return np.concatenate(out, axis=1)

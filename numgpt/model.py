@@ -131,7 +131,7 @@ class GPT:
         return sum(v.size for v in self.params.values())
 
     # ---- forward / backward ----
-    def _block_forward(self, x, i, train, rng):
+    def _block_forward(self, x, i, train, rng, kv=None):
         cfg, ops = self.cfg, self.ops
         p = _sub(self.params, f"blocks.{i}.")
         drop = cfg.dropout if train else 0.0
@@ -144,7 +144,9 @@ class GPT:
             if cfg.norm == "pre":
                 h, cache[ln] = ops.layernorm_forward(x, p[ln + ".g"], p[ln + ".b"])
             sp = _sub(p, name + ".")
-            if name == "attn":
+            if name == "attn" and kv is not None:
+                f = kv.attend(h, sp, i)  # generation: new positions against the cached past
+            elif name == "attn":
                 f, cache[name] = ops.multihead_forward(h, sp, cfg.n_head, drop, drop, rng)
             else:
                 f, cache[name] = ops.feedforward_forward(h, sp, cfg.activation, drop, rng)
@@ -174,33 +176,40 @@ class GPT:
             dx = dh if dskip is None else dskip + dh
         return dx
 
-    def forward(self, idx, train=False, rng=None):
+    def forward(self, idx, train=False, rng=None, kv=None):
         """idx: [B, T] token ids (T <= block_size) -> logits [B, T, V], cache for backward.
 
         train=True turns dropout on; its masks are drawn from rng (a numpy Generator), so passing
         generators with the same seed replays the same masks.
+        kv: a generate.KVCache; idx then holds the next T positions after the kv.t cached ones
+        (inference only: no cache for backward is returned).
         """
         cfg, P, ops = self.cfg, self.params, self.ops
         idx = np.asarray(idx)
         if idx.ndim != 2:
             raise ValueError(f"idx must be [B, T], got shape {idx.shape}")
         T = idx.shape[1]
-        if T > cfg.block_size and cfg.model == "gpt":
-            raise ValueError(f"sequence length {T} exceeds block_size {cfg.block_size}")
+        t0 = 0 if kv is None else kv.t
+        if t0 + T > cfg.block_size and cfg.model == "gpt":
+            raise ValueError(f"sequence length {t0 + T} exceeds block_size {cfg.block_size}")
         if train and cfg.dropout > 0 and rng is None:
             raise ValueError("training with dropout needs rng (a numpy Generator)")
         if cfg.model == "bigram":
             logits, c_tok = ops.table_forward(idx, P["tok_emb"])
             return logits, {"tok": c_tok}
-        x, c_emb = ops.embed_forward(idx, P["tok_emb"], P["pos_emb"])  # tok_emb[idx] + pos_emb[:T]
+        # tok_emb[idx] + pos_emb[t0:t0 + T]
+        x, c_emb = ops.embed_forward(idx, P["tok_emb"], P["pos_emb"][t0:])
         blocks = []
         for i in range(cfg.n_layer):
-            x, bc = self._block_forward(x, i, train, rng)
+            x, bc = self._block_forward(x, i, train and kv is None, rng, kv)
             blocks.append(bc)
         c_lnf = None
         if cfg.norm != "none":
             x, c_lnf = ops.layernorm_forward(x, P["ln_f.g"], P["ln_f.b"])
         logits, c_head = linear_forward(x, P["lm_head.w"], P["lm_head.b"])
+        if kv is not None:
+            kv.t += T
+            return logits, None
         return logits, {"emb": c_emb, "blocks": blocks, "ln_f": c_lnf, "head": c_head}
 
     def backward(self, dlogits, cache):
@@ -232,7 +241,7 @@ class GPT:
         loss, dlogits = self.ops.cross_entropy(logits, np.asarray(y), want_grad=True)
         return loss, self.backward(dlogits, cache)
 
-    # ---- generation (no key/value cache: each step re-reads the last block_size tokens) ----
+    # ---- generation without a key/value cache (the video's way; see generate.py for the cache) ----
     def next_token_logits(self, idx):
         """idx: [B, T] -> logits of the next token [B, V] (float64), looking at the last block_size."""
         idx = np.asarray(idx)[:, -self.cfg.block_size:]

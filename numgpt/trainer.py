@@ -76,6 +76,36 @@ def plot_losses(rows, path, title):
     os.replace(tmp, path)
 
 
+class _OutDirLock:
+    """An exclusive lock on out_dir/.lock for the run's lifetime, so two runs pointed at the same
+    folder never write over each other's checkpoints. The kernel drops it when the process dies,
+    kill -9 included, so a stale lock never blocks a later run."""
+
+    def __init__(self, out_dir):
+        self.path = os.path.join(out_dir, ".lock")
+        self.f = None
+
+    def __enter__(self):
+        import fcntl
+        self.f = open(self.path, "a+")
+        try:
+            fcntl.flock(self.f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.f.seek(0)
+            owner = self.f.read().strip() or "another process"
+            self.f.close()
+            raise TrainingError(f"another training run ({owner}) is using {os.path.dirname(self.path)}; "
+                                "wait for it or choose another --out_dir") from None
+        self.f.seek(0)
+        self.f.truncate()
+        self.f.write(f"pid {os.getpid()}")
+        self.f.flush()
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
 class _StopFlag:
     """SIGINT sets a flag that the loop checks between steps, so the state saved is consistent."""
 
@@ -114,12 +144,7 @@ def train(cfg: Config, ds: Dataset, out_dir, resume=False, stop_at=None, quiet=F
     stop_at: stop (with a checkpoint) after this many steps, as if interrupted; used by tests.
     Returns dict with the final losses and paths.
     """
-    say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     ds.check_block(cfg.block_size)
-    cfg = cfg.replace(vocab_size=len(ds.vocab))
-    ckpt_path = os.path.join(out_dir, CKPT)
-    log_path = os.path.join(out_dir, LOG)
-    plot_path = os.path.join(out_dir, PLOT)
     try:
         os.makedirs(out_dir, exist_ok=True)
         probe = os.path.join(out_dir, ".write-test")
@@ -128,6 +153,16 @@ def train(cfg: Config, ds: Dataset, out_dir, resume=False, stop_at=None, quiet=F
         os.remove(probe)
     except OSError as e:
         raise TrainingError(f"cannot write to out_dir {out_dir}: {e.strerror}") from None
+    with _OutDirLock(out_dir):
+        return _train(cfg, ds, out_dir, resume, stop_at, quiet, sample_chars, progress)
+
+
+def _train(cfg, ds, out_dir, resume, stop_at, quiet, sample_chars, progress):
+    say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
+    cfg = cfg.replace(vocab_size=len(ds.vocab))
+    ckpt_path = os.path.join(out_dir, CKPT)
+    log_path = os.path.join(out_dir, LOG)
+    plot_path = os.path.join(out_dir, PLOT)
 
     if cfg.kernels:
         import kernels
