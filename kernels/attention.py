@@ -20,11 +20,17 @@ from ._jit import jit
 
 
 @jit()
-def _load_head(qkv, b, h, n_head, Q, K, V, KT, VT):
-    """Copy head h of sequence b out of qkv into Q, K, V [T, hs] and KT, VT [hs, T]."""
-    T = Q.shape[0]
-    hs = Q.shape[1]
+def _load_head(qkv, b, h, n_head):
+    """Head h of sequence b copied out of qkv: Q, K, V [T, hs] and KT, VT [hs, T]."""
+    T = qkv.shape[1]
     C = qkv.shape[2] // 3
+    hs = C // n_head
+    dt = qkv.dtype
+    Q = np.empty((T, hs), dtype=dt)
+    K = np.empty((T, hs), dtype=dt)
+    V = np.empty((T, hs), dtype=dt)
+    KT = np.empty((hs, T), dtype=dt)
+    VT = np.empty((hs, T), dtype=dt)
     for t in range(T):
         for d in range(hs):
             Q[t, d] = qkv[b, t, h * hs + d]
@@ -32,6 +38,7 @@ def _load_head(qkv, b, h, n_head, Q, K, V, KT, VT):
             V[t, d] = qkv[b, t, 2 * C + h * hs + d]
             KT[d, t] = K[t, d]
             VT[d, t] = V[t, d]
+    return Q, K, V, KT, VT
 
 
 @jit(parallel=True)
@@ -48,12 +55,7 @@ def attention_fwd(qkv, n_head, scale, keep, inv_keep, has_drop, y, lse):
     for bh in prange(B * n_head):
         b = bh // n_head
         h = bh % n_head
-        Q = np.empty((T, hs), dtype=dt)
-        K = np.empty((T, hs), dtype=dt)
-        V = np.empty((T, hs), dtype=dt)
-        KT = np.empty((hs, T), dtype=dt)
-        VT = np.empty((hs, T), dtype=dt)
-        _load_head(qkv, b, h, n_head, Q, K, V, KT, VT)
+        Q, K, V, KT, VT = _load_head(qkv, b, h, n_head)
         s = np.empty(T, dtype=dt)
         acc = np.empty(hs, dtype=dt)
         for i in range(T):
@@ -99,12 +101,7 @@ def attention_bwd(qkv, y, dy, lse, n_head, scale, keep, inv_keep, has_drop, dqkv
     for bh in prange(B * n_head):
         b = bh // n_head
         h = bh % n_head
-        Q = np.empty((T, hs), dtype=dt)
-        K = np.empty((T, hs), dtype=dt)
-        V = np.empty((T, hs), dtype=dt)
-        KT = np.empty((hs, T), dtype=dt)
-        VT = np.empty((hs, T), dtype=dt)
-        _load_head(qkv, b, h, n_head, Q, K, V, KT, VT)
+        Q, K, V, KT, VT = _load_head(qkv, b, h, n_head)
         dQ = np.zeros((T, hs), dtype=dt)
         dK = np.zeros((T, hs), dtype=dt)
         dV = np.zeros((T, hs), dtype=dt)

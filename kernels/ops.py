@@ -4,14 +4,11 @@ Matrix products stay with NumPy's BLAS (numgpt/layers/linear.py); the kernels ta
 around them: attention, LayerNorm, bias + activation, cross-entropy, embeddings. No kernel calls
 BLAS inside a parallel loop, so numba's threads and BLAS's threads never run at the same time.
 """
-import os
-from types import SimpleNamespace
-
 import numba
 import numpy as np
 
 from numgpt.layers import dropout_backward, dropout_forward, linear_backward, linear_forward
-from numgpt.layers.embedding import embedding_backward, embedding_forward
+from numgpt.ops import op_set
 
 from ._jit import pick
 from .activations import bias_act_bwd, bias_act_fwd
@@ -160,12 +157,4 @@ def cross_entropy(logits, targets, want_grad=True):
     return float(losses.mean()), (dz.reshape(logits.shape) if want_grad else None)
 
 
-KERNELS = SimpleNamespace(
-    name="numba",
-    embed_forward=embed_forward, embed_backward=embed_backward,
-    table_forward=embedding_forward, table_backward=embedding_backward,
-    layernorm_forward=layernorm_forward, layernorm_backward=layernorm_backward,
-    multihead_forward=multihead_forward, multihead_backward=multihead_backward,
-    feedforward_forward=feedforward_forward, feedforward_backward=feedforward_backward,
-    cross_entropy=cross_entropy,
-)
+KERNELS = op_set("numba", globals())

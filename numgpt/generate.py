@@ -3,7 +3,8 @@
 Without a cache (the video's generate) every new token runs the model over the last block_size
 tokens. With the cache each block keeps the keys and values of the positions it has seen, so a new
 token costs one position's work. Positions are absolute (position embeddings), so when the cache
-reaches block_size it is rebuilt from the last block_size // 2 tokens in one forward pass: the model
+reaches block_size it is rebuilt from the last block_size // 2 tokens (at least one) in one forward
+pass: the model
 then conditions on between block_size / 2 and block_size tokens of context, where the uncached
 version always sees block_size.
 """
@@ -25,6 +26,10 @@ class KVCache:
         shape = (batch_size, cfg.n_head, cfg.block_size, cfg.head_size)
         self.k = [np.zeros(shape, dtype=model.dtype) for _ in range(cfg.n_layer)]
         self.v = [np.zeros(shape, dtype=model.dtype) for _ in range(cfg.n_layer)]
+        # q, k, v of a block as one [C, 3C] product (the parameters do not change while sampling)
+        P = model.params
+        self.w_qkv = [np.concatenate([P[f"blocks.{i}.attn.w_{n}"] for n in "qkv"], axis=1)
+                      for i in range(cfg.n_layer)]
         self.n_head = cfg.n_head
         self.t = 0
 
@@ -32,14 +37,16 @@ class KVCache:
         """Causal attention of the new positions x [B, n, C] over the cached ones plus themselves.
 
         The same computation as layers.attention.multihead_forward restricted to the new rows:
-        q, k, v = x w_q, x w_k, x w_v; the new k, v are stored at positions t .. t+n-1; row r
+        q, k, v = x w_q, x w_k, x w_v (one product with the packed weights; p supplies the
+        projection); the new k, v are stored at positions t .. t+n-1; row r
         (absolute position t + r) attends to positions 0 .. t + r.
         """
         B, n, C = x.shape
         t0, t1 = self.t, self.t + x.shape[1]
-        q = split_heads(linear_forward(x, p["w_q"])[0], self.n_head)        # [B, H, n, hs]
-        self.k[layer][:, :, t0:t1] = split_heads(linear_forward(x, p["w_k"])[0], self.n_head)
-        self.v[layer][:, :, t0:t1] = split_heads(linear_forward(x, p["w_v"])[0], self.n_head)
+        qkv = linear_forward(x, self.w_qkv[layer])[0]                        # [B, n, 3C]
+        q = split_heads(qkv[..., :C], self.n_head)                           # [B, H, n, hs]
+        self.k[layer][:, :, t0:t1] = split_heads(qkv[..., C:2 * C], self.n_head)
+        self.v[layer][:, :, t0:t1] = split_heads(qkv[..., 2 * C:], self.n_head)
         K = self.k[layer][:, :, :t1]
         V = self.v[layer][:, :, :t1]
         s = (q @ K.swapaxes(-1, -2)) * x.dtype.type(q.shape[-1] ** -0.5)    # [B, H, n, t1]
@@ -117,7 +124,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
         if cache:
             if kv.t == cfg.block_size:  # full: rebuild from the last half of the window
                 kv.t = 0
-                ctx = np.concatenate(out, 1)[:, -(cfg.block_size // 2):]
+                ctx = np.concatenate(out, 1)[:, -max(1, cfg.block_size // 2):]
                 logits = model.forward(ctx, kv=kv)[0][:, -1]
             else:
                 logits = model.forward(nxt[:, None], kv=kv)[0][:, -1]

@@ -15,7 +15,7 @@ from .cli import USER_ERRORS
 from .config import LADDER, LADDER_TARGETS, get_config
 from .data import load_dataset
 from .model import GPT
-from .trainer import TrainingError, read_log, train
+from .trainer import TrainingError, new_axes, read_log, save_figure, train
 
 
 def time_one_step(cfg, ds, reps=3):
@@ -42,25 +42,14 @@ def expected_seconds(cfg, ds):
 
 
 def plot_ladder(curves, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
+    fig, ax = new_axes(figsize=(8, 5))
     for name, rows in curves.items():
         line, = ax.plot([r["step"] for r in rows], [r["val_loss"] for r in rows], label=name)
         if name in LADDER_TARGETS:
             ax.axhline(LADDER_TARGETS[name], color=line.get_color(), ls=":", lw=0.8)
-    ax.set_xlabel("step")
-    ax.set_ylabel("validation loss")
     ax.set_ylim(top=min(3.5, ax.get_ylim()[1]))
-    ax.set_title("numgpt ladder on Tiny Shakespeare (dotted: published)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, ax, path, "numgpt ladder on Tiny Shakespeare (dotted: published)",
+                "validation loss")
 
 
 def main(argv=None):

@@ -91,6 +91,12 @@ def _sub(params, prefix):
     return {k[n:]: v for k, v in params.items() if k.startswith(prefix)}
 
 
+def _block_names(cfg, i):
+    """{'attn.w_q': 'blocks.{i}.attn.w_q', ...}: block i's parameters under their short names."""
+    pre = f"blocks.{i}."
+    return {k[len(pre):]: k for k in param_shapes(cfg) if k.startswith(pre)}
+
+
 class GPT:
     """A character-level GPT with hand-written backward passes.
 
@@ -102,6 +108,7 @@ class GPT:
         self.cfg = validate(cfg)
         self.dtype = np.dtype(dtype)
         self.ops = get_ops(self.cfg.kernels)  # numba kernels, or the NumPy reference layers
+        self._names = [_block_names(self.cfg, i) for i in range(self.cfg.n_layer)]
         self.params = init_params(self.cfg, seed, self.dtype) if params is None else {}
         if params is not None:
             self.set_params(params)
@@ -133,7 +140,7 @@ class GPT:
     # ---- forward / backward ----
     def _block_forward(self, x, i, train, rng, kv=None):
         cfg, ops = self.cfg, self.ops
-        p = _sub(self.params, f"blocks.{i}.")
+        p = {short: self.params[full] for short, full in self._names[i].items()}
         drop = cfg.dropout if train else 0.0
         cache = {}
         sublayers = [("attn", "ln1")]

@@ -31,15 +31,19 @@ def cross_entropy(logits, targets, want_grad=True):
     return loss, (cross_entropy_backward(cache) if want_grad else None)
 
 
-REFERENCE = SimpleNamespace(
-    name="numpy",
-    embed_forward=embed_forward, embed_backward=embed_backward,
-    table_forward=embedding_forward, table_backward=embedding_backward,
-    layernorm_forward=layernorm_forward, layernorm_backward=layernorm_backward,
-    multihead_forward=multihead_forward, multihead_backward=multihead_backward,
-    feedforward_forward=feedforward_forward, feedforward_backward=feedforward_backward,
-    cross_entropy=cross_entropy,
-)
+OPS = ["embed_forward", "embed_backward", "layernorm_forward", "layernorm_backward",
+       "multihead_forward", "multihead_backward", "feedforward_forward", "feedforward_backward",
+       "cross_entropy"]
+
+
+def op_set(name, namespace):
+    """The operations named in OPS, taken from namespace (a module's globals()), as one set.
+    table_forward / table_backward (the bigram's lookup) are the reference ones in every set."""
+    return SimpleNamespace(name=name, table_forward=embedding_forward,
+                           table_backward=embedding_backward, **{k: namespace[k] for k in OPS})
+
+
+REFERENCE = op_set("numpy", globals())
 
 
 def get_ops(use_kernels):

@@ -55,17 +55,19 @@ def write_log(path, rows):
     atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in rows).encode("utf-8"))
 
 
-def plot_losses(rows, path, title):
-    """Train and val loss against step, written atomically as a PNG."""
+def new_axes(figsize=(7, 4.5)):
+    """A matplotlib figure and axes drawn without a display."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    steps = [r["step"] for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
-    ax.plot(steps, [r["train_loss"] for r in rows], label="train", marker=".")
-    ax.plot(steps, [r["val_loss"] for r in rows], label="val", marker=".")
+    return plt.subplots(figsize=figsize, dpi=100)
+
+
+def save_figure(fig, ax, path, title, ylabel):
+    """Finish the axes and write the PNG atomically (a temporary file renamed over the old one)."""
+    import matplotlib.pyplot as plt
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy loss (nats / character)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -74,6 +76,15 @@ def plot_losses(rows, path, title):
     fig.savefig(tmp)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def plot_losses(rows, path, title):
+    """Train and val loss against step."""
+    fig, ax = new_axes()
+    steps = [r["step"] for r in rows]
+    ax.plot(steps, [r["train_loss"] for r in rows], label="train", marker=".")
+    ax.plot(steps, [r["val_loss"] for r in rows], label="val", marker=".")
+    save_figure(fig, ax, path, title, "cross-entropy loss (nats / character)")
 
 
 class _OutDirLock:
@@ -220,8 +231,9 @@ def _train(cfg, ds, out_dir, resume, stop_at, quiet, sample_chars, progress):
         rows.append({"step": at_step, "train_loss": losses["train"], "val_loss": losses["val"],
                      "lr": lr, "time": round(time.time() - t_start + t_prev, 3)})
         write_log(log_path, rows)
-        plot_losses(rows, plot_path, f"numgpt: {cfg.n_layer} layers, C{cfg.n_embd}, "
-                                     f"T{cfg.block_size}, B{cfg.batch_size}")
+        if len(rows) > 1:  # a curve needs two points (and matplotlib's import waits till then)
+            plot_losses(rows, plot_path, f"numgpt: {cfg.n_layer} layers, C{cfg.n_embd}, "
+                                         f"T{cfg.block_size}, B{cfg.batch_size}")
         return losses
 
     say(f"model: {model.num_params():,} parameters; training on {len(ds.train):,} characters, "

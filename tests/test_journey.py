@@ -310,8 +310,8 @@ def test_ctrl_c_saves_and_exits_cleanly(python, repo, text_file, tmp_path):
                          cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ckpt = os.path.join(out, "ckpt.npz")
     deadline = time.time() + 120
-    while not os.path.exists(os.path.join(out, "loss.png")) and time.time() < deadline:
-        time.sleep(0.05)  # the first eval (checkpoint, log, plot) is done: steps are running
+    while not read_log(os.path.join(out, "log.jsonl")) and time.time() < deadline:
+        time.sleep(0.05)  # the first eval (checkpoint, log) is done: steps are running
     time.sleep(1.5)
     p.send_signal(signal.SIGINT)
     stdout, stderr = p.communicate(timeout=60)
@@ -319,3 +319,26 @@ def test_ctrl_c_saves_and_exits_cleanly(python, repo, text_file, tmp_path):
     assert "continue with --resume" in stdout
     _, _, meta = load_checkpoint(ckpt)
     assert meta["step"] > 0
+
+
+def test_two_runs_cannot_share_an_out_dir(python, repo, text_file, tmp_path):
+    out = str(tmp_path / "shared")
+    env = dict(os.environ, PYTHONPATH=repo)
+    p = subprocess.Popen([python, os.path.join(repo, "train.py"), f"--data={text_file}",
+                          f"--out_dir={out}", "--max_iters=100000", "--eval_interval=1000", *TINY],
+                         cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not os.path.exists(os.path.join(out, "ckpt.npz")) and time.time() < deadline:
+            time.sleep(0.05)
+        r = run(python, repo, "train.py", f"--data={text_file}", f"--out_dir={out}", "--resume",
+                *TINY)
+        assert r.returncode != 0 and "another training run" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
+    finally:
+        p.kill()
+        p.wait()
+    # the lock dies with its process: a later run may resume
+    r = run(python, repo, "train.py", f"--data={text_file}", f"--out_dir={out}", "--resume",
+            "--max_iters=3", "--eval_interval=1000", *TINY)
+    assert r.returncode == 0, r.stderr
