@@ -43,8 +43,9 @@ BATCH = 4
 
 
 def small_overrides(preset, **extra):
-    """The preset shrunk to a size that runs in milliseconds, dropout off."""
-    kw = dict(vocab_size=13, block_size=6, dropout=0.0)
+    """The preset shrunk to a size that runs in milliseconds, dropout off. The output layer starts
+    random (zero_head=False): at zero it would block every other gradient."""
+    kw = dict(vocab_size=13, block_size=6, dropout=0.0, zero_head=False)
     if preset == "bigram":
         kw["n_layer"] = 0
     else:
@@ -100,10 +101,11 @@ def crosscheck(preset, attention, T=None, seed=0, **extra):
         assert np.linalg.norm(grads_t[k]) > 0 or k == "pos_emb", f"{k}: zero gradient"
 
 
+@pytest.mark.parametrize("kernels", [True, False])
 @pytest.mark.parametrize("attention", ATTENTION)
 @pytest.mark.parametrize("preset", PRESETS)
-def test_preset_matches_torch(preset, attention):
-    crosscheck(preset, attention)
+def test_preset_matches_torch(preset, attention, kernels):
+    crosscheck(preset, attention, kernels=kernels)
 
 
 @pytest.mark.parametrize("attention", ATTENTION)
