@@ -25,14 +25,19 @@ class TrainingError(Exception):
     """Training cannot go on; the message is one line for the user."""
 
 
+STEP0_EVAL_ITERS = 10  # the untrained model's loss needs few batches; the first step comes sooner
+
+
 def estimate_loss(model, ds, cfg, step):
-    """Mean loss over eval_iters batches of each split, from a generator seeded by (seed, step) so
-    evaluation never disturbs the training stream and a resumed run evaluates the same batches."""
+    """Mean loss over eval_iters batches of each split (at most STEP0_EVAL_ITERS at step 0), from a
+    generator seeded by (seed, step) so evaluation never disturbs the training stream and a resumed
+    run evaluates the same batches."""
     out = {}
+    n = cfg.eval_iters if step > 0 else min(cfg.eval_iters, STEP0_EVAL_ITERS)
     for split in ("train", "val"):
         rng = np.random.default_rng([cfg.seed, step, 0 if split == "train" else 1])
         losses = [model.loss(*ds.get_batch(split, cfg.batch_size, cfg.block_size, rng))
-                  for _ in range(cfg.eval_iters)]
+                  for _ in range(n)]
         out[split] = float(np.mean(losses))
     return out
 
