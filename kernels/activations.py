@@ -6,6 +6,7 @@ Activation codes: 0 = ReLU, 1 = GELU (tanh form).
 """
 import math
 
+import numpy as np
 from numba import prange
 
 from ._jit import jit
@@ -19,7 +20,7 @@ def bias_act_fwd(h, b, act, a):
     """h [N, F] (x W without bias) gets the bias added in place (the pre-activation, kept for the
     backward); a [N, F] = act(h + b)."""
     N, F = h.shape
-    zero = a[0, 0] * 0
+    zero = np.zeros(1, dtype=a.dtype)[0]  # typed 0 (never from an uninitialised output)
     for n in prange(N):
         for f in range(F):
             z = h[n, f] + b[f]
@@ -35,7 +36,7 @@ def bias_act_fwd(h, b, act, a):
 def bias_act_bwd(da, h, act, n_chunks, dh, db_part):
     """da [N, F] -> dh [N, F] = da * act'(h); db_part [n_chunks, F] partial row sums of dh."""
     N, F = h.shape
-    zero = dh[0, 0] * 0
+    zero = np.zeros(1, dtype=dh.dtype)[0]
     per = (N + n_chunks - 1) // n_chunks
     for k in prange(n_chunks):
         for f in range(F):

@@ -52,6 +52,7 @@ def attention_fwd(qkv, n_head, scale, keep, inv_keep, has_drop, y, lse):
     C = C3 // 3
     hs = C // n_head
     dt = y.dtype
+    zero = np.zeros(1, dtype=dt)[0]  # typed 0 (never from an uninitialised buffer)
     for bh in prange(B * n_head):
         b = bh // n_head
         h = bh % n_head
@@ -68,7 +69,7 @@ def attention_fwd(qkv, n_head, scale, keep, inv_keep, has_drop, y, lse):
             m = s[0]
             for j in range(1, n):
                 m = max(m, s[j])
-            tot = s[0] - s[0]
+            tot = zero
             for j in range(n):
                 e = math.exp(s[j] - m)
                 s[j] = e
@@ -78,7 +79,7 @@ def attention_fwd(qkv, n_head, scale, keep, inv_keep, has_drop, y, lse):
             for j in range(n):           # y_i = sum_j dropout(p_ij) v_j
                 pj = s[j] * inv
                 if has_drop:
-                    pj = pj * inv_keep if keep[b, h, i, j] else pj - pj
+                    pj = pj * inv_keep if keep[b, h, i, j] else zero
                 for d in range(hs):
                     acc[d] += pj * V[j, d]
             for d in range(hs):
@@ -98,6 +99,7 @@ def attention_bwd(qkv, y, dy, lse, n_head, scale, keep, inv_keep, has_drop, dqkv
     C = C3 // 3
     hs = C // n_head
     dt = y.dtype
+    zero = np.zeros(1, dtype=dt)[0]  # typed 0 (never from an uninitialised buffer)
     for bh in prange(B * n_head):
         b = bh // n_head
         h = bh % n_head
@@ -110,7 +112,7 @@ def attention_bwd(qkv, y, dy, lse, n_head, scale, keep, inv_keep, has_drop, dqkv
         dyi = np.empty(hs, dtype=dt)
         for i in range(T):
             n = i + 1
-            Di = s[0] - s[0]
+            Di = zero
             for d in range(hs):
                 dyi[d] = dy[b, i, h * hs + d]
                 Di += dyi[d] * y[b, i, h * hs + d]
@@ -132,8 +134,8 @@ def attention_bwd(qkv, y, dy, lse, n_head, scale, keep, inv_keep, has_drop, dqkv
                         pd = p * inv_keep
                         dp = dp * inv_keep
                     else:
-                        pd = p - p
-                        dp = dp - dp
+                        pd = zero
+                        dp = zero
                 ds = p * (dp - Di) * scale
                 for d in range(hs):
                     dV[j, d] += pd * dyi[d]

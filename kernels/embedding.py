@@ -2,6 +2,7 @@
 
 NumPy reference: numgpt/layers/embedding.py. Derivation: docs/derivations.md#embedding
 """
+import numpy as np
 from numba import prange
 
 from ._jit import jit
@@ -30,7 +31,7 @@ def embed_bwd(idx, dx, dW, dP):
     B, T = idx.shape
     C = dx.shape[2]
     n_blocks = (C + 15) // 16
-    zero = dx[0, 0, 0] * 0
+    zero = np.zeros(1, dtype=dx.dtype)[0]
     for blk in prange(n_blocks):
         c0 = blk * 16
         c1 = min(C, c0 + 16)

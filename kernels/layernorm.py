@@ -17,7 +17,7 @@ from ._jit import jit
 def layernorm_fwd(x, g, b, eps, y, mean, rstd):
     """x [N, C] -> y [N, C], mean [N], rstd [N]; two passes per row (mean, then centred variance)."""
     N, C = x.shape
-    zero = y[0, 0] * 0
+    zero = np.zeros(1, dtype=y.dtype)[0]  # typed 0 (never from an uninitialised output)
     for n in prange(N):
         mu = zero
         for c in range(C):
@@ -42,7 +42,7 @@ def layernorm_bwd(dy, x, g, mean, rstd, n_chunks, dx, dg_part, db_part):
     dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)),  dxhat = dy g
     """
     N, C = x.shape
-    zero = dx[0, 0] * 0
+    zero = np.zeros(1, dtype=dx.dtype)[0]
     per = (N + n_chunks - 1) // n_chunks
     for k in prange(n_chunks):
         for c in range(C):

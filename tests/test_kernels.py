@@ -173,3 +173,34 @@ def test_model_with_kernels_equals_reference(preset):
     for k in gr:
         np.testing.assert_allclose(gk[k], gr[k], rtol=1e-3, atol=2e-5, err_msg=k)
     assert abs(mk.loss(x, y) - mr.loss(x, y)) < 1e-5
+
+
+def test_kernels_ignore_garbage_in_their_output_buffers():
+    """The ops hand the kernels np.empty buffers: whatever those hold (here NaN) must not leak in.
+    (A typed zero once came from y[0, 0] * 0, and reused memory made whole losses NaN.)"""
+    from kernels.activations import bias_act_bwd, bias_act_fwd
+    from kernels.embedding import embed_bwd
+    from kernels.layernorm import layernorm_bwd, layernorm_fwd
+    for dt in DTYPES:
+        x = rnd(6, C, dtype=dt)
+        g, b = np.ones(C, dt), np.zeros(C, dt)
+        y, mean, rstd = (np.full(s, np.nan, dt) for s in ((6, C), 6, 6))
+        for f in (layernorm_fwd, layernorm_fwd.serial):
+            f(x, g, b, dt(1e-5), y, mean, rstd)
+            assert np.all(np.isfinite(y))
+        dx, dg, db = np.full((6, C), np.nan, dt), np.full((2, C), np.nan, dt), np.full((2, C), np.nan, dt)
+        for f in (layernorm_bwd, layernorm_bwd.serial):
+            f(x, x, g, mean, rstd, 2, dx, dg, db)
+            assert np.all(np.isfinite(dx)) and np.all(np.isfinite(dg)) and np.all(np.isfinite(db))
+        h, a = x.copy(), np.full((6, C), np.nan, dt)
+        for f in (bias_act_fwd, bias_act_fwd.serial):
+            f(h, b, 0, a)
+            assert np.all(np.isfinite(a))
+        dh = np.full((6, C), np.nan, dt)
+        for f in (bias_act_bwd, bias_act_bwd.serial):
+            f(x, h, 0, 2, dh, db)
+            assert np.all(np.isfinite(dh)) and np.all(np.isfinite(db))
+        dW, dP = np.full((5, C), np.nan, dt), np.full((4, C), np.nan, dt)
+        for f in (embed_bwd, embed_bwd.serial):
+            f(np.zeros((2, 3), np.int64), rnd(2, 3, C, dtype=dt), dW, dP)
+            assert np.all(np.isfinite(dW)) and np.all(np.isfinite(dP))
