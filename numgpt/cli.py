@@ -7,6 +7,7 @@ import numpy as np
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import FIELDS, PRESETS, ConfigError, config_from_dict, get_config
 from .data import DataError, Vocab, load_dataset
+from .trainer import TrainingError
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError)
 
@@ -39,15 +40,12 @@ def run(main):
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # noqa: BLE001 - the trainer's own one-line errors
-        from .trainer import TrainingError
-        if isinstance(e, TrainingError):
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        raise
 
 
 TRAIN_HELP = f"""usage: python train.py [--preset=NAME] [--data=FILE] [--out_dir=DIR] [--resume] [--key=value ...]

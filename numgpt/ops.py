@@ -6,7 +6,9 @@ differences); kernels.ops.KERNELS is the numba set with the same functions and t
 """
 from types import SimpleNamespace
 
-from .layers import (cross_entropy_backward, cross_entropy_forward, embedding_backward,
+# the layer functions named in OPS below are picked out of globals() by op_set
+from .layers import (cross_entropy_backward, cross_entropy_forward,  # noqa: F401
+                     embedding_backward,
                      embedding_forward, feedforward_backward, feedforward_forward,
                      layernorm_backward, layernorm_forward, multihead_backward, multihead_forward,
                      position_backward, position_forward)

@@ -70,6 +70,8 @@ def new_axes(figsize=(7, 4.5)):
 
 def save_figure(fig, ax, path, title, ylabel):
     """Finish the axes and write the PNG atomically (a temporary file renamed over the old one)."""
+    import io
+
     import matplotlib.pyplot as plt
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
@@ -77,10 +79,10 @@ def save_figure(fig, ax, path, title, ylabel):
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def plot_losses(rows, path, title):

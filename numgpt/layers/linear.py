@@ -5,7 +5,6 @@ W is stored [in, out] (the transpose of torch.nn.Linear.weight), so the forward 
 Derivation: docs/derivations.md#linear
 Gradient check: tests/test_layers.py::test_linear_grad
 """
-import numpy as np
 
 
 def linear_forward(x, W, b=None):
