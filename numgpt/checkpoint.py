@@ -38,6 +38,17 @@ def load_checkpoint(path):
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path}")
     try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror}") from None
+    if magic[:2] != b"PK":  # an .npz is a zip archive
+        if magic[:1] == b"\x80":
+            raise CheckpointError(f"{path} is a pickle, not a numgpt checkpoint; refusing to load "
+                                  "it (loading a checkpoint never runs code)")
+        raise CheckpointError(f"{path} is not a numgpt checkpoint (not an .npz archive)"
+                              if magic else f"{path} is empty")
+    try:
         with np.load(path, allow_pickle=False) as z:
             names = list(z.files)
             if "meta" not in names:
@@ -58,3 +69,49 @@ def load_checkpoint(path):
         raise CheckpointError(f"{path} is not a numgpt checkpoint (format "
                               f"{meta.get('format') if isinstance(meta, dict) else None!r})")
     return params, opt, meta
+
+
+def read_model_checkpoint(path):
+    """Load and check a checkpoint for use: (Config, vocabulary chars, params, opt_state, meta).
+
+    Beyond load_checkpoint: the config is valid and fits in memory, the vocabulary is a list of
+    distinct single characters of the config's size, and every parameter is finite and of the
+    config's shape. Any failure is a one-line CheckpointError (or ConfigError for memory).
+    """
+    from .config import ConfigError, config_from_dict
+    from .resources import check_memory, num_params
+    params, opt, meta = load_checkpoint(path)
+    try:
+        cfg = config_from_dict(meta["config"])
+    except KeyError:
+        raise CheckpointError(f"{path} has no config in its header") from None
+    except (ConfigError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path} holds an invalid config ({e})") from None
+    vocab = meta.get("vocab")
+    if not (isinstance(vocab, list) and all(isinstance(c, str) and len(c) == 1 for c in vocab)
+            and len(set(vocab)) == len(vocab) and len(vocab) == cfg.vocab_size):
+        raise CheckpointError(f"{path} holds a broken vocabulary (it must be {cfg.vocab_size} "
+                              "distinct characters)")
+    step = meta.get("step")
+    if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0):
+        raise CheckpointError(f"{path} has a broken step count ({step!r})")
+    n = sum(int(a.size) for a in params.values())
+    if n != num_params(cfg):
+        raise CheckpointError(f"{path} holds {n:,} parameter values, but its config needs "
+                              f"{num_params(cfg):,}")
+    check_memory(cfg, "sample")
+    from .model import param_shapes
+    shapes = param_shapes(cfg)
+    for name, a in params.items():
+        if name not in shapes or a.shape != tuple(shapes[name]):
+            raise CheckpointError(f"{path} is inconsistent: parameter {name} has shape {a.shape}, "
+                                  f"the config needs {shapes.get(name)}")
+        if a.dtype.kind != "f":
+            raise CheckpointError(f"{path} is inconsistent: parameter {name} has dtype {a.dtype}")
+        if not np.isfinite(a).all():
+            raise CheckpointError(f"{path} is corrupted: parameter {name} holds NaN or infinite "
+                                  "values")
+    missing = set(shapes) - set(params)
+    if missing:
+        raise CheckpointError(f"{path} is inconsistent: parameter {sorted(missing)[0]} is missing")
+    return cfg, vocab, params, opt, meta

@@ -4,8 +4,8 @@ import sys
 
 import numpy as np
 
-from .checkpoint import CheckpointError, load_checkpoint
-from .config import FIELDS, PRESETS, ConfigError, config_from_dict, get_config
+from .checkpoint import CheckpointError, read_model_checkpoint
+from .config import FIELDS, PRESETS, ConfigError, get_config
 from .data import DataError, Vocab, load_dataset
 from .trainer import TrainingError
 
@@ -46,6 +46,20 @@ def run(main):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. python sample.py | head: the reader left, nothing to say
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except OSError:
+            pass
+        return 1
+    except OSError as e:  # an I/O failure the code above did not foresee: still one line
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
+    except MemoryError:
+        print("error: out of memory; use a smaller model, --batch_size or --block_size",
+              file=sys.stderr)
+        return 1
 
 
 TRAIN_HELP = f"""usage: python train.py [--preset=NAME] [--data=FILE] [--out_dir=DIR] [--resume] [--key=value ...]
@@ -122,13 +136,9 @@ def sample_main(argv):
     if not os.path.isfile(ckpt):
         raise CheckpointError(f"no checkpoint at {ckpt}; train one first with python train.py "
                               "(or pass --out_dir)")
-    params, _, meta = load_checkpoint(ckpt)
-    try:
-        cfg = config_from_dict(meta["config"])
-        vocab = Vocab(meta["vocab"])
-        model = GPT(cfg, dtype=np.float32, params=params)
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{ckpt} is inconsistent ({e})") from None
+    cfg, chars, params, _, _ = read_model_checkpoint(ckpt)
+    vocab = Vocab(chars)
+    model = GPT(cfg, dtype=np.float32, params=params)
     if not start:
         start = "\n" if "\n" in vocab.stoi else vocab.chars[0]
     ids = vocab.encode(start)

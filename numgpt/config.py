@@ -120,7 +120,14 @@ def _coerce(name, value):
         try:
             return int(s)
         except ValueError:
-            raise ConfigError(f"{name} must be a whole number, got {value!r}") from None
+            pass
+        try:  # 1e4 or 2000.0 are whole numbers too; 1.5, nan and inf are not
+            f = float(s)
+        except ValueError:
+            f = math.nan
+        if math.isfinite(f) and f.is_integer() and abs(f) < 2 ** 53:
+            return int(f)
+        raise ConfigError(f"{name} must be a whole number, got {value!r}")
     if typ is float:
         try:
             return float(s)
@@ -164,9 +171,11 @@ def validate(cfg):
     need(cfg.weight_decay >= 0 and math.isfinite(cfg.weight_decay),
          f"weight_decay must be >= 0, got {cfg.weight_decay}")
     need(0.0 <= cfg.beta1 < 1.0 and 0.0 <= cfg.beta2 < 1.0, "beta1 and beta2 must be in [0, 1)")
-    need(cfg.eps > 0, f"eps must be > 0, got {cfg.eps}")
-    need(cfg.grad_clip >= 0, f"grad_clip must be >= 0 (0 = off), got {cfg.grad_clip}")
-    need(cfg.init_std > 0, f"init_std must be > 0, got {cfg.init_std}")
+    need(0 < cfg.eps < 1, f"eps must be in (0, 1), got {cfg.eps}")
+    need(cfg.grad_clip >= 0 and math.isfinite(cfg.grad_clip),
+         f"grad_clip must be >= 0 (0 = off), got {cfg.grad_clip}")
+    need(0 < cfg.init_std < 10, f"init_std must be in (0, 10), got {cfg.init_std}")
+    need(0 <= cfg.seed < 2 ** 63, f"seed must be a whole number >= 0, got {cfg.seed}")
     return cfg
 
 

@@ -97,12 +97,22 @@ def find_or_fetch_shakespeare(url=SHAKESPEARE_URL):
     return download(url, os.path.join(SHAKESPEARE_DIR, "input.txt"), SHAKESPEARE_SHA256)
 
 
+TEXT_BYTES_PER_BYTE = 16  # peak memory of preparing a text, per byte of the file (bytes, str, ids)
+
+
 def read_text(path):
     """The text of a UTF-8 file, with one-line errors for the usual problems."""
     if not os.path.exists(path):
         raise DataError(f"data file not found: {path}")
     if os.path.isdir(path):
         raise DataError(f"--data must be a text file, {path} is a folder")
+    if not os.path.isfile(path):  # a device, a pipe or a socket could block or never end
+        raise DataError(f"--data must be a regular text file, {path} is not")
+    from .resources import available_bytes
+    size, have = os.path.getsize(path), available_bytes()
+    if have is not None and size * TEXT_BYTES_PER_BYTE > have:
+        raise DataError(f"{path} is {size / 1e9:.1f} GB, too large to prepare in the "
+                        f"{have / 1e9:.1f} GB of memory available; use a smaller text")
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -140,7 +150,15 @@ class Vocab:
             shown = "".join(unknown[:10])
             raise DataError(f"characters not in the vocabulary: {shown!r}; use only characters "
                             "that occur in the training text")
-        return np.array([self.stoi[c] for c in s], dtype=np.int64)
+        return self._ids(s).astype(np.int64)
+
+    def _ids(self, s):
+        """uint16 ids of a string known to be in the vocabulary, without a Python loop per char."""
+        code = np.frombuffer(s.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        points = np.array([ord(c) for c in self.chars], dtype=np.uint32)
+        order = np.argsort(points)
+        pos = np.searchsorted(points[order], code)
+        return order[pos].astype(np.uint16)
 
     def decode(self, ids):
         return "".join(self.chars[int(i)] for i in ids)
@@ -150,7 +168,7 @@ def prepare(text_path, out_dir, source=None):
     """Encode a UTF-8 text file into out_dir/{train.bin, val.bin, vocab.json} (90% / 10%)."""
     text = read_text(text_path)
     vocab = Vocab.from_text(text)
-    ids = np.array([vocab.stoi[c] for c in text], dtype=np.uint16)
+    ids = vocab._ids(text)
     n = int(0.9 * len(ids))
     os.makedirs(out_dir, exist_ok=True)
     atomic_write_bytes(os.path.join(out_dir, "train.bin"), ids[:n].tobytes())
@@ -179,6 +197,12 @@ class Dataset:
             self.vocab = Vocab(meta["chars"])
             self.train = np.fromfile(os.path.join(folder, "train.bin"), dtype=np.uint16)
             self.val = np.fromfile(os.path.join(folder, "val.bin"), dtype=np.uint16)
+            chars = self.vocab.chars
+            if not (all(isinstance(c, str) and len(c) == 1 for c in chars)
+                    and len(set(chars)) == len(chars) and chars):
+                raise ValueError("the vocabulary is not a list of distinct characters")
+            if any(len(a) and int(a.max()) >= len(chars) for a in (self.train, self.val)):
+                raise ValueError("a token id is outside the vocabulary")
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise DataError(f"prepared data in {folder} is missing or broken ({e}); "
                             "delete the folder to prepare it again") from None
@@ -207,11 +231,19 @@ def load_dataset(data=None):
         folder = SHAKESPEARE_DIR
         if not all(os.path.isfile(os.path.join(folder, f))
                    for f in ("train.bin", "val.bin", "vocab.json")):
-            prepare(find_or_fetch_shakespeare(), folder, source=SHAKESPEARE_URL)
+            _prepare_into(find_or_fetch_shakespeare(), folder, source=SHAKESPEARE_URL)
         return Dataset(folder)
     text_path = os.path.abspath(data)
     read_text(text_path)  # one-line errors for missing, empty, non-UTF-8 files
     folder = prepared_dir_for(text_path)
     if not os.path.isfile(os.path.join(folder, "vocab.json")):
-        prepare(text_path, folder)
+        _prepare_into(text_path, folder)
     return Dataset(folder)
+
+
+def _prepare_into(text_path, folder, source=None):
+    try:
+        prepare(text_path, folder, source=source)
+    except OSError as e:
+        raise DataError(f"cannot write the prepared data to {folder} ({e.strerror}); set "
+                        "NUMGPT_DATA_DIR to a writable folder") from None

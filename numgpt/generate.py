@@ -8,11 +8,14 @@ pass: the model
 then conditions on between block_size / 2 and block_size tokens of context, where the uncached
 version always sees block_size.
 """
+import math
+
 import numpy as np
 
 from .layers.attention import merge_heads, split_heads
 from .layers.linear import linear_forward
 from .layers.loss import softmax
+from .model import _check_ids
 
 
 class KVCache:
@@ -104,9 +107,16 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     use_cache=False runs the whole (cropped) context through the model for every token.
     """
     rng = rng or np.random.default_rng()
-    idx = np.asarray(idx, dtype=np.int64)
+    idx = np.asarray(idx)
     if idx.ndim != 2 or idx.shape[1] == 0:
         raise ValueError("generate needs a prompt of at least one token, shape [B, T0]")
+    idx = _check_ids(idx, model.cfg.vocab_size, "the prompt").astype(np.int64)
+    if not (temperature >= 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+    if top_k is not None and not (isinstance(top_k, (int, np.integer)) and top_k >= 0):
+        raise ValueError(f"top_k must be a whole number >= 0 (0 or None = off), got {top_k!r}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
     out = [idx]
     cfg = model.cfg
     cache = use_cache and cfg.model == "gpt"

@@ -97,6 +97,32 @@ def _block_names(cfg, i):
     return {k[len(pre):]: k for k in param_shapes(cfg) if k.startswith(pre)}
 
 
+def _check_ids(ids, vocab_size, what):
+    """ids as an integer [B, T] array with every id in [0, vocab_size); ValueError otherwise.
+
+    The kernels index tables with these ids unchecked, so an id out of range would read or
+    write outside an array; this is the one place they are checked.
+    """
+    ids = np.asarray(ids)
+    if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
+        raise ValueError(f"{what} must be a non-empty [B, T] array of token ids, got shape "
+                         f"{ids.shape}")
+    if ids.dtype.kind not in "iu":
+        raise ValueError(f"{what} must hold integer token ids, got dtype {ids.dtype}")
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"{what} holds token id {lo if lo < 0 else hi}, outside the vocabulary "
+                         f"[0, {vocab_size})")
+    return ids
+
+
+def _check_targets(y, logits):
+    y = _check_ids(y, logits.shape[-1], "targets")
+    if y.shape != logits.shape[:-1]:
+        raise ValueError(f"targets have shape {y.shape}, the inputs {logits.shape[:-1]}")
+    return y
+
+
 class GPT:
     """A character-level GPT with hand-written backward passes.
 
@@ -192,9 +218,7 @@ class GPT:
         (inference only: no cache for backward is returned).
         """
         cfg, P, ops = self.cfg, self.params, self.ops
-        idx = np.asarray(idx)
-        if idx.ndim != 2:
-            raise ValueError(f"idx must be [B, T], got shape {idx.shape}")
+        idx = _check_ids(idx, cfg.vocab_size, "idx")
         T = idx.shape[1]
         t0 = 0 if kv is None else kv.t
         if t0 + T > cfg.block_size and cfg.model == "gpt":
@@ -237,7 +261,7 @@ class GPT:
     def loss(self, x, y, train=False, rng=None):
         """Mean cross-entropy of next-token prediction for inputs x [B, T] and targets y [B, T]."""
         logits, _ = self.forward(x, train, rng)
-        return self.ops.cross_entropy(logits, np.asarray(y), want_grad=False)[0]
+        return self.ops.cross_entropy(logits, _check_targets(y, logits), want_grad=False)[0]
 
     def loss_and_grads(self, x, y, train=True, rng=None):
         """(loss, grads): the mean cross-entropy and its gradient for every parameter.
@@ -245,7 +269,7 @@ class GPT:
         train=True (the default) applies dropout with masks drawn from rng.
         """
         logits, cache = self.forward(x, train, rng)
-        loss, dlogits = self.ops.cross_entropy(logits, np.asarray(y), want_grad=True)
+        loss, dlogits = self.ops.cross_entropy(logits, _check_targets(y, logits), want_grad=True)
         return loss, self.backward(dlogits, cache)
 
     # ---- generation without a key/value cache (the video's way; see generate.py for the cache) ----

@@ -9,9 +9,10 @@ import time
 import numpy as np
 
 from . import make_optimizer
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .config import Config, config_from_dict
+from .checkpoint import CheckpointError, read_model_checkpoint, save_checkpoint
+from .config import Config
 from .data import Dataset, atomic_write_bytes
+from .resources import check_memory
 from .generate import generate
 from .model import GPT
 from .optim import clip_grad_norm, get_lr
@@ -43,21 +44,31 @@ def estimate_loss(model, ds, cfg, step):
 
 
 def read_log(path):
+    """The rows of log.jsonl; reading stops at the first line that is not a well-formed row."""
     rows = []
     if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8", errors="replace") as f:
             for line in f:
                 line = line.strip()
                 if line:
                     try:
-                        rows.append(json.loads(line))
+                        row = json.loads(line)
                     except json.JSONDecodeError:
                         break  # a line cut by a kill: everything after it is unreliable
+                    if not (isinstance(row, dict) and isinstance(row.get("step"), int)
+                            and all(isinstance(row.get(k), (int, float))
+                                    for k in ("train_loss", "val_loss", "time"))):
+                        break
+                    rows.append(row)
     return rows
 
 
 def write_log(path, rows):
-    atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in rows).encode("utf-8"))
+    try:
+        atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in rows).encode("utf-8"))
+    except OSError as e:
+        raise TrainingError(f"could not write the log {path} ({e.strerror}); the checkpoint "
+                            "beside it is intact") from None
 
 
 def new_axes(figsize=(7, 4.5)):
@@ -125,26 +136,30 @@ class _OutDirLock:
 
 
 class _StopFlag:
-    """SIGINT sets a flag that the loop checks between steps, so the state saved is consistent."""
+    """SIGINT (Ctrl-C) and SIGTERM (kill, a logout, a job scheduler) set a flag that the loop checks
+    between steps, so the run saves a consistent checkpoint and exits cleanly."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.stop = False
-        self._old = None
+        self._old = {}
 
     def __enter__(self):
         def handler(signum, frame):
-            if self.stop:  # second Ctrl-C: give up at once
+            if self.stop:  # a second Ctrl-C: give up at once (the checkpoint on disk stays whole)
                 raise KeyboardInterrupt
             self.stop = True
         try:
-            self._old = signal.signal(signal.SIGINT, handler)
+            for sig in self.SIGNALS:
+                self._old[sig] = signal.signal(sig, handler)
         except ValueError:  # not the main thread
-            self._old = None
+            pass
         return self
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 def _config_mismatch(a: Config, b: Config, allowed=("max_iters", "eval_interval", "eval_iters",
@@ -178,6 +193,7 @@ def train(cfg: Config, ds: Dataset, out_dir, resume=False, stop_at=None, quiet=F
 def _train(cfg, ds, out_dir, resume, stop_at, quiet, sample_chars, progress):
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     cfg = cfg.replace(vocab_size=len(ds.vocab))
+    check_memory(cfg, "train")
     ckpt_path = os.path.join(out_dir, CKPT)
     log_path = os.path.join(out_dir, LOG)
     plot_path = os.path.join(out_dir, PLOT)
@@ -192,14 +208,13 @@ def _train(cfg, ds, out_dir, resume, stop_at, quiet, sample_chars, progress):
     best_val = math.inf
     rows = []
     if resume:
-        params, opt_state, meta = load_checkpoint(ckpt_path)
-        saved_cfg = config_from_dict(meta["config"])
+        saved_cfg, chars, params, opt_state, meta = read_model_checkpoint(ckpt_path)
         bad = _config_mismatch(saved_cfg, cfg)
         if bad:
             raise TrainingError(f"--resume: the checkpoint in {out_dir} was trained with other "
                                 f"settings of {', '.join(bad)}; drop those overrides or use a new "
                                 "--out_dir")
-        if meta.get("vocab") != ds.vocab.chars:
+        if chars != ds.vocab.chars:
             raise TrainingError(f"--resume: the checkpoint in {out_dir} has another vocabulary "
                                 "than this data; resume with the data it was trained on")
         try:
@@ -207,10 +222,10 @@ def _train(cfg, ds, out_dir, resume, stop_at, quiet, sample_chars, progress):
             opt = make_optimizer(model, cfg)
             opt.load_state_dict(opt_state)
             rng.bit_generator.state = meta["rng_state"]
+            best_val = float(meta.get("best_val", math.inf))
         except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{ckpt_path} does not fit its own config ({e})") from None
-        step = int(meta["step"])
-        best_val = float(meta.get("best_val", math.inf))
+        step = meta["step"]
         rows = [r for r in read_log(log_path) if r["step"] < step]
         write_log(log_path, rows)
         say(f"resuming from step {step} of {cfg.max_iters} in {out_dir}")
@@ -218,12 +233,22 @@ def _train(cfg, ds, out_dir, resume, stop_at, quiet, sample_chars, progress):
         raise TrainingError(f"{out_dir} already holds a checkpoint; pass --resume to continue it "
                             "or choose another --out_dir")
     else:
+        kept = [os.path.basename(p) for p in (log_path, plot_path)
+                if os.path.exists(p) and (p != log_path or os.path.getsize(p) > 0)]
+        if kept:  # not ours to overwrite: another run's results, or the user's own files
+            raise TrainingError(f"{out_dir} already holds {' and '.join(kept)} (but no checkpoint); "
+                                "move them away or choose another --out_dir")
         write_log(log_path, [])
 
     def save(at_step):
         meta = {"step": at_step, "config": cfg.to_dict(), "vocab": ds.vocab.chars,
                 "rng_state": rng.bit_generator.state, "best_val": best_val,
                 "data": ds.meta.get("source")}
+        bad = [k for k, v in model.params.items() if not np.isfinite(v).all()]
+        if bad:
+            raise TrainingError(f"parameter {bad[0]} is not finite at step {at_step}; not saving "
+                                f"it, the last good checkpoint {ckpt_path} is kept; try a lower "
+                                "--learning_rate or --grad_clip=1")
         try:
             save_checkpoint(ckpt_path, model.params, opt.state_dict(), meta)
         except OSError as e:
@@ -233,14 +258,22 @@ def _train(cfg, ds, out_dir, resume, stop_at, quiet, sample_chars, progress):
     def evaluate(at_step, lr):
         nonlocal best_val
         losses = estimate_loss(model, ds, cfg, at_step)
+        if not all(math.isfinite(v) for v in losses.values()):
+            raise TrainingError(f"the evaluated loss became {losses['train']} (train) / "
+                                f"{losses['val']} (val) at step {at_step}; the last good checkpoint "
+                                f"{ckpt_path} is kept; try a lower --learning_rate or --grad_clip=1")
         best_val = min(best_val, losses["val"])
         save(at_step)
         rows.append({"step": at_step, "train_loss": losses["train"], "val_loss": losses["val"],
                      "lr": lr, "time": round(time.time() - t_start + t_prev, 3)})
         write_log(log_path, rows)
         if len(rows) > 1:  # a curve needs two points (and matplotlib's import waits till then)
-            plot_losses(rows, plot_path, f"numgpt: {cfg.n_layer} layers, C{cfg.n_embd}, "
-                                         f"T{cfg.block_size}, B{cfg.batch_size}")
+            try:
+                plot_losses(rows, plot_path, f"numgpt: {cfg.n_layer} layers, C{cfg.n_embd}, "
+                                             f"T{cfg.block_size}, B{cfg.batch_size}")
+            except OSError as e:
+                raise TrainingError(f"could not write the plot {plot_path} ({e.strerror}); the "
+                                    "checkpoint beside it is intact") from None
         return losses
 
     say(f"model: {model.num_params():,} parameters; training on {len(ds.train):,} characters, "
@@ -256,45 +289,47 @@ def _train(cfg, ds, out_dir, resume, stop_at, quiet, sample_chars, progress):
     interrupted = False
     losses = None
     t_last, tok_rate = time.time(), 0.0
-    with _StopFlag() as flag:
-        while step < cfg.max_iters:
-            lr = get_lr(step, cfg)
-            if step % cfg.eval_interval == 0:
-                losses = evaluate(step, lr)
-                msg = f"step {step}: train {losses['train']:.4f}, val {losses['val']:.4f}"
-                (bar.write(msg) if bar else say(msg))
-            if flag.stop or (stop_at is not None and step >= stop_at):
-                interrupted = True
-                break
-            x, y = ds.get_batch("train", cfg.batch_size, cfg.block_size, rng)
-            loss, grads = model.loss_and_grads(x, y, train=True, rng=rng)
-            gnorm = clip_grad_norm(grads, cfg.grad_clip)
-            if not (math.isfinite(loss) and math.isfinite(gnorm)):
+    try:
+        with _StopFlag() as flag:
+            while step < cfg.max_iters:
+                lr = get_lr(step, cfg)
+                if step % cfg.eval_interval == 0:
+                    losses = evaluate(step, lr)
+                    msg = f"step {step}: train {losses['train']:.4f}, val {losses['val']:.4f}"
+                    (bar.write(msg) if bar else say(msg))
+                if flag.stop or (stop_at is not None and step >= stop_at):
+                    interrupted = True
+                    break
+                x, y = ds.get_batch("train", cfg.batch_size, cfg.block_size, rng)
+                loss, grads = model.loss_and_grads(x, y, train=True, rng=rng)
+                gnorm = clip_grad_norm(grads, cfg.grad_clip)
+                if not (math.isfinite(loss) and math.isfinite(gnorm)):
+                    raise TrainingError(f"the loss became {loss} (gradient norm {gnorm}) at step "
+                                        f"{step}; the last good checkpoint {ckpt_path} is kept; try a "
+                                        "lower --learning_rate or --grad_clip=1")
+                opt.step(grads, lr)
+                step += 1
+                now = time.time()
+                dt = max(now - t_last, 1e-9)
+                t_last = now
+                tok_rate = tokens_per_step / dt if tok_rate == 0 else 0.9 * tok_rate + 0.1 * tokens_per_step / dt
+                if bar:
+                    bar.set_postfix_str(f"loss {loss:.4f}, {tok_rate:,.0f} tok/s", refresh=False)
+                    bar.update(1)
+            if interrupted:
+                if step % cfg.eval_interval != 0:
+                    save(step)
                 if bar:
                     bar.close()
-                raise TrainingError(f"the loss became {loss} (gradient norm {gnorm}) at step "
-                                    f"{step}; the last good checkpoint {ckpt_path} is kept; try a "
-                                    "lower --learning_rate or --grad_clip=1")
-            opt.step(grads, lr)
-            step += 1
-            now = time.time()
-            dt = max(now - t_last, 1e-9)
-            t_last = now
-            tok_rate = tokens_per_step / dt if tok_rate == 0 else 0.9 * tok_rate + 0.1 * tokens_per_step / dt
-            if bar:
-                bar.set_postfix_str(f"loss {loss:.4f}, {tok_rate:,.0f} tok/s", refresh=False)
-                bar.update(1)
-        if interrupted:
-            if step % cfg.eval_interval != 0:
-                save(step)
-            if bar:
-                bar.close()
-            say(f"stopped at step {step}; checkpoint saved to {ckpt_path}; continue with --resume")
-        else:
-            losses = evaluate(step, get_lr(step, cfg))
-            if bar:
-                bar.close()
-            say(f"step {step}: train {losses['train']:.4f}, val {losses['val']:.4f}")
+                say(f"stopped at step {step}; checkpoint saved to {ckpt_path}; continue with --resume")
+            else:
+                losses = evaluate(step, get_lr(step, cfg))
+                if bar:
+                    bar.close()
+                say(f"step {step}: train {losses['train']:.4f}, val {losses['val']:.4f}")
+    finally:
+        if bar:
+            bar.close()
     elapsed = time.time() - t_start
     result = {"step": step, "train_loss": losses["train"], "val_loss": losses["val"],
               "seconds": elapsed, "checkpoint": ckpt_path, "log": log_path, "plot": plot_path,

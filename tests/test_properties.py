@@ -44,14 +44,13 @@ def test_random_small_configs_train_sample_and_check(spec):
     # central differences give half a slope; random biases keep every input off it
     prng = np.random.default_rng(seed + 1)
     m64.set_params({k: v + 0.1 * prng.standard_normal(v.shape) for k, v in m64.params.items()})
-    errors = check_model_grads(m64, x, y, train=True, seed=seed, per_tensor=6, h=1e-6)
-    grads = m64.loss_and_grads(x, y, rng=np.random.default_rng(seed))[1]
+    # sampled entries whose gradient is ~0 (a dead ReLU, a dropped unit, a token barely seen) are
+    # held to an absolute error of 1e-8 instead (tiny=1e-4): central differences cannot resolve
+    # them relatively. Random configs (one channel, ReLU kinks) are noisier than the fixed checks
+    # in test_model.py (1e-6), but a wrong backward is off by far more than 1e-4
+    errors = check_model_grads(m64, x, y, train=True, seed=seed, per_tensor=6, h=1e-6, tiny=1e-4)
     for name, err in errors.items():
-        # a tensor whose sampled gradient is ~0 (a dead ReLU, a dropped unit) has nothing to check;
-        # random configs (one channel, ReLU kinks) are noisier than the fixed checks in
-        # test_model.py (1e-6), but a wrong backward is off by far more than 1e-4
-        if np.linalg.norm(grads[name]) > 1e-4:
-            assert err < 1e-4, (name, err, over)
+        assert err < 1e-4, (name, err, over)
     # one float32 training step changes the parameters and keeps the loss finite
     m = numgpt.GPT(cfg, seed=seed)
     before = m.get_params()
