@@ -22,18 +22,45 @@ KERNEL_NAMES = {"attention": ["attention_fwd", "attention_bwd"],
                 "activations": ["bias_act_fwd", "bias_act_bwd"],
                 "loss": ["cross_entropy_fwd_bwd"], "embedding": ["embed_fwd", "embed_bwd"],
                 "adamw": ["adamw_update"]}
+DECODE_NAMES = ["decode_step", "_mv", "_mv_body", "_mv_cols", "_layernorm"]  # no serial twins
+
+
+def _cached(mod, name):
+    d = os.environ.get("NUMBA_CACHE_DIR") or os.path.join(HERE, "__pycache__")
+    return bool(glob.glob(os.path.join(d, "**", f"{mod}.{name}-*.nbi"), recursive=True))
 
 
 def cache_is_warm():
-    """True when numba's on-disk cache holds every kernel and its serial twin."""
-    d = os.environ.get("NUMBA_CACHE_DIR") or os.path.join(HERE, "__pycache__")
-    for mod, names in KERNEL_NAMES.items():
-        for name in names:
-            for suffix in ("", "_serial"):
-                if not glob.glob(os.path.join(d, "**", f"{mod}.{name}{suffix}-*.nbi"),
-                                 recursive=True):
-                    return False
-    return True
+    """True when numba's on-disk cache holds every kernel (with its serial twin) and the decoder."""
+    return (all(_cached(mod, name + suffix) for mod, names in KERNEL_NAMES.items()
+                for name in names for suffix in ("", "_serial"))
+            and decode_cache_is_warm())
+
+
+def decode_cache_is_warm():
+    return all(_cached("decode", name) for name in DECODE_NAMES)
+
+
+def warmup_decode(dtype="float32", say=None):
+    """Compile (or load) the one-token decoder of kernels/decode.py, saying so when it compiles."""
+    import numpy as np
+    say = say or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    cold = not decode_cache_is_warm()
+    t0 = time.time()
+    if cold:
+        say("compiling numba kernels for sampling (first run only) ...")
+    from numgpt.config import get_config
+    from numgpt.generate import KVCache
+    from numgpt.model import GPT
+    m = GPT(get_config("laptop", n_embd=8, n_head=2, n_layer=1, block_size=4, vocab_size=5),
+            dtype=np.dtype(dtype))
+    for par in (False, True):
+        kv = KVCache(m, 1)
+        kv.step(m, np.zeros(1, dtype=np.int64))
+        kv._flags = kv._flags[:-1] + (par,)
+        kv.step(m, np.zeros(1, dtype=np.int64))
+    if cold:
+        say(f"compiled in {time.time() - t0:.0f} s")
 
 
 def warmup(dtype="float32", say=None):
@@ -64,6 +91,7 @@ def warmup(dtype="float32", say=None):
                 loss, grads = m.loss_and_grads(x, x, rng=rng)
                 m.loss(x, x)
                 AdamW(m.params, use_kernels=True).step(grads)
+        warmup_decode(dtype, say=lambda msg: None)
     finally:
         _jit.FORCE_SERIAL = False
         _jit.PARALLEL_MIN_WORK = min_work

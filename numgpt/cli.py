@@ -139,6 +139,9 @@ def sample_main(argv):
     cfg, chars, params, _, _ = read_model_checkpoint(ckpt)
     vocab = Vocab(chars)
     model = GPT(cfg, dtype=np.float32, params=params)
+    if cfg.kernels and cfg.model == "gpt":
+        import kernels
+        kernels.warmup_decode("float32")
     if not start:
         start = "\n" if "\n" in vocab.stoi else vocab.chars[0]
     ids = vocab.encode(start)

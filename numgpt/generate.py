@@ -18,6 +18,11 @@ from .layers.loss import softmax
 from .model import _check_ids
 
 
+def _parallel_ok():
+    from . import _threads
+    return _threads.PARALLEL_KERNELS
+
+
 class KVCache:
     """Keys and values of every block for the positions generated so far.
 
@@ -26,15 +31,49 @@ class KVCache:
 
     def __init__(self, model, batch_size):
         cfg = model.cfg
-        shape = (batch_size, cfg.n_head, cfg.block_size, cfg.head_size)
-        self.k = [np.zeros(shape, dtype=model.dtype) for _ in range(cfg.n_layer)]
-        self.v = [np.zeros(shape, dtype=model.dtype) for _ in range(cfg.n_layer)]
+        shape = (cfg.n_layer, batch_size, cfg.n_head, cfg.block_size, cfg.head_size)
+        self.K = np.zeros(shape, dtype=model.dtype)  # all blocks in one array (for the kernel)
+        self.V = np.zeros(shape, dtype=model.dtype)
+        self.k = list(self.K)                          # views, one per block
+        self.v = list(self.V)
         # q, k, v of a block as one [C, 3C] product (the parameters do not change while sampling)
         P = model.params
-        self.w_qkv = [np.concatenate([P[f"blocks.{i}.attn.w_{n}"] for n in "qkv"], axis=1)
-                      for i in range(cfg.n_layer)]
+        self.w_qkv = np.stack([np.concatenate([P[f"blocks.{i}.attn.w_{n}"] for n in "qkv"], axis=1)
+                               for i in range(cfg.n_layer)])
         self.n_head = cfg.n_head
         self.t = 0
+        self._stacked = None
+
+    def step(self, model, ids):
+        """Logits [B, V] (float64) of the next token after ids [B] at position t, in one compiled
+        call (kernels/decode.py); the same as model.forward(ids[:, None], kv=self)."""
+        from kernels import decode
+        from kernels._jit import PARALLEL_MIN_WORK
+        cfg = model.cfg
+        if self._stacked is None:
+            P, L, C, dt = model.params, cfg.n_layer, cfg.n_embd, model.dtype
+
+            def stack(name, shape):
+                key = f"blocks.0.{name}"
+                if key not in P:
+                    return np.zeros((L,) + shape, dtype=dt)
+                return np.stack([P[f"blocks.{i}.{name}"] for i in range(L)])
+            F = cfg.ffn_hidden
+            none = np.zeros(0, dtype=dt)
+            self._stacked = (
+                P["tok_emb"], P["pos_emb"], stack("ln1.g", (C,)), stack("ln1.b", (C,)),
+                self.w_qkv, stack("attn.w_proj", (0, 0)), stack("attn.b_proj", (C,)),
+                stack("ln2.g", (C,)), stack("ln2.b", (C,)), stack("ffn.w_fc", (C, 0)),
+                stack("ffn.b_fc", (F,)), stack("ffn.w_out", (0, 0)), stack("ffn.b_out", (C,)),
+                P.get("ln_f.g", none), P.get("ln_f.b", none), P["lm_head.w"], P["lm_head.b"])
+            self._flags = (cfg.n_head, {"none": 0, "post": 1, "pre": 2}[cfg.norm], cfg.residual,
+                           cfg.activation == "gelu",
+                           C * 3 * C >= PARALLEL_MIN_WORK and _parallel_ok())
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        logits = np.empty((ids.shape[0], cfg.vocab_size), dtype=model.dtype)
+        decode.decode_step(ids, self.t, *self._stacked, self.K, self.V, *self._flags, logits)
+        self.t += 1
+        return logits.astype(np.float64)
 
     def attend(self, x, p, layer):
         """Causal attention of the new positions x [B, n, C] over the cached ones plus themselves.
@@ -120,6 +159,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     out = [idx]
     cfg = model.cfg
     cache = use_cache and cfg.model == "gpt"
+    fast = cache and cfg.kernels and model.dtype in (np.float32, np.float64)
     if cache:
         kv = KVCache(model, idx.shape[0])
         logits = model.forward(idx[:, -cfg.block_size:], kv=kv)[0][:, -1]
@@ -136,6 +176,8 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
                 kv.t = 0
                 ctx = np.concatenate(out, 1)[:, -max(1, cfg.block_size // 2):]
                 logits = model.forward(ctx, kv=kv)[0][:, -1]
+            elif fast:
+                logits = kv.step(model, nxt)
             else:
                 logits = model.forward(nxt[:, None], kv=kv)[0][:, -1]
     return np.concatenate(out, axis=1)

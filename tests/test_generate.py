@@ -24,6 +24,13 @@ def test_kv_cache_matches_full_forward(preset, kernels):
     assert kv.t == 12
     with pytest.raises(ValueError, match="block_size"):
         m.forward(idx[:, :1], kv=kv)
+    if kernels:  # the compiled one-token step (kernels/decode.py) gives the same logits and cache
+        fast = KVCache(m, 2)
+        m.forward(idx[:, :5], kv=fast)
+        for t in range(5, 12):
+            np.testing.assert_allclose(fast.step(m, idx[:, t]), full[:, t], rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(fast.K, kv.K, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(fast.V, kv.V, rtol=1e-10, atol=1e-12)
 
 
 def test_cached_generation_equals_uncached_within_the_block():

@@ -204,3 +204,29 @@ def test_kernels_ignore_garbage_in_their_output_buffers():
         for f in (embed_bwd, embed_bwd.serial):
             f(np.zeros((2, 3), np.int64), rnd(2, 3, C, dtype=dt), dW, dP)
             assert np.all(np.isfinite(dW)) and np.all(np.isfinite(dP))
+
+
+@pytest.mark.parametrize("par", [False, True])
+@pytest.mark.parametrize("preset,over", [("preln", {}), ("layernorm", {"activation": "gelu"}),
+                                         ("ffn", {}), ("single_head", {}),
+                                         ("residual", {"ffn_mult": 2.0})])
+def test_decode_kernel_equals_reference_step(par, preset, over):
+    """kernels/decode.py (one token through the whole model) against model.forward with the cache,
+    float32, on the serial and the thread-split matrix-vector products."""
+    from numgpt.generate import KVCache
+    m = numgpt.build_model(preset, seed=3, zero_head=False, kernels=True, block_size=10, **over)
+    rng = np.random.default_rng(1)
+    m.set_params({k: v + 0.2 * rng.standard_normal(v.shape).astype(np.float32)
+                  for k, v in m.params.items()})
+    idx = rng.integers(0, 65, (3, 10))
+    ref, fast = KVCache(m, 3), KVCache(m, 3)
+    m.forward(idx[:, :4], kv=ref)
+    m.forward(idx[:, :4], kv=fast)
+    fast.step(m, idx[:, 4])  # builds the stacked parameters and flags
+    fast.t = 4
+    fast._flags = fast._flags[:-1] + (par,)
+    for t in range(4, 10):
+        want = m.forward(idx[:, t:t + 1], kv=ref)[0][:, 0]
+        got = fast.step(m, idx[:, t])
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
+    np.testing.assert_allclose(fast.K, ref.K, rtol=1e-4, atol=1e-4 * np.abs(ref.K).max())
