@@ -48,6 +48,16 @@ def load_checkpoint(path):
                                   "it (loading a checkpoint never runs code)")
         raise CheckpointError(f"{path} is not a numgpt checkpoint (not an .npz archive)"
                               if magic else f"{path} is empty")
+    try:  # the sizes the archive claims, before anything is unpacked (a small file can claim GBs)
+        with zipfile.ZipFile(path) as zf:
+            claimed = sum(info.file_size for info in zf.infolist())
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError) as e:
+        raise CheckpointError(f"{path} is truncated or corrupted ({type(e).__name__}: {e})") from None
+    from .resources import available_bytes
+    have = available_bytes()
+    if have is not None and claimed > have:
+        raise CheckpointError(f"{path} unpacks to {claimed / 1e9:.1f} GB, more than the "
+                              f"{have / 1e9:.1f} GB of memory available; refusing to load it")
     try:
         with np.load(path, allow_pickle=False) as z:
             names = list(z.files)

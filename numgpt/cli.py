@@ -25,6 +25,11 @@ def parse_flags(argv, known, flags=()):
                 out[key] = True
                 continue
             raise ConfigError(f"--{key} needs a value: --{key}=VALUE")
+        if key in flags:  # --resume=false and the like
+            v = value.strip().lower()
+            if v not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                raise ConfigError(f"--{key} is a switch: --{key}, or --{key}=true / false")
+            value = v in ("1", "true", "yes", "on")
         if key not in known and key not in flags:
             raise ConfigError(f"unknown option --{key}; see --help")
         if key in out:
@@ -35,6 +40,11 @@ def parse_flags(argv, known, flags=()):
 
 def run(main):
     """Run main(argv), turning the user's errors into one line on stderr and exit status 2/1."""
+    for stream in (sys.stdout, sys.stderr):  # a character the terminal cannot show is escaped
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError):
+            pass
     try:
         return main(sys.argv[1:]) or 0
     except USER_ERRORS as e:
@@ -79,6 +89,9 @@ def train_main(argv):
         return 0
     from .trainer import train
     opts = parse_flags(argv, set(FIELDS) | {"preset", "data", "out_dir"}, flags=("resume",))
+    if "vocab_size" in opts:
+        raise ConfigError("vocab_size is set by the data (its number of distinct characters); "
+                          "drop --vocab_size")
     preset = opts.pop("preset", "laptop")
     data = opts.pop("data", None)
     out_dir = opts.pop("out_dir", "out")
@@ -95,8 +108,11 @@ SAMPLE_HELP = """usage: python sample.py [--out_dir=DIR] [--start=TEXT|FILE:path
 Generates text from the checkpoint in out_dir (default: out), streaming it as it is sampled.
 """
 
-SAMPLE_DEFAULTS = {"out_dir": "out", "start": "\n", "num_samples": "1", "max_new_tokens": "500",
+SAMPLE_DEFAULTS = {"out_dir": "out", "start": "", "num_samples": "1", "max_new_tokens": "500",
                    "temperature": "0.8", "top_k": "0", "top_p": "1.0", "seed": "1337"}
+
+
+MAX_PROMPT_BYTES = 16 << 20
 
 
 def _num(opts, key, typ, ok, what):
@@ -127,6 +143,11 @@ def sample_main(argv):
     start = opts["start"]
     if start.startswith("FILE:"):
         path = start[5:]
+        if os.path.exists(path) and not os.path.isdir(path) and not os.path.isfile(path):
+            raise DataError(f"the prompt file {path} is not a regular file")
+        if os.path.isfile(path) and os.path.getsize(path) > MAX_PROMPT_BYTES:
+            raise DataError(f"the prompt file {path} is larger than {MAX_PROMPT_BYTES >> 20} MB; "
+                            "the model sees only its last block_size characters anyway")
         try:
             with open(path, encoding="utf-8") as f:
                 start = f.read()

@@ -7,6 +7,8 @@ import dataclasses
 import math
 from dataclasses import dataclass, fields
 
+import numpy as np
+
 
 class ConfigError(ValueError):
     """A configuration the model or trainer cannot run; the message is one line for the user."""
@@ -103,6 +105,8 @@ def _coerce(name, value):
     f = FIELDS[name]
     typ = f.type if isinstance(f.type, type) else {"int": int, "float": float, "bool": bool,
                                                     "str": str}[f.type]
+    if isinstance(value, np.generic) and not isinstance(value, np.bool_):
+        value = value.item()  # numpy scalars (np.float32(3e-4), np.int64(2)) as Python numbers
     if not isinstance(value, str):
         if typ is float and isinstance(value, int) and not isinstance(value, bool):
             return float(value)

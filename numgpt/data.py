@@ -18,7 +18,7 @@ SHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/d
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA_DIR = os.environ.get("NUMGPT_DATA_DIR") or os.path.join(REPO_DIR, "data")
-SHAKESPEARE_DIR = os.path.join(REPO_DIR, "data", "shakespeare_char")
+SHAKESPEARE_DIR = os.path.join(DATA_DIR, "shakespeare_char")
 
 
 _UMASK = os.umask(0)
@@ -176,7 +176,7 @@ def prepare(text_path, out_dir, source=None):
     meta = {"chars": vocab.chars, "source": source or os.path.abspath(text_path),
             "sha256": sha256_file(text_path), "n_train": n, "n_val": len(ids) - n}
     atomic_write_bytes(os.path.join(out_dir, "vocab.json"),
-                       json.dumps(meta, ensure_ascii=False, indent=0).encode("utf-8"))
+                       json.dumps(meta, indent=0).encode("utf-8"))  # ASCII: any path, even undecodable
     return out_dir
 
 
@@ -233,7 +233,7 @@ def load_dataset(data=None):
                    for f in ("train.bin", "val.bin", "vocab.json")):
             _prepare_into(find_or_fetch_shakespeare(), folder, source=SHAKESPEARE_URL)
         return Dataset(folder)
-    text_path = os.path.abspath(data)
+    text_path = os.path.abspath(os.fsdecode(data))
     read_text(text_path)  # one-line errors for missing, empty, non-UTF-8 files
     folder = prepared_dir_for(text_path)
     if not os.path.isfile(os.path.join(folder, "vocab.json")):

@@ -112,7 +112,10 @@ def next_token_probs(logits, temperature=1.0, top_k=None, top_p=None):
         probs = np.zeros_like(z)
         probs[np.arange(B), z.argmax(axis=-1)] = 1.0
         return probs
-    z = z / temperature
+    # shift by the row maximum before scaling: (z - max) <= 0, so even a temperature of 1e-320
+    # gives 0 and -inf here, never inf - inf = nan
+    with np.errstate(over="ignore", divide="ignore"):
+        z = (z - z.max(axis=-1, keepdims=True)) / temperature
     if top_k is not None and 0 < top_k < V:
         kth = np.partition(z, V - top_k, axis=-1)[:, V - top_k][:, None]
         z = np.where(z < kth, -np.inf, z)
@@ -152,7 +155,8 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     idx = _check_ids(idx, model.cfg.vocab_size, "the prompt").astype(np.int64)
     if not (temperature >= 0 and math.isfinite(temperature)):
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
-    if top_k is not None and not (isinstance(top_k, (int, np.integer)) and top_k >= 0):
+    if top_k is not None and not (isinstance(top_k, (int, np.integer))
+                                  and not isinstance(top_k, bool) and top_k >= 0):
         raise ValueError(f"top_k must be a whole number >= 0 (0 or None = off), got {top_k!r}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")

@@ -103,11 +103,17 @@ def _run(args):
         for k in range(args.seeds):
             run_cfg = cfg.replace(seed=cfg.seed + k)
             out = os.path.join(args.out_dir, f"{s}-seed{run_cfg.seed}")
-            ckpt = os.path.join(out, "ckpt.npz")
-            if os.path.exists(ckpt):
-                os.replace(ckpt, ckpt + ".previous")  # keep, never silently overwrite, an old run
+            if os.path.isdir(out) and any(os.path.exists(os.path.join(out, f))
+                                          for f in ("ckpt.npz", "log.jsonl", "loss.png")):
+                kept = _set_aside(out)  # an earlier run: kept whole, never overwritten
+                print(f"  (the earlier run in {out} is kept in {kept})", flush=True)
             ts = time.time()
             r = train(run_cfg, ds, out, quiet=True, sample_chars=0)
+            if r["interrupted"]:
+                print(f"interrupted: {s} stopped at step {r['step']} of {run_cfg.max_iters} (its "
+                      f"checkpoint is in {out}); the ladder stops here and reports no losses",
+                      flush=True)
+                return 0
             vals.append(r["val_loss"])
             trains.append(r["train_loss"])
             if k == 0:
@@ -136,6 +142,17 @@ def _run(args):
               file=sys.stderr)
         return 1
     return 0
+
+
+def _set_aside(folder):
+    """Rename folder to folder.previous (or .previous-2, -3, ... when that is taken)."""
+    n = 1
+    while True:
+        dest = folder + (".previous" if n == 1 else f".previous-{n}")
+        if not os.path.exists(dest):
+            os.rename(folder, dest)
+            return dest
+        n += 1
 
 
 if __name__ == "__main__":

@@ -133,6 +133,8 @@ class GPT:
     def __init__(self, cfg: Config, seed=0, dtype=np.float32, params=None):
         self.cfg = validate(cfg)
         self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.float32, np.float64):
+            raise ValueError(f"dtype must be float32 or float64, got {self.dtype}")
         self.ops = get_ops(self.cfg.kernels)  # numba kernels, or the NumPy reference layers
         self._names = [_block_names(self.cfg, i) for i in range(self.cfg.n_layer)]
         self.params = init_params(self.cfg, seed, self.dtype) if params is None else {}

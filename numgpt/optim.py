@@ -73,14 +73,21 @@ class AdamW:
         return out
 
     def load_state_dict(self, state):
-        self.t = int(state["t"])
+        t = np.asarray(state["t"])
+        if t.shape != () or t.dtype.kind not in "iu" or not 0 <= int(t) < 2 ** 40:
+            raise ValueError(f"optimizer step count t must be a whole number >= 0, got {t!r}")
         for k, p in self.params.items():
-            for slot, store in (("m.", self.m), ("v.", self.v)):
+            for slot in ("m.", "v."):
                 a = np.asarray(state[slot + k])
-                if a.shape != p.shape:
-                    raise ValueError(f"optimizer state {slot + k} has shape {a.shape}, "
-                                     f"the parameter has {p.shape}")
-                store[k] = a.astype(p.dtype, copy=True)
+                if a.shape != p.shape or a.dtype.kind != "f" or not np.isfinite(a).all():
+                    raise ValueError(f"optimizer state {slot + k} must be finite floats of shape "
+                                     f"{p.shape}, got {a.dtype} {a.shape}")
+                if slot == "v." and (a < 0).any():
+                    raise ValueError(f"optimizer state {slot + k} holds negative values")
+        self.t = int(t)
+        for k, p in self.params.items():
+            self.m[k] = np.asarray(state["m." + k]).astype(p.dtype, copy=True)
+            self.v[k] = np.asarray(state["v." + k]).astype(p.dtype, copy=True)
 
 
 def clip_grad_norm(grads, max_norm):

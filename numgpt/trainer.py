@@ -4,6 +4,7 @@ import math
 import os
 import signal
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -54,12 +55,11 @@ def read_log(path):
                     try:
                         row = json.loads(line)
                     except json.JSONDecodeError:
-                        break  # a line cut by a kill: everything after it is unreliable
-                    if not (isinstance(row, dict) and isinstance(row.get("step"), int)
+                        continue  # a damaged line (log writes are atomic: edited by hand)
+                    if (isinstance(row, dict) and isinstance(row.get("step"), int)
                             and all(isinstance(row.get(k), (int, float))
                                     for k in ("train_loss", "val_loss", "time"))):
-                        break
-                    rows.append(row)
+                        rows.append(row)
     return rows
 
 
@@ -111,7 +111,7 @@ class _OutDirLock:
     kill -9 included, so a stale lock never blocks a later run."""
 
     def __init__(self, out_dir):
-        self.path = os.path.join(out_dir, ".lock")
+        self.path = os.path.join(out_dir, ".numgpt.lock")
         self.f = None
 
     def __enter__(self):
@@ -180,9 +180,8 @@ def train(cfg: Config, ds: Dataset, out_dir, resume=False, stop_at=None, quiet=F
     ds.check_block(cfg.block_size)
     try:
         os.makedirs(out_dir, exist_ok=True)
-        probe = os.path.join(out_dir, ".write-test")
-        with open(probe, "w") as f:
-            f.write("ok")
+        fd, probe = tempfile.mkstemp(dir=out_dir, prefix=".numgpt-write-test-")
+        os.close(fd)
         os.remove(probe)
     except OSError as e:
         raise TrainingError(f"cannot write to out_dir {out_dir}: {e.strerror}") from None
@@ -209,22 +208,25 @@ def _train(cfg, ds, out_dir, resume, stop_at, quiet, sample_chars, progress):
     rows = []
     if resume:
         saved_cfg, chars, params, opt_state, meta = read_model_checkpoint(ckpt_path)
+        if chars != ds.vocab.chars:
+            src = meta.get("data")
+            hint = f" (--data={src})" if isinstance(src, str) and src.startswith("/") else ""
+            raise TrainingError(f"--resume: the checkpoint in {out_dir} has another vocabulary "
+                                f"than this data; resume with the data it was trained on{hint}")
         bad = _config_mismatch(saved_cfg, cfg)
         if bad:
             raise TrainingError(f"--resume: the checkpoint in {out_dir} was trained with other "
                                 f"settings of {', '.join(bad)}; drop those overrides or use a new "
                                 "--out_dir")
-        if chars != ds.vocab.chars:
-            raise TrainingError(f"--resume: the checkpoint in {out_dir} has another vocabulary "
-                                "than this data; resume with the data it was trained on")
         try:
             model.set_params(params)
             opt = make_optimizer(model, cfg)
             opt.load_state_dict(opt_state)
             rng.bit_generator.state = meta["rng_state"]
             best_val = float(meta.get("best_val", math.inf))
-        except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{ckpt_path} does not fit its own config ({e})") from None
+        except (ValueError, KeyError, TypeError, OverflowError) as e:
+            raise CheckpointError(f"{ckpt_path} holds a broken optimizer or random-generator "
+                                  f"state ({type(e).__name__}: {e})") from None
         step = meta["step"]
         rows = [r for r in read_log(log_path) if r["step"] < step]
         write_log(log_path, rows)

@@ -491,3 +491,163 @@ def test_memory_check_can_be_skipped_by_experts(monkeypatch):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+# ---- found by a hostile-user review ----
+
+def test_ladder_runs_twice_and_keeps_the_earlier_run(text_file, tmp_path, capsys):
+    from numgpt import ladder
+    args = ["--stages=bigram", "--iters-scale=0.002", f"--data={text_file}",
+            f"--out-dir={tmp_path / 'lad'}"]
+    assert ladder.main(args) == 0
+    first = ckpt_bytes(tmp_path / "lad" / "bigram-seed1337")
+    assert ladder.main(args) == 0  # a re-run works ...
+    kept = tmp_path / "lad" / "bigram-seed1337.previous"
+    assert ckpt_bytes(kept) == first  # ... and the first run is kept whole
+    assert (kept / "log.jsonl").exists()
+    assert ladder.main(args) == 0
+    assert (tmp_path / "lad" / "bigram-seed1337.previous-2" / "ckpt.npz").exists()
+
+
+def test_interrupted_ladder_stops_and_reports_no_losses(text_file, tmp_path, capsys, monkeypatch):
+    from numgpt import ladder
+    real = ladder.train
+    monkeypatch.setattr(ladder, "train", lambda *a, **k: real(*a, **k, stop_at=3))  # as Ctrl-C
+    rc = ladder.main(["--stages=bigram,single_head", "--iters-scale=0.01", f"--data={text_file}",
+                      f"--out-dir={tmp_path / 'lad'}"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "interrupted: bigram stopped at step 3" in out
+    assert "single_head" not in out.split("interrupted")[1] and "published" not in out
+
+
+def test_data_file_with_an_undecodable_name(python, repo, text_file, tmp_path):
+    odd = os.path.join(os.fsencode(tmp_path), b"sm\xffall.txt")
+    with open(odd, "wb") as f, open(text_file, "rb") as g:
+        f.write(g.read())
+    r = subprocess.run([python, os.path.join(repo, "train.py"), b"--data=" + odd,
+                        f"--out_dir={tmp_path / 'o'}", "--max_iters=2", *TINY], capture_output=True,
+                       cwd=repo, env=dict(os.environ, PYTHONPATH=repo), timeout=300)
+    assert r.returncode == 0, r.stderr.decode(errors="replace")
+
+
+def test_prompt_file_that_never_ends(python, repo, trained, tmp_path):
+    out, _ = trained
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for path in (fifo, "/dev/zero"):
+        one_line_error(run(python, repo, "sample.py", f"--out_dir={out}", f"--start=FILE:{path}"),
+                       "not a regular file")
+
+
+def test_tiny_temperature_is_greedy_not_nan():
+    from numgpt.generate import next_token_probs
+    logits = np.array([[1.0, 3.0, 2.0, 3.0 - 1e-9]])
+    for t in (1e-320, 1e-300, 1e-30):
+        p = next_token_probs(logits, temperature=t)
+        assert np.isfinite(p).all() and p[0, 1] == 1.0, t
+    with np.errstate(all="raise"):  # and no warnings on the way
+        next_token_probs(logits, temperature=1e-320)
+
+
+def test_resume_switch_takes_false(python, repo, text_file, trained):
+    out, before = trained
+    r = run(python, repo, "train.py", f"--data={text_file}", f"--out_dir={out}", "--resume=false",
+            "--max_iters=8", *TINY)
+    one_line_error(r, "already holds a checkpoint")
+    assert ckpt_bytes(out) == before
+    one_line_error(run(python, repo, "train.py", f"--data={text_file}", f"--out_dir={out}",
+                       "--resume=perhaps", *TINY), "is a switch")
+
+
+def test_output_the_terminal_cannot_encode(python, repo, trained):
+    out, _ = trained  # the corpus holds 'é'
+    r = run(python, repo, "sample.py", f"--out_dir={out}", "--start=é", "--max_new_tokens=200",
+            env_extra={"PYTHONIOENCODING": "ascii"})
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert r.stdout.startswith("\\xe9")
+
+
+def test_users_dot_files_in_out_dir_are_left_alone(python, repo, text_file, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / ".lock").write_text("precious", encoding="utf-8")
+    (out / ".write-test").write_text("mine", encoding="utf-8")
+    r = run(python, repo, "train.py", f"--data={text_file}", f"--out_dir={out}", "--max_iters=2",
+            *TINY)
+    assert r.returncode == 0, r.stderr
+    assert (out / ".lock").read_text(encoding="utf-8") == "precious"
+    assert (out / ".write-test").read_text(encoding="utf-8") == "mine"
+
+
+@pytest.mark.parametrize("field,value", [("opt.t", -1), ("opt.t", 10 ** 15), ("opt.t", 2.5),
+                                         ("rng", -1), ("rng", 10 ** 50), ("opt.m", 1j)])
+def test_resume_refuses_a_broken_optimizer_or_generator_state(python, repo, text_file, trained,
+                                                              tmp_path, field, value):
+    out, _ = trained
+    params, opt, meta = load_checkpoint(os.path.join(out, "ckpt.npz"))
+    if field == "opt.t":
+        opt["t"] = np.array(value)
+    elif field == "opt.m":
+        k = next(k for k in opt if k.startswith("m."))
+        opt[k] = opt[k] + value
+    else:
+        meta["rng_state"]["state"]["state"] = value
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    save_checkpoint(str(bad / "ckpt.npz"), params, opt, meta)
+    before = ckpt_bytes(bad)
+    r = run(python, repo, "train.py", f"--data={text_file}", f"--out_dir={bad}", "--resume",
+            "--max_iters=8", *TINY)
+    one_line_error(r, "broken optimizer or random-generator state")
+    assert ckpt_bytes(bad) == before
+
+
+def test_a_damaged_log_line_loses_only_itself(python, repo, text_file, trained):
+    out, _ = trained
+    log = os.path.join(out, "log.jsonl")
+    lines = open(log, encoding="utf-8").read().splitlines()
+    assert len(lines) == 3
+    lines[0] = "garbage"
+    with open(log, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    r = run(python, repo, "train.py", f"--data={text_file}", f"--out_dir={out}", "--resume",
+            "--max_iters=6", "--eval_interval=2", *TINY)
+    assert r.returncode == 0, r.stderr
+    from numgpt.trainer import read_log
+    assert [row["step"] for row in read_log(log)] == [2, 4, 6]
+
+
+def test_checkpoint_claiming_more_memory_than_there_is(trained, monkeypatch):
+    out, _ = trained
+    import numgpt.resources as res
+    monkeypatch.setattr(res, "available_bytes", lambda: 1000)
+    with pytest.raises(CheckpointError, match="unpacks to"):
+        load_checkpoint(os.path.join(out, "ckpt.npz"))
+
+
+def test_sample_default_prompt_without_a_newline_in_the_vocabulary(python, repo, tmp_path):
+    data = tmp_path / "abc.txt"
+    data.write_text("abcab" * 400, encoding="utf-8")
+    out = tmp_path / "o"
+    r = run(python, repo, "train.py", f"--data={data}", f"--out_dir={out}", "--max_iters=2", *TINY)
+    assert r.returncode == 0, r.stderr
+    r = run(python, repo, "sample.py", f"--out_dir={out}", "--max_new_tokens=10")
+    assert r.returncode == 0 and len(r.stdout.strip()) == 11, r.stderr
+
+
+def test_api_misuse():
+    from numgpt.generate import generate
+    with pytest.raises(ValueError, match="float32 or float64"):
+        numgpt.GPT(get_config("bigram"), dtype=np.int32)
+    m = numgpt.GPT(get_config("multi_head", vocab_size=10))
+    with pytest.raises(ValueError, match="top_k"):
+        generate(m, np.array([[1]]), 2, top_k=True)
+    cfg = get_config("preln", learning_rate=np.float32(3e-4), n_layer=np.int64(2))
+    assert cfg.n_layer == 2 and isinstance(cfg.n_layer, int)
+    with pytest.raises(ConfigError, match="vocab_size is set by the data"):
+        from numgpt.cli import train_main
+        train_main(["--vocab_size=3"])
+
+
+def test_load_dataset_takes_a_bytes_path(text_file):
+    assert len(load_dataset(os.fsencode(text_file)).vocab) > 10
