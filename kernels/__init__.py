@@ -22,7 +22,7 @@ KERNEL_NAMES = {"attention": ["attention_fwd", "attention_bwd"],
                 "activations": ["bias_act_fwd", "bias_act_bwd"],
                 "loss": ["cross_entropy_fwd_bwd"], "embedding": ["embed_fwd", "embed_bwd"],
                 "adamw": ["adamw_update"]}
-DECODE_NAMES = ["decode_step", "_mv", "_mv_body", "_mv_cols", "_layernorm"]  # no serial twins
+DECODE_NAMES = ["decode_step", "_mv", "_layernorm"]  # serial only (see decode.py)
 
 
 def _cached(mod, name):
@@ -54,11 +54,7 @@ def warmup_decode(dtype="float32", say=None):
     from numgpt.model import GPT
     m = GPT(get_config("laptop", n_embd=8, n_head=2, n_layer=1, block_size=4, vocab_size=5),
             dtype=np.dtype(dtype))
-    for par in (False, True):
-        kv = KVCache(m, 1)
-        kv.step(m, np.zeros(1, dtype=np.int64))
-        kv._flags = kv._flags[:-1] + (par,)
-        kv.step(m, np.zeros(1, dtype=np.int64))
+    KVCache(m, 1).step(m, np.zeros(1, dtype=np.int64))
     if cold:
         say(f"compiled in {time.time() - t0:.0f} s")
 

@@ -18,11 +18,6 @@ from .layers.loss import softmax
 from .model import _check_ids
 
 
-def _parallel_ok():
-    from . import _threads
-    return _threads.PARALLEL_KERNELS
-
-
 class KVCache:
     """Keys and values of every block for the positions generated so far.
 
@@ -48,32 +43,36 @@ class KVCache:
         """Logits [B, V] (float64) of the next token after ids [B] at position t, in one compiled
         call (kernels/decode.py); the same as model.forward(ids[:, None], kv=self)."""
         from kernels import decode
-        from kernels._jit import PARALLEL_MIN_WORK
         cfg = model.cfg
         if self._stacked is None:
             P, L, C, dt = model.params, cfg.n_layer, cfg.n_embd, model.dtype
+            tr = 3 * C * C > (1 << 17)  # big weights stream best transposed (kernels/decode._mv)
 
-            def stack(name, shape):
-                key = f"blocks.0.{name}"
-                if key not in P:
+            def T(a):
+                return np.ascontiguousarray(a.T) if tr else a
+
+            def stack(name, shape):  # [L, ...]; matrices [L, out, in] when tr
+                if f"blocks.0.{name}" not in P:
                     return np.zeros((L,) + shape, dtype=dt)
-                return np.stack([P[f"blocks.{i}.{name}"] for i in range(L)])
+                return np.ascontiguousarray(np.stack([T(P[f"blocks.{i}.{name}"])
+                                                      for i in range(L)]))
             F = cfg.ffn_hidden
             none = np.zeros(0, dtype=dt)
             self._stacked = (
                 P["tok_emb"], P["pos_emb"], stack("ln1.g", (C,)), stack("ln1.b", (C,)),
-                self.w_qkv, stack("attn.w_proj", (0, 0)), stack("attn.b_proj", (C,)),
-                stack("ln2.g", (C,)), stack("ln2.b", (C,)), stack("ffn.w_fc", (C, 0)),
+                np.ascontiguousarray(self.w_qkv.transpose(0, 2, 1)) if tr else self.w_qkv,
+                stack("attn.w_proj", (0, 0)), stack("attn.b_proj", (C,)),
+                stack("ln2.g", (C,)), stack("ln2.b", (C,)), stack("ffn.w_fc", (0, C) if tr else (C, 0)),
                 stack("ffn.b_fc", (F,)), stack("ffn.w_out", (0, 0)), stack("ffn.b_out", (C,)),
-                P.get("ln_f.g", none), P.get("ln_f.b", none), P["lm_head.w"], P["lm_head.b"])
+                P.get("ln_f.g", none), P.get("ln_f.b", none),
+                T(P["lm_head.w"]), P["lm_head.b"])
             self._flags = (cfg.n_head, {"none": 0, "post": 1, "pre": 2}[cfg.norm], cfg.residual,
-                           cfg.activation == "gelu",
-                           C * 3 * C >= PARALLEL_MIN_WORK and _parallel_ok())
+                           cfg.activation == "gelu", tr)
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         logits = np.empty((ids.shape[0], cfg.vocab_size), dtype=model.dtype)
         decode.decode_step(ids, self.t, *self._stacked, self.K, self.V, *self._flags, logits)
         self.t += 1
-        return logits.astype(np.float64)
+        return logits
 
     def attend(self, x, p, layer):
         """Causal attention of the new positions x [B, n, C] over the cached ones plus themselves.
@@ -167,11 +166,17 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     if cache:
         kv = KVCache(model, idx.shape[0])
         logits = model.forward(idx[:, -cfg.block_size:], kv=kv)[0][:, -1]
+    plain = fast and temperature > 0 and not top_k and (top_p is None or top_p >= 1)
+    if plain:
+        from kernels.decode import sample_rows
     for _ in range(max_new_tokens):
         if not cache:
             logits = model.next_token_logits(idx if len(out) == 1 else np.concatenate(out, 1))
-        probs = next_token_probs(logits, temperature, top_k, top_p)
-        nxt = sample_from(probs, rng)
+        if plain:  # compiled: the same draw as below, without the filters
+            nxt = np.empty(idx.shape[0], dtype=np.int64)
+            sample_rows(logits, float(temperature), rng.random(idx.shape[0]), nxt)
+        else:
+            nxt = sample_from(next_token_probs(logits, temperature, top_k, top_p), rng)
         out.append(nxt[:, None])
         if on_token is not None:
             on_token(nxt)
