@@ -113,14 +113,17 @@ def decode_step(ids, t, tok_emb, pos_emb, ln1_g, ln1_b, w_qkv, w_proj, b_proj, l
         for b in range(B):
             for hd in range(n_head):
                 o = hd * hs
-                for d in range(hs):
-                    K[layer, b, hd, t, d] = qkv[b, C + o + d]
-                    V[layer, b, hd, t, d] = qkv[b, 2 * C + o + d]
+                q = qkv[b, o:o + hs]
+                Kh = K[layer, b, hd]      # [block, hs], rows 0..t used
+                Vh = V[layer, b, hd]
+                Kh[t] = qkv[b, C + o:C + o + hs]
+                Vh[t] = qkv[b, 2 * C + o:2 * C + o + hs]
                 mx = dt(-np.inf)
-                for p in range(t + 1):
+                for p in range(t + 1):   # s_p = scale * q . k_p
+                    kp = Kh[p]
                     acc = dt(0)
                     for d in range(hs):
-                        acc += qkv[b, o + d] * K[layer, b, hd, p, d]
+                        acc += q[d] * kp[d]
                     acc *= scale
                     s[p] = acc
                     mx = max(mx, acc)
@@ -129,12 +132,16 @@ def decode_step(ids, t, tok_emb, pos_emb, ln1_g, ln1_b, w_qkv, w_proj, b_proj, l
                     e = math.exp(s[p] - mx)
                     s[p] = e
                     tot += e
-                for d in range(hs):
-                    y[b, o + d] = 0
-                for p in range(t + 1):
-                    w = s[p] / tot
+                yh = y[b, o:o + hs]
+                yh[:] = 0
+                for p in range(t + 1):   # y = sum_p softmax(s)_p v_p
+                    w = s[p]
+                    vp = Vh[p]
                     for d in range(hs):
-                        y[b, o + d] += w * V[layer, b, hd, p, d]
+                        yh[d] += w * vp[d]
+                inv = 1 / tot
+                for d in range(hs):
+                    yh[d] *= inv
         if w_proj.shape[1] > 0:
             h[:] = y
             _mv(h, w_proj[layer], b_proj[layer], y, tr)
