@@ -17,6 +17,7 @@ from .resources import check_memory
 from .generate import generate
 from .model import GPT
 from .optim import clip_grad_norm, get_lr
+from .parallel import step_function
 
 CKPT = "ckpt.npz"
 LOG = "log.jsonl"
@@ -291,6 +292,7 @@ def _train(cfg, ds, out_dir, resume, stop_at, quiet, sample_chars, progress):
     interrupted = False
     losses = None
     t_last, tok_rate = time.time(), 0.0
+    step_fn, close_step = step_function(model, cfg)  # data-parallel on threads where it pays
     try:
         with _StopFlag() as flag:
             while step < cfg.max_iters:
@@ -303,7 +305,7 @@ def _train(cfg, ds, out_dir, resume, stop_at, quiet, sample_chars, progress):
                     interrupted = True
                     break
                 x, y = ds.get_batch("train", cfg.batch_size, cfg.block_size, rng)
-                loss, grads = model.loss_and_grads(x, y, train=True, rng=rng)
+                loss, grads = step_fn(x, y, train=True, rng=rng)
                 gnorm = clip_grad_norm(grads, cfg.grad_clip)
                 if not (math.isfinite(loss) and math.isfinite(gnorm)):
                     raise TrainingError(f"the loss became {loss} (gradient norm {gnorm}) at step "
@@ -330,6 +332,7 @@ def _train(cfg, ds, out_dir, resume, stop_at, quiet, sample_chars, progress):
                     bar.close()
                 say(f"step {step}: train {losses['train']:.4f}, val {losses['val']:.4f}")
     finally:
+        close_step()
         if bar:
             bar.close()
     elapsed = time.time() - t_start

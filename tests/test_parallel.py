@@ -1,0 +1,78 @@
+"""Data-parallel training steps (numgpt/parallel.py): the same loss and gradients as one pass over
+the whole batch, reproducible dropout, and a resumed sharded run identical to an unbroken one."""
+import numpy as np
+import pytest
+
+import numgpt
+from numgpt import parallel
+from numgpt.parallel import ShardedStep
+
+
+@pytest.mark.parametrize("B", [2, 5, 6])
+def test_sharded_step_equals_the_whole_batch(B):
+    cfg = numgpt.get_config("preln", vocab_size=20, batch_size=B)
+    m = numgpt.GPT(cfg, seed=1, dtype=np.float64)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 20, (B, cfg.block_size))
+    y = rng.integers(0, 20, (B, cfg.block_size))
+    loss, grads = m.loss_and_grads(x, y, train=False)
+    with ShardedStep(m, 2) as step:
+        loss2, grads2 = step(x, y, train=False)
+    assert abs(loss - loss2) < 1e-12
+    for k in grads:
+        np.testing.assert_allclose(grads2[k], grads[k], rtol=1e-10, atol=1e-13)
+
+
+def test_sharded_dropout_is_reproducible_and_follows_the_rng():
+    cfg = numgpt.get_config("preln", vocab_size=20, batch_size=4, dropout=0.3, zero_head=False)
+    m = numgpt.GPT(cfg, seed=1)
+    x = np.random.default_rng(0).integers(0, 20, (4, cfg.block_size))
+    with ShardedStep(m, 2) as step:
+        a = step(x, x, rng=np.random.default_rng(5))
+        b = step(x, x, rng=np.random.default_rng(5))
+        c = step(x, x, rng=np.random.default_rng(6))
+    assert a[0] == b[0] and a[0] != c[0]
+    for k in a[1]:
+        np.testing.assert_array_equal(a[1][k], b[1][k])
+
+
+def test_which_configs_are_sharded(monkeypatch):
+    monkeypatch.setattr(parallel, "cores", lambda: 2)
+    assert parallel.worth_sharding(numgpt.get_config("laptop"))
+    assert not parallel.worth_sharding(numgpt.get_config("residual"))       # tiny: Python-bound
+    assert not parallel.worth_sharding(numgpt.get_config("scaled"))         # big: BLAS threads
+    assert not parallel.worth_sharding(numgpt.get_config("laptop", kernels=False))
+    assert not parallel.worth_sharding(numgpt.get_config("laptop", batch_size=1))
+    monkeypatch.setenv("NUMGPT_DATA_PARALLEL", "0")
+    assert not parallel.worth_sharding(numgpt.get_config("laptop"))
+    monkeypatch.setattr(parallel, "cores", lambda: 1)
+    monkeypatch.delenv("NUMGPT_DATA_PARALLEL")
+    assert not parallel.worth_sharding(numgpt.get_config("laptop"))
+
+
+def test_sharded_training_resumes_to_the_same_model(text_file, tmp_path, monkeypatch):
+    """Resumed and unbroken sharded runs agree to float32 rounding. Not bit for bit: in about one
+    full test run in five, a few weights differed in the last bit (two threads computing at once;
+    not found where, see parallel.py). The plain path is bit-exact (test_journey.py)."""
+    from numgpt.checkpoint import load_checkpoint
+    from numgpt.data import load_dataset
+    from numgpt.trainer import read_log, train
+    monkeypatch.setenv("NUMGPT_DATA_DIR", str(tmp_path / "cache"))
+    import numgpt.data as d
+    monkeypatch.setattr(d, "DATA_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(parallel, "cores", lambda: 2)
+    monkeypatch.setattr(parallel, "MIN_WORK", 0)  # shard even this small model
+    cfg = numgpt.get_config("laptop", n_embd=16, n_head=2, n_layer=2, block_size=16, batch_size=4,
+                            max_iters=20, eval_interval=10, eval_iters=2, dropout=0.1)
+    assert parallel.worth_sharding(cfg)
+    ds = load_dataset(text_file)
+    full = train(cfg, ds, str(tmp_path / "full"), quiet=True, sample_chars=0)
+    train(cfg, ds, str(tmp_path / "part"), quiet=True, sample_chars=0, stop_at=7)
+    rest = train(cfg, ds, str(tmp_path / "part"), resume=True, quiet=True, sample_chars=0)
+    a = [(r["step"], r["val_loss"]) for r in read_log(full["log"])]
+    b = [(r["step"], r["val_loss"]) for r in read_log(rest["log"])]
+    assert [s for s, _ in a] == [s for s, _ in b] == [0, 10, 20]
+    np.testing.assert_allclose([v for _, v in a], [v for _, v in b], rtol=1e-5)
+    pa, pb = load_checkpoint(full["checkpoint"])[0], load_checkpoint(rest["checkpoint"])[0]
+    for k in pa:
+        np.testing.assert_allclose(pa[k], pb[k], rtol=1e-4, atol=1e-6)
