@@ -118,15 +118,29 @@ def decode_step(ids, t, tok_emb, pos_emb, ln1_g, ln1_b, w_qkv, w_proj, b_proj, l
                 Vh = V[layer, b, hd]
                 Kh[t] = qkv[b, C + o:C + o + hs]
                 Vh[t] = qkv[b, 2 * C + o:2 * C + o + hs]
-                mx = dt(-np.inf)
-                for p in range(t + 1):   # s_p = scale * q . k_p
+                n4 = (t + 1) - (t + 1) % 4
+                for p in range(0, n4, 4):  # s_p = scale * q . k_p, four positions per sweep of q
+                    k0, k1, k2, k3 = Kh[p], Kh[p + 1], Kh[p + 2], Kh[p + 3]
+                    a0 = dt(0)
+                    a1 = dt(0)
+                    a2 = dt(0)
+                    a3 = dt(0)
+                    for d in range(hs):
+                        qd = q[d]
+                        a0 += qd * k0[d]
+                        a1 += qd * k1[d]
+                        a2 += qd * k2[d]
+                        a3 += qd * k3[d]
+                    s[p], s[p + 1], s[p + 2], s[p + 3] = a0 * scale, a1 * scale, a2 * scale, a3 * scale
+                for p in range(n4, t + 1):
                     kp = Kh[p]
                     acc = dt(0)
                     for d in range(hs):
                         acc += q[d] * kp[d]
-                    acc *= scale
-                    s[p] = acc
-                    mx = max(mx, acc)
+                    s[p] = acc * scale
+                mx = dt(-np.inf)
+                for p in range(t + 1):
+                    mx = max(mx, s[p])
                 tot = dt(0)
                 for p in range(t + 1):
                     e = math.exp(s[p] - mx)
