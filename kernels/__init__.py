@@ -22,7 +22,7 @@ KERNEL_NAMES = {"attention": ["attention_fwd", "attention_bwd"],
                 "activations": ["bias_act_fwd", "bias_act_bwd"],
                 "loss": ["cross_entropy_fwd_bwd"], "embedding": ["embed_fwd", "embed_bwd"],
                 "adamw": ["adamw_update"]}
-DECODE_NAMES = ["decode_step", "_mv", "_layernorm"]  # serial only (see decode.py)
+DECODE_NAMES = ["decode_step", "_mv", "_layernorm", "_merge"]  # serial only (see decode.py)
 
 
 def _cached(mod, name):

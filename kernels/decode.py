@@ -77,6 +77,19 @@ def _layernorm(x, g, b, out):
 
 
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
+def _merge(x, y, h, residual, norm, g, b):
+    """A sublayer's output y into the stream x: x + y (residual) or y, then LayerNorm (post-norm);
+    h is scratch."""
+    if residual:
+        x += y
+    else:
+        x[:] = y
+    if norm == 1:
+        h[:] = x
+        _layernorm(h, g, b, x)
+
+
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
 def decode_step(ids, t, tok_emb, pos_emb, ln1_g, ln1_b, w_qkv, w_proj, b_proj, ln2_g, ln2_b,
                 w_fc, b_fc, w_out, b_out, lnf_g, lnf_b, w_head, b_head, K, V, n_head, norm,
                 residual, gelu, tr, logits):
@@ -159,13 +172,7 @@ def decode_step(ids, t, tok_emb, pos_emb, ln1_g, ln1_b, w_qkv, w_proj, b_proj, l
         if w_proj.shape[1] > 0:
             h[:] = y
             _mv(h, w_proj[layer], b_proj[layer], y, tr)
-        if residual:
-            x += y
-        else:
-            x[:] = y
-        if norm == 1:
-            h[:] = x
-            _layernorm(h, ln1_g[layer], ln1_b[layer], x)
+        _merge(x, y, h, residual, norm, ln1_g[layer], ln1_b[layer])
         # ---- feed-forward sublayer ----
         if F > 0:
             if norm == 2:
@@ -184,13 +191,7 @@ def decode_step(ids, t, tok_emb, pos_emb, ln1_g, ln1_b, w_qkv, w_proj, b_proj, l
                 _mv(f, w_out[layer], b_out[layer], y, tr)
             else:
                 y[:] = f
-            if residual:
-                x += y
-            else:
-                x[:] = y
-            if norm == 1:
-                h[:] = x
-                _layernorm(h, ln2_g[layer], ln2_b[layer], x)
+            _merge(x, y, h, residual, norm, ln2_g[layer], ln2_b[layer])
     if norm != 0:
         h[:] = x
         _layernorm(h, lnf_g, lnf_b, x)

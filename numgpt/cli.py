@@ -1,5 +1,6 @@
 """Command lines of train.py and sample.py: --key=value parsing and one-line errors."""
 import os
+import signal
 import sys
 
 import numpy as np
@@ -45,6 +46,13 @@ def run(main):
             stream.reconfigure(errors="backslashreplace")
         except (AttributeError, ValueError):
             pass
+
+    def terminate(signum, frame):  # SIGTERM outside the training loop: stop like Ctrl-C
+        raise KeyboardInterrupt
+    try:
+        signal.signal(signal.SIGTERM, terminate)
+    except ValueError:  # not the main thread
+        pass
     try:
         return main(sys.argv[1:]) or 0
     except USER_ERRORS as e:

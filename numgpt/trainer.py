@@ -46,7 +46,7 @@ def estimate_loss(model, ds, cfg, step):
 
 
 def read_log(path):
-    """The rows of log.jsonl; reading stops at the first line that is not a well-formed row."""
+    """The well-formed rows of log.jsonl (a damaged line is skipped, the rest kept)."""
     rows = []
     if os.path.isfile(path):
         with open(path, encoding="utf-8", errors="replace") as f:

@@ -8,6 +8,15 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.fixture(autouse=True)
+def _data_cache(tmp_path, monkeypatch):
+    """Prepared copies of test corpora go to a temp folder, not into the repo's data/."""
+    cache = str(tmp_path / "data-cache")
+    monkeypatch.setenv("NUMGPT_DATA_DIR", cache)
+    import numgpt.data as d
+    monkeypatch.setattr(d, "DATA_DIR", cache)
+
+
 @pytest.fixture
 def text_file(tmp_path):
     """A small UTF-8 corpus (with a non-ASCII character) written to a temp file."""

@@ -24,15 +24,6 @@ TINY = ["--n_embd=16", "--n_head=2", "--n_layer=1", "--block_size=16", "--batch_
         "--eval_iters=2", "--warmup_iters=2"]
 
 
-@pytest.fixture(autouse=True)
-def _data_cache(tmp_path, monkeypatch):
-    """Prepared copies of test corpora go to a temp folder, not into the repo's data/."""
-    cache = str(tmp_path / "data-cache")
-    monkeypatch.setenv("NUMGPT_DATA_DIR", cache)
-    import numgpt.data as d
-    monkeypatch.setattr(d, "DATA_DIR", cache)
-
-
 def run(python, repo, script, *args, timeout=300, cwd=None):
     env = dict(os.environ, PYTHONPATH=repo)
     return subprocess.run([python, os.path.join(repo, script), *args], capture_output=True,

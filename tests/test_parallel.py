@@ -57,9 +57,6 @@ def test_sharded_training_resumes_to_the_same_model(text_file, tmp_path, monkeyp
     from numgpt.checkpoint import load_checkpoint
     from numgpt.data import load_dataset
     from numgpt.trainer import read_log, train
-    monkeypatch.setenv("NUMGPT_DATA_DIR", str(tmp_path / "cache"))
-    import numgpt.data as d
-    monkeypatch.setattr(d, "DATA_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(parallel, "cores", lambda: 2)
     monkeypatch.setattr(parallel, "MIN_WORK", 0)  # shard even this small model
     cfg = numgpt.get_config("laptop", n_embd=16, n_head=2, n_layer=2, block_size=16, batch_size=4,

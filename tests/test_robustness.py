@@ -24,14 +24,6 @@ TINY = ["--n_embd=16", "--n_head=2", "--n_layer=1", "--block_size=16", "--batch_
         "--eval_iters=2", "--warmup_iters=2"]
 
 
-@pytest.fixture(autouse=True)
-def _data_cache(tmp_path, monkeypatch):
-    cache = str(tmp_path / "data-cache")
-    monkeypatch.setenv("NUMGPT_DATA_DIR", cache)
-    import numgpt.data as d
-    monkeypatch.setattr(d, "DATA_DIR", cache)
-
-
 def run(python, repo, script, *args, fsize=None, env_extra=None):
     env = dict(os.environ, PYTHONPATH=repo, **(env_extra or {}))
 
@@ -651,3 +643,19 @@ def test_api_misuse():
 
 def test_load_dataset_takes_a_bytes_path(text_file):
     assert len(load_dataset(os.fsencode(text_file)).vocab) > 10
+
+
+def test_sigterm_while_sampling_is_one_line(python, repo, trained):
+    import signal
+    import time
+    out, _ = trained
+    env = dict(os.environ, PYTHONPATH=repo)
+    p = subprocess.Popen([python, os.path.join(repo, "sample.py"), f"--out_dir={out}",
+                          "--max_new_tokens=10000000"], cwd=repo, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    p.stdout.read(50)  # sampling has begun
+    p.send_signal(signal.SIGTERM)
+    t0 = time.time()
+    stdout, stderr = p.communicate(timeout=60)
+    assert time.time() - t0 < 30
+    assert p.returncode == 130 and stderr.strip() == "interrupted", stderr
