@@ -22,7 +22,10 @@ _NO_MASK = np.zeros((1, 1, 1, 1), dtype=bool)
 
 
 def _chunks(n):
-    return max(1, min(n, 4 * numba.get_num_threads()))
+    """How many partial rows a sum over n rows is split into. A constant of the process, not
+    numba.get_num_threads(): that one is per thread, and a count that changed from one call (or
+    thread) to another would change the rounding of the sums (seen with data-parallel steps)."""
+    return max(1, min(n, 4 * numba.config.NUMBA_NUM_THREADS))
 
 
 # ---- embeddings ----

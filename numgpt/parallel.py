@@ -11,9 +11,11 @@ does not, which is why tiny models (all Python overhead) stay on the plain path.
 
 The result is the gradient of the same mean loss, up to float rounding; dropout masks come from
 two generators seeded from the caller's. A run is reproducible from its seed and checkpoint to
-float32 rounding, but not always bit for bit: in tests, about one run in five or more ended with
-a few weights one unit in the last place apart (the two threads computing at once change some
-rounding; where is not found yet). NUMGPT_DATA_PARALLEL=0 turns sharding off; the plain path is
+float32 rounding, but not always bit for bit: now and then (3 steps in 600 in one test, in the
+attention gradients of w_q and w_k) a step comes out one unit in the last place apart when the
+two threads compute at once. Where is not found yet: not BLAS, not the attention kernels alone,
+not the alignment of inputs, not fresh threads; kernels/ops._chunks no longer depends on the
+calling thread, which was one candidate. NUMGPT_DATA_PARALLEL=0 turns sharding off; the plain path is
 bit-exact, resume included.
 """
 import os

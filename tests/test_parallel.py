@@ -24,6 +24,7 @@ def test_sharded_step_equals_the_whole_batch(B):
 
 
 def test_sharded_dropout_is_reproducible_and_follows_the_rng():
+    """Same generator, same step (to float32 rounding: see parallel.py); another, another step."""
     cfg = numgpt.get_config("preln", vocab_size=20, batch_size=4, dropout=0.3, zero_head=False)
     m = numgpt.GPT(cfg, seed=1)
     x = np.random.default_rng(0).integers(0, 20, (4, cfg.block_size))
@@ -31,9 +32,9 @@ def test_sharded_dropout_is_reproducible_and_follows_the_rng():
         a = step(x, x, rng=np.random.default_rng(5))
         b = step(x, x, rng=np.random.default_rng(5))
         c = step(x, x, rng=np.random.default_rng(6))
-    assert a[0] == b[0] and a[0] != c[0]
+    assert abs(a[0] - b[0]) < 1e-6 and abs(a[0] - c[0]) > 1e-4
     for k in a[1]:
-        np.testing.assert_array_equal(a[1][k], b[1][k])
+        np.testing.assert_allclose(a[1][k], b[1][k], rtol=1e-5, atol=1e-8)
 
 
 def test_which_configs_are_sharded(monkeypatch):
