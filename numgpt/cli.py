@@ -62,7 +62,7 @@ def run(main):
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted (any checkpoint already written is intact)", file=sys.stderr)
         return 130
     except BrokenPipeError:  # e.g. python sample.py | head: the reader left, nothing to say
         try:

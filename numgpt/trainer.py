@@ -144,13 +144,19 @@ class _StopFlag:
 
     def __init__(self):
         self.stop = False
+        self.first = None
         self._old = {}
 
     def __enter__(self):
         def handler(signum, frame):
-            if self.stop:  # a second Ctrl-C: give up at once (the checkpoint on disk stays whole)
+            now = time.monotonic()
+            # a second Ctrl-C gives up at once (the checkpoint on disk stays whole); one that
+            # comes within a second of the first is the same keypress delivered twice (e.g. by
+            # `timeout` or a wrapper forwarding it to its child) and is ignored
+            if self.stop and now - self.first > 1.0:
                 raise KeyboardInterrupt
-            self.stop = True
+            if not self.stop:
+                self.stop, self.first = True, now
         try:
             for sig in self.SIGNALS:
                 self._old[sig] = signal.signal(sig, handler)
