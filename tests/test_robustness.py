@@ -124,12 +124,12 @@ def test_a_new_run_never_overwrites_files_in_out_dir(python, repo, text_file, tm
         assert not (out / "ckpt.npz").exists()
 
 
-def test_sigterm_saves_like_ctrl_c(python, repo, text_file, tmp_path):
-    import signal
+def signal_a_training_run(python, repo, text_file, out, *signals):
+    """Start train.py, wait until it is past its first evaluation, send the signals one right after
+    the other, and assert that it saved a checkpoint and exited 0, as after one Ctrl-C."""
     import time
 
     from numgpt.trainer import read_log
-    out = str(tmp_path / "t")
     env = dict(os.environ, PYTHONPATH=repo)
     p = subprocess.Popen([python, os.path.join(repo, "train.py"), f"--data={text_file}",
                           f"--out_dir={out}", "--max_iters=100000", "--eval_interval=1000", *TINY],
@@ -138,12 +138,17 @@ def test_sigterm_saves_like_ctrl_c(python, repo, text_file, tmp_path):
     while not read_log(os.path.join(out, "log.jsonl")) and time.time() < deadline:
         time.sleep(0.05)
     time.sleep(1.0)
-    p.send_signal(signal.SIGTERM)
+    for sig in signals:
+        p.send_signal(sig)
     stdout, stderr = p.communicate(timeout=60)
     assert p.returncode == 0, stderr
     assert "continue with --resume" in stdout
-    _, _, meta = load_checkpoint(os.path.join(out, "ckpt.npz"))
-    assert meta["step"] > 0
+    assert load_checkpoint(os.path.join(out, "ckpt.npz"))[2]["step"] > 0
+
+
+def test_sigterm_saves_like_ctrl_c(python, repo, text_file, tmp_path):
+    import signal
+    signal_a_training_run(python, repo, text_file, str(tmp_path / "t"), signal.SIGTERM)
 
 
 def test_sample_into_a_closed_pipe_is_quiet(python, repo, trained):
@@ -666,21 +671,5 @@ def test_ctrl_c_delivered_twice_at_once_still_saves(python, repo, text_file, tmp
     """`timeout` and other wrappers forward the terminal's SIGINT to the child, which then gets it
     twice within microseconds: that is one Ctrl-C (save and exit 0), not two (give up)."""
     import signal
-    import time
-
-    from numgpt.trainer import read_log
-    out = str(tmp_path / "t")
-    env = dict(os.environ, PYTHONPATH=repo)
-    p = subprocess.Popen([python, os.path.join(repo, "train.py"), f"--data={text_file}",
-                          f"--out_dir={out}", "--max_iters=100000", "--eval_interval=1000", *TINY],
-                         cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not read_log(os.path.join(out, "log.jsonl")) and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(1.0)
-    p.send_signal(signal.SIGINT)
-    p.send_signal(signal.SIGINT)
-    stdout, stderr = p.communicate(timeout=60)
-    assert p.returncode == 0, stderr
-    assert "continue with --resume" in stdout
-    assert load_checkpoint(os.path.join(out, "ckpt.npz"))[2]["step"] > 0
+    signal_a_training_run(python, repo, text_file, str(tmp_path / "t"), signal.SIGINT,
+                          signal.SIGINT)
