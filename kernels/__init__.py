@@ -22,7 +22,7 @@ KERNEL_NAMES = {"attention": ["attention_fwd", "attention_bwd"],
                 "activations": ["bias_act_fwd", "bias_act_bwd"],
                 "loss": ["cross_entropy_fwd_bwd"], "embedding": ["embed_fwd", "embed_bwd"],
                 "adamw": ["adamw_update"]}
-DECODE_NAMES = ["decode_step", "_mv", "_layernorm", "_merge"]  # serial only (see decode.py)
+DECODE_NAMES = ["decode_step", "_mv", "_layernorm", "_merge", "sample_rows"]  # serial only (see decode.py)
 
 
 def _cached(mod, name):
@@ -50,11 +50,11 @@ def warmup_decode(dtype="float32", say=None):
     if cold:
         say("compiling numba kernels for sampling (first run only) ...")
     from numgpt.config import get_config
-    from numgpt.generate import KVCache
+    from numgpt.generate import generate
     from numgpt.model import GPT
     m = GPT(get_config("laptop", n_embd=8, n_head=2, n_layer=1, block_size=4, vocab_size=5),
             dtype=np.dtype(dtype))
-    KVCache(m, 1).step(m, np.zeros(1, dtype=np.int64))
+    generate(m, np.zeros((1, 1), dtype=np.int64), 6, rng=np.random.default_rng(0))  # every path
     if cold:
         say(f"compiled in {time.time() - t0:.0f} s")
 
