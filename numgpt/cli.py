@@ -11,6 +11,8 @@ from .data import DataError, Vocab, load_dataset
 from .trainer import TrainingError
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError)
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP")
+                     if hasattr(signal, name))
 
 
 def parse_flags(argv, known, flags=()):
@@ -47,10 +49,16 @@ def run(main):
         except (AttributeError, ValueError):
             pass
 
-    def terminate(signum, frame):  # SIGTERM outside the training loop: stop like Ctrl-C
+    fired = []
+
+    def stop(signum, frame):  # Ctrl-C, SIGTERM or SIGHUP outside the training loop
+        if fired:  # delivered twice (wrappers forward signals), or sent again while exiting
+            return
+        fired.append(signum)
         raise KeyboardInterrupt
     try:
-        signal.signal(signal.SIGTERM, terminate)
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, stop)
     except ValueError:  # not the main thread
         pass
     try:

@@ -8,11 +8,18 @@ needs and refuse, with one line, when it is more than the memory available now.
 The estimate (float32; N = batch_size * block_size tokens, P parameters, F = feed-forward width):
     training  4 bytes * (4 P                     parameters, gradients, AdamW m and v
                        + N * n_layer * (12 C + 3 F)   activations kept for the backward pass
-                       + N * n_layer * 3 H T      the T x T attention weights (NumPy reference only)
+                       + N * (n_layer * k + 3) H T    the T x T attention weights (NumPy reference
+                                                  only): k = 3 kept per layer with dropout (weights,
+                                                  mask, dropped weights), else 1, and 3 for one
+                                                  layer's backward
                        + N * (4 V + 8 C))         logits, their gradient, embeddings
-    sampling  4 bytes * (P + 2 n_layer T C)       parameters and the key/value cache
-plus BASE_BYTES for Python, NumPy and numba. Measured peaks (scaled preset with batch 8 and 32,
-laptop, preln with batch 2048) are within 10% of it.
+    sampling  4 bytes * (P + 2 n_layer T C        parameters and the key/value cache
+                       + 3 H T T + T (12 C + 3 F))  the prompt's (or a rebuild's) forward pass, whose
+                                                  attention builds T x T scores per head
+plus BASE_BYTES for Python, NumPy and numba. Against measured peaks: the scaled preset at batch
+64, 4.2 GB estimated for 3.5 GB used; laptop, preln at batch 2048 and the scaled preset at batch
+8 and 32 within 10%; the NumPy path with 16 heads over 1024 positions and dropout, 2.64 GB for
+2.57 GB; sampling a block-4096 model with a long prompt, 3.4 GB for 3.46 GB.
 """
 import dataclasses
 import os
@@ -49,15 +56,21 @@ def training_bytes(cfg):
     if cfg.model == "bigram":
         return BASE_BYTES + 4 * (4 * P + 4 * N * V)
     per_layer = 12 * C + 3 * cfg.ffn_hidden
+    attn = 0
     if not cfg.kernels:
-        per_layer += 3 * cfg.n_head * cfg.block_size
-    return BASE_BYTES + 4 * (4 * P + N * cfg.n_layer * per_layer + N * (4 * V + 8 * C))
+        kept = 3 if cfg.dropout > 0 else 1
+        attn = N * (cfg.n_layer * kept + 3) * cfg.n_head * cfg.block_size
+    return BASE_BYTES + 4 * (4 * P + N * cfg.n_layer * per_layer + attn + N * (4 * V + 8 * C))
 
 
 def sampling_bytes(cfg):
     P = num_params(cfg)
-    cache = 0 if cfg.model == "bigram" else 2 * cfg.n_layer * cfg.block_size * cfg.n_embd
-    return BASE_BYTES + 4 * (P + cache + 4 * cfg.vocab_size)
+    if cfg.model == "bigram":
+        return BASE_BYTES + 4 * (P + 4 * cfg.vocab_size)
+    T, C = cfg.block_size, cfg.n_embd
+    cache = 2 * cfg.n_layer * T * C
+    prefill = 3 * cfg.n_head * T * T + T * (12 * C + 3 * cfg.ffn_hidden)
+    return BASE_BYTES + 4 * (P + cache + prefill + 4 * cfg.vocab_size)
 
 
 def available_bytes():

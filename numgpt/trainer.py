@@ -137,10 +137,11 @@ class _OutDirLock:
 
 
 class _StopFlag:
-    """SIGINT (Ctrl-C) and SIGTERM (kill, a logout, a job scheduler) set a flag that the loop checks
-    between steps, so the run saves a consistent checkpoint and exits cleanly."""
+    """SIGINT (Ctrl-C), SIGTERM (kill, a job scheduler) and SIGHUP (the terminal closed) set a flag
+    that the loop checks between steps, so the run saves a consistent checkpoint and exits cleanly."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP")
+                    if hasattr(signal, name))  # SIGHUP: the terminal was closed
 
     def __init__(self):
         self.stop = False

@@ -673,3 +673,37 @@ def test_ctrl_c_delivered_twice_at_once_still_saves(python, repo, text_file, tmp
     import signal
     signal_a_training_run(python, repo, text_file, str(tmp_path / "t"), signal.SIGINT,
                           signal.SIGINT)
+
+
+def test_memory_estimates_count_attention_scores():
+    """Sampling runs the prompt through the model, whose attention builds T x T scores per head;
+    the NumPy training path keeps them per layer (three copies with dropout). A block-4096 model
+    with 16 heads peaked at 3.46 GB sampling a long prompt, while its weights are a few MB."""
+    from numgpt.resources import sampling_bytes
+    big = get_config("laptop", block_size=4096, n_layer=1, n_embd=64, n_head=16, vocab_size=65)
+    assert sampling_bytes(big) > 3.2e9
+    ref = get_config("laptop", kernels=False, block_size=1024, n_layer=2, n_embd=64, n_head=16,
+                     batch_size=4, dropout=0.1, vocab_size=65)
+    assert training_bytes(ref) > 2.5e9  # measured peak 2.57 GB
+    assert training_bytes(ref.replace(kernels=True)) < 0.5e9
+
+
+def test_sample_interrupted_twice_at_once_is_one_line(python, repo, trained):
+    import signal
+    out, _ = trained
+    env = dict(os.environ, PYTHONPATH=repo)
+    for _ in range(3):
+        p = subprocess.Popen([python, os.path.join(repo, "sample.py"), f"--out_dir={out}",
+                              "--max_new_tokens=10000000"], cwd=repo, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        p.stdout.read(50)
+        p.send_signal(signal.SIGINT)
+        p.send_signal(signal.SIGINT)
+        _, stderr = p.communicate(timeout=60)
+        assert p.returncode == 130 and "Traceback" not in stderr, stderr
+        assert stderr.strip().startswith("interrupted") and len(stderr.strip().splitlines()) == 1
+
+
+def test_sighup_saves_like_ctrl_c(python, repo, text_file, tmp_path):
+    import signal
+    signal_a_training_run(python, repo, text_file, str(tmp_path / "t"), signal.SIGHUP)
