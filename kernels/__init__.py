@@ -9,6 +9,7 @@ numgpt/layers; tests/test_kernels.py holds the two equal, and the gradient check
     adamw.py        the AdamW update in one pass
     ops.py          the kernel set with the same API as numgpt.ops.REFERENCE
 """
+import contextlib
 import glob
 import os
 import sys
@@ -25,9 +26,24 @@ KERNEL_NAMES = {"attention": ["attention_fwd", "attention_bwd"],
 DECODE_NAMES = ["decode_step", "_mv", "_layernorm", "_merge", "sample_rows"]  # serial only (see decode.py)
 
 
+def _cache_dir():
+    return os.environ.get("NUMBA_CACHE_DIR") or os.path.join(HERE, "__pycache__")
+
+
 def _cached(mod, name):
-    d = os.environ.get("NUMBA_CACHE_DIR") or os.path.join(HERE, "__pycache__")
-    return bool(glob.glob(os.path.join(d, "**", f"{mod}.{name}-*.nbi"), recursive=True))
+    return bool(glob.glob(os.path.join(_cache_dir(), "**", f"{mod}.{name}-*.nbi"), recursive=True))
+
+
+@contextlib.contextmanager
+def _announced(cold, what, say):
+    """Tell the user that (and how long) numba compiles, when the on-disk cache is cold."""
+    say = say or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    t0 = time.time()
+    if cold:
+        say(f"compiling numba kernels{what} (first run only; cached in {_cache_dir()}) ...")
+    yield
+    if cold:
+        say(f"compiled in {time.time() - t0:.0f} s")
 
 
 def cache_is_warm():
@@ -44,29 +60,20 @@ def decode_cache_is_warm():
 def warmup_decode(dtype="float32", say=None):
     """Compile (or load) the one-token decoder of kernels/decode.py, saying so when it compiles."""
     import numpy as np
-    say = say or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    cold = not decode_cache_is_warm()
-    t0 = time.time()
-    if cold:
-        say("compiling numba kernels for sampling (first run only) ...")
+
     from numgpt.config import get_config
     from numgpt.generate import generate
     from numgpt.model import GPT
-    m = GPT(get_config("laptop", n_embd=8, n_head=2, n_layer=1, block_size=4, vocab_size=5),
-            dtype=np.dtype(dtype))
-    generate(m, np.zeros((1, 1), dtype=np.int64), 6, rng=np.random.default_rng(0))  # every path
-    if cold:
-        say(f"compiled in {time.time() - t0:.0f} s")
+    with _announced(not decode_cache_is_warm(), " for sampling", say):
+        m = GPT(get_config("laptop", n_embd=8, n_head=2, n_layer=1, block_size=4, vocab_size=5),
+                dtype=np.dtype(dtype))
+        generate(m, np.zeros((1, 1), dtype=np.int64), 6, rng=np.random.default_rng(0))  # all paths
 
 
 def warmup(dtype="float32", say=None):
     """Compile (or load from cache) every kernel for dtype, telling the user when it compiles."""
     import numpy as np
-    say = say or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    cold = not cache_is_warm()
-    t0 = time.time()
-    if cold:
-        say("compiling numba kernels (first run only; cached in kernels/__pycache__) ...")
+
     from numgpt.config import get_config
     from numgpt.model import GPT
     from numgpt.optim import AdamW
@@ -74,23 +81,21 @@ def warmup(dtype="float32", say=None):
     from . import _jit
     dt = np.dtype(dtype)
     min_work = _jit.PARALLEL_MIN_WORK
-    try:
-        for serial in (True, False):  # the serial twins, then the parallel kernels
-            _jit.FORCE_SERIAL = serial
-            _jit.PARALLEL_MIN_WORK = 0
-            for act in ("relu", "gelu"):
-                cfg = get_config("laptop", n_embd=8, n_head=2, n_layer=1, block_size=4,
-                                 vocab_size=5, dropout=0.1, activation=act, kernels=True)
-                m = GPT(cfg, dtype=dt)
-                rng = np.random.default_rng(0)
-                x = rng.integers(0, 5, (2, 4))
-                loss, grads = m.loss_and_grads(x, x, rng=rng)
-                m.loss(x, x)
-                AdamW(m.params, use_kernels=True).step(grads)
-        warmup_decode(dtype, say=lambda msg: None)
-    finally:
-        _jit.FORCE_SERIAL = False
-        _jit.PARALLEL_MIN_WORK = min_work
-    if cold:
-        say(f"compiled in {time.time() - t0:.0f} s")
-    return time.time() - t0
+    with _announced(not cache_is_warm(), "", say):
+        try:
+            for serial in (True, False):  # the serial twins, then the parallel kernels
+                _jit.FORCE_SERIAL = serial
+                _jit.PARALLEL_MIN_WORK = 0
+                for act in ("relu", "gelu"):
+                    cfg = get_config("laptop", n_embd=8, n_head=2, n_layer=1, block_size=4,
+                                     vocab_size=5, dropout=0.1, activation=act, kernels=True)
+                    m = GPT(cfg, dtype=dt)
+                    rng = np.random.default_rng(0)
+                    x = rng.integers(0, 5, (2, 4))
+                    loss, grads = m.loss_and_grads(x, x, rng=rng)
+                    m.loss(x, x)
+                    AdamW(m.params, use_kernels=True).step(grads)
+            warmup_decode(dtype, say=lambda msg: None)
+        finally:
+            _jit.FORCE_SERIAL = False
+            _jit.PARALLEL_MIN_WORK = min_work

@@ -152,9 +152,7 @@ def feedforward_backward(dy, cache):
 def cross_entropy(logits, targets, want_grad=True):
     V = logits.shape[-1]
     z = np.ascontiguousarray(logits).reshape(-1, V)
-    t = np.ascontiguousarray(targets, dtype=np.int64).reshape(-1)
-    if t.size and (t.min() < 0 or t.max() >= V):
-        raise ValueError(f"targets must be in [0, {V}), got {t.min()}..{t.max()}")
+    t = np.ascontiguousarray(targets, dtype=np.int64).reshape(-1)  # in range: GPT checks ids
     dz = np.empty_like(z) if want_grad else np.empty((1, 1), dtype=z.dtype)
     losses = pick(cross_entropy_fwd_bwd, z.size)(z, t, want_grad, dz)
     return float(losses.mean()), (dz.reshape(logits.shape) if want_grad else None)

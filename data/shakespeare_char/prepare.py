@@ -1,4 +1,5 @@
-"""Prepare Tiny Shakespeare: train.bin / val.bin (uint16) and vocab.json in this folder.
+"""Prepare Tiny Shakespeare: train.bin / val.bin (uint16) and vocab.json in this folder
+(in $NUMGPT_DATA_DIR/shakespeare_char when that is set).
 
     python data/shakespeare_char/prepare.py            # a local copy, else download (sha256-checked)
     python data/shakespeare_char/prepare.py PATH       # from a copy of input.txt you already have
@@ -9,7 +10,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from numgpt.data import (SHAKESPEARE_DIR, SHAKESPEARE_SHA256, DataError,  # noqa: E402
-                         Dataset, find_or_fetch_shakespeare, prepare, sha256_file)
+                         Dataset, _prepare_into, find_or_fetch_shakespeare, sha256_file)
 
 
 def main(argv):
@@ -23,7 +24,7 @@ def main(argv):
                                 "train on it with python train.py --data=PATH instead")
         else:
             src = find_or_fetch_shakespeare()
-        prepare(src, SHAKESPEARE_DIR)
+        _prepare_into(src, SHAKESPEARE_DIR)  # a write failure is a one-line DataError
         ds = Dataset(SHAKESPEARE_DIR)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
