@@ -1,7 +1,7 @@
 """numba twins of numgpt's hot layers (issue: speed). Each kernel has its NumPy reference in
 numgpt/layers; tests/test_kernels.py holds the two equal, and the gradient checks run with both.
 
-    attention.py    fused causal attention forward/backward (flash style, no T x T stored)
+    attention.py    causal attention: softmax between BLAS products, or fused (flash style)
     layernorm.py    LayerNorm forward/backward
     activations.py  bias + ReLU/GELU forward/backward
     loss.py         softmax cross-entropy with its gradient in one pass
@@ -18,7 +18,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-KERNEL_NAMES = {"attention": ["attention_fwd", "attention_bwd"],
+KERNEL_NAMES = {"attention": ["attention_fwd", "attention_bwd", "softmax_causal_fwd",
+                              "softmax_causal_bwd"],
                 "layernorm": ["layernorm_fwd", "layernorm_bwd"],
                 "activations": ["bias_act_fwd", "bias_act_bwd"],
                 "loss": ["cross_entropy_fwd_bwd"], "embedding": ["embed_fwd", "embed_bwd"],
@@ -78,15 +79,16 @@ def warmup(dtype="float32", say=None):
     from numgpt.model import GPT
     from numgpt.optim import AdamW
 
-    from . import _jit
+    from . import _jit, ops
     dt = np.dtype(dtype)
-    min_work = _jit.PARALLEL_MIN_WORK
+    min_work, store = _jit.PARALLEL_MIN_WORK, ops.STORE_PROBS_BYTES
     with _announced(not cache_is_warm(), "", say):
         try:
             for serial in (True, False):  # the serial twins, then the parallel kernels
                 _jit.FORCE_SERIAL = serial
                 _jit.PARALLEL_MIN_WORK = 0
-                for act in ("relu", "gelu"):
+                for act, stored in (("relu", True), ("gelu", False)):  # both attention paths
+                    ops.STORE_PROBS_BYTES = store if stored else -1
                     cfg = get_config("laptop", n_embd=8, n_head=2, n_layer=1, block_size=4,
                                      vocab_size=5, dropout=0.1, activation=act, kernels=True)
                     m = GPT(cfg, dtype=dt)
@@ -99,3 +101,4 @@ def warmup(dtype="float32", say=None):
         finally:
             _jit.FORCE_SERIAL = False
             _jit.PARALLEL_MIN_WORK = min_work
+            ops.STORE_PROBS_BYTES = store

@@ -1,9 +1,18 @@
-"""Fused causal attention, forward and backward, flash-attention style.
+"""Causal attention, forward and backward, two ways.
 
 NumPy reference: numgpt/layers/attention.py (attention_forward / attention_backward).
 Derivation: docs/derivations.md#attention
 
-The kernels read q, k and v straight out of the packed projection qkv [B, T, 3C] (q in columns
+1. Stored probabilities (softmax_causal_fwd / softmax_causal_bwd): kernels/ops.py computes the
+   per-head products (q k^T, P v, and the four of the backward) with NumPy's batched matmul,
+   i.e. BLAS, and these kernels do everything between them: the causal softmax with its
+   log-sum-exp and the dropout mask, and in the backward ds = p (dp - D). BLAS computes the
+   masked upper half too, but at several times the speed of the loops below, so this wins
+   wherever the T x T probabilities of a layer are cheap to keep (kernels/ops.STORE_PROBS_BYTES).
+2. Fused, flash-attention style (attention_fwd / attention_bwd): for long blocks and big
+   batches, where storing P for every layer would cost too much memory.
+
+The fused kernels read q, k and v straight out of the packed projection qkv [B, T, 3C] (q in columns
 0:C, k in C:2C, v in 2C:3C; head h owns columns h*hs:(h+1)*hs of each), write the merged heads
 [B, T, C], compute only the causal half (j <= i), and never store the T x T probabilities: the
 forward keeps one log-sum-exp per row, and the backward recomputes p_ij = exp(s_ij - lse_i).
@@ -146,3 +155,70 @@ def attention_bwd(qkv, y, dy, lse, n_head, scale, keep, inv_keep, has_drop, dqkv
                 dqkv[b, t, h * hs + d] = dQ[t, d]
                 dqkv[b, t, C + h * hs + d] = dK[t, d]
                 dqkv[b, t, 2 * C + h * hs + d] = dV[t, d]
+
+
+# ---- the stored-probabilities path: the softmax between BLAS's products ----
+
+@jit(parallel=True)
+def softmax_causal_fwd(S, scale, keep, inv_keep, has_drop, P, Pd, lse):
+    """S [B, H, T, T] = q k^T (unscaled) -> P = causal softmax of scale * S (zeros above the
+    diagonal), Pd = P with dropout applied (written only when has_drop), lse [B, H, T]. P may be S."""
+    B, H, T, _ = S.shape
+    zero = np.zeros(1, dtype=P.dtype)[0]
+    for r in prange(B * H * T):
+        b = r // (H * T)
+        h = (r // T) % H
+        i = r % T
+        n = i + 1
+        m = S[b, h, i, 0] * scale
+        for j in range(1, n):
+            m = max(m, S[b, h, i, j] * scale)
+        tot = zero
+        for j in range(n):
+            e = math.exp(S[b, h, i, j] * scale - m)
+            P[b, h, i, j] = e
+            tot += e
+        inv = 1 / tot
+        for j in range(n):
+            P[b, h, i, j] *= inv
+        for j in range(n, T):
+            P[b, h, i, j] = zero
+        if has_drop:
+            for j in range(n):
+                Pd[b, h, i, j] = P[b, h, i, j] * inv_keep if keep[b, h, i, j] else zero
+            for j in range(n, T):
+                Pd[b, h, i, j] = zero
+        lse[b, h, i] = m + math.log(tot)
+
+
+@jit(parallel=True)
+def softmax_causal_bwd(P, dPd, dy, y, scale, keep, inv_keep, has_drop, Pd, dS):
+    """dPd = dy v^T [B, H, T, T] -> dS = scale * p (dp - D) (zeros above the diagonal), where
+    dp = dPd (times the dropout mask / (1 - p) when has_drop) and D_i = dy_i . y_i for the head;
+    with dropout, also Pd = P with the mask applied again (for dv = Pd^T dy). dS may be dPd."""
+    B, H, T, _ = P.shape
+    hs = y.shape[2] // H
+    zero = np.zeros(1, dtype=P.dtype)[0]
+    for r in prange(B * H * T):
+        b = r // (H * T)
+        h = (r // T) % H
+        i = r % T
+        n = i + 1
+        D = zero
+        for d in range(hs):
+            D += dy[b, i, h * hs + d] * y[b, i, h * hs + d]
+        if has_drop:
+            for j in range(n):
+                if keep[b, h, i, j]:
+                    Pd[b, h, i, j] = P[b, h, i, j] * inv_keep
+                    dS[b, h, i, j] = P[b, h, i, j] * (dPd[b, h, i, j] * inv_keep - D) * scale
+                else:
+                    Pd[b, h, i, j] = zero
+                    dS[b, h, i, j] = -P[b, h, i, j] * D * scale
+            for j in range(n, T):
+                Pd[b, h, i, j] = zero
+        else:
+            for j in range(n):
+                dS[b, h, i, j] = P[b, h, i, j] * (dPd[b, h, i, j] - D) * scale
+        for j in range(n, T):
+            dS[b, h, i, j] = zero

@@ -12,7 +12,7 @@ from numgpt.ops import op_set
 
 from ._jit import pick
 from .activations import bias_act_bwd, bias_act_fwd
-from .attention import attention_bwd, attention_fwd
+from .attention import attention_bwd, attention_fwd, softmax_causal_bwd, softmax_causal_fwd
 from .embedding import embed_bwd, embed_fwd
 from .layernorm import layernorm_bwd, layernorm_fwd
 from .loss import cross_entropy_fwd_bwd
@@ -73,13 +73,34 @@ def layernorm_backward(dy, cache):
 
 # ---- attention ----
 
+# The largest T x T probabilities of one layer (B * H * T * T values) kept for the backward pass:
+# up to this the products run in BLAS and the probabilities are stored (kernels/attention.py,
+# path 1: 1.4-2.5x faster per layer here); above it the fused kernels recompute them, so that
+# memory stays linear in T. 32 MB covers the laptop preset and the scaled one at batch 8; the
+# scaled preset at batch 64 would keep 100 MB per layer and takes the fused path.
+STORE_PROBS_BYTES = 32 << 20
+
+
+def stores_probs(B, n_head, T, dtype):
+    """Whether attention over [B, T] with n_head heads takes the stored-probabilities path."""
+    return B * n_head * T * T * np.dtype(dtype).itemsize <= STORE_PROBS_BYTES
+
+
+def _head_view(a, n_head, C, part=0):
+    """The [B, H, T, hs] view of columns part*C:(part+1)*C of a [B, T, *] array (of packed
+    q, k, v, part 0, 1, 2): BLAS reads and writes such strided views in place, without copies."""
+    B, T, _ = a.shape
+    return a[:, :, part * C:(part + 1) * C].reshape(B, T, n_head, C // n_head).transpose(0, 2, 1, 3)
+
+
 def multihead_forward(x, p, n_head, attn_dropout=0.0, resid_dropout=0.0, rng=None):
     """As numgpt.layers.attention.multihead_forward, with q, k, v from one packed product."""
     B, T, C = x.shape
     w_qkv = np.concatenate([p["w_q"], p["w_k"], p["w_v"]], axis=1)  # [C, 3C]
     qkv, c_qkv = linear_forward(x, w_qkv)                           # [B, T, 3C]
     dt = x.dtype.type
-    if attn_dropout > 0:
+    has_drop = attn_dropout > 0
+    if has_drop:
         if rng is None:
             raise ValueError("dropout with p > 0 needs an rng (numpy Generator) or a mask")
         keep = rng.random((B, n_head, T, T), dtype=np.float32) >= attn_dropout
@@ -89,28 +110,48 @@ def multihead_forward(x, p, n_head, attn_dropout=0.0, resid_dropout=0.0, rng=Non
     y = np.empty((B, T, C), dtype=x.dtype)
     lse = np.empty((B, n_head, T), dtype=x.dtype)
     scale = dt((C // n_head) ** -0.5)
-    pick(attention_fwd, B * T * T * C // 2)(qkv, n_head, scale, keep, inv_keep, attn_dropout > 0,
-                                            y, lse)
+    P = None
+    if stores_probs(B, n_head, T, x.dtype):
+        q, k, v = (_head_view(qkv, n_head, C, i) for i in range(3))
+        P = np.matmul(q, k.transpose(0, 1, 3, 2))                   # S = q k^T [B, H, T, T]
+        Pd = np.empty_like(P) if has_drop else P
+        pick(softmax_causal_fwd, P.size)(P, scale, keep, inv_keep, has_drop, P, Pd, lse)  # in place
+        np.matmul(Pd, v, out=_head_view(y, n_head, C))             # y = dropout(P) v, BLAS
+    else:
+        pick(attention_fwd, B * T * T * C // 2)(qkv, n_head, scale, keep, inv_keep, has_drop,
+                                                y, lse)
     att = y
     cp = None
     if "w_proj" in p:
         y, cp = linear_forward(y, p["w_proj"], p["b_proj"])
     y, cd = dropout_forward(y, resid_dropout, rng)
-    return y, (c_qkv, qkv, att, lse, keep, inv_keep, attn_dropout > 0, scale, cp, cd, n_head)
+    return y, (c_qkv, qkv, att, lse, P, keep, inv_keep, has_drop, scale, cp, cd, n_head)
 
 
 def multihead_backward(dy, cache):
-    c_qkv, qkv, att, lse, keep, inv_keep, has_drop, scale, cp, cd, n_head = cache
+    c_qkv, qkv, att, lse, P, keep, inv_keep, has_drop, scale, cp, cd, n_head = cache
     g = {}
     dy = dropout_backward(dy, cd)
     if cp is not None:
         dy, g["w_proj"], g["b_proj"] = linear_backward(dy, cp)
+    dy = np.ascontiguousarray(dy)
     dqkv = np.empty_like(qkv)
     B, T, C = att.shape
-    pick(attention_bwd, B * T * T * C // 2)(qkv, att, np.ascontiguousarray(dy), lse, n_head, scale,
-                                            keep, inv_keep, has_drop, dqkv)
+    if P is not None:
+        q, k, v = (_head_view(qkv, n_head, C, i) for i in range(3))
+        dyh = _head_view(dy, n_head, C)
+        dPd = np.matmul(dyh, v.transpose(0, 1, 3, 2))              # dy v^T, BLAS
+        Pd = np.empty_like(P) if has_drop else P
+        pick(softmax_causal_bwd, P.size)(P, dPd, dy, att, scale, keep, inv_keep, has_drop, Pd,
+                                         dPd)
+        dS = dPd                                                    # overwritten in place
+        np.matmul(Pd.transpose(0, 1, 3, 2), dyh, out=_head_view(dqkv, n_head, C, 2))  # dv
+        np.matmul(dS, k, out=_head_view(dqkv, n_head, C, 0))                        # dq
+        np.matmul(dS.transpose(0, 1, 3, 2), q, out=_head_view(dqkv, n_head, C, 1))  # dk
+    else:
+        pick(attention_bwd, B * T * T * C // 2)(qkv, att, dy, lse, n_head, scale, keep, inv_keep,
+                                                has_drop, dqkv)
     dx, dw, _ = linear_backward(dqkv, c_qkv)
-    C = dx.shape[-1]
     g["w_q"] = np.ascontiguousarray(dw[:, :C])
     g["w_k"] = np.ascontiguousarray(dw[:, C:2 * C])
     g["w_v"] = np.ascontiguousarray(dw[:, 2 * C:])

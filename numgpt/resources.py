@@ -8,10 +8,12 @@ needs and refuse, with one line, when it is more than the memory available now.
 The estimate (float32; N = batch_size * block_size tokens, P parameters, F = feed-forward width):
     training  4 bytes * (4 P                     parameters, gradients, AdamW m and v
                        + N * n_layer * (12 C + 3 F)   activations kept for the backward pass
-                       + N * (n_layer * k + 3) H T    the T x T attention weights (NumPy reference
-                                                  only): k = 3 kept per layer with dropout (weights,
+                       + N * (n_layer * k + 3) H T    the T x T attention weights, where they are
+                                                  kept: k = 3 per layer with dropout (weights,
                                                   mask, dropped weights), else 1, and 3 for one
-                                                  layer's backward
+                                                  layer's backward; the kernels keep them only
+                                                  while one layer's fit kernels/ops.STORE_PROBS_BYTES
+                                                  (k = 1, or 1.25 with the dropout mask's bytes)
                        + N * (4 V + 8 C))         logits, their gradient, embeddings
     sampling  4 bytes * (P + 2 n_layer T C        parameters and the key/value cache
                        + 3 H T T + T (12 C + 3 F))  the prompt's (or a rebuild's) forward pass, whose
@@ -60,7 +62,16 @@ def training_bytes(cfg):
     if not cfg.kernels:
         kept = 3 if cfg.dropout > 0 else 1
         attn = N * (cfg.n_layer * kept + 3) * cfg.n_head * cfg.block_size
-    return BASE_BYTES + 4 * (4 * P + N * cfg.n_layer * per_layer + attn + N * (4 * V + 8 * C))
+    elif _kernels_store_probs(cfg):
+        kept = 1.25 if cfg.dropout > 0 else 1  # the probabilities, and the mask at a byte each
+        attn = N * (cfg.n_layer * kept + 3) * cfg.n_head * cfg.block_size
+    return BASE_BYTES + int(4 * (4 * P + N * cfg.n_layer * per_layer + attn + N * (4 * V + 8 * C)))
+
+
+def _kernels_store_probs(cfg):
+    """Whether the kernels keep the T x T attention probabilities (see kernels/ops.py)."""
+    from kernels.ops import stores_probs
+    return stores_probs(cfg.batch_size, cfg.n_head, cfg.block_size, "float32")
 
 
 def sampling_bytes(cfg):

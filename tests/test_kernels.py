@@ -17,6 +17,14 @@ def rnd(*shape, seed=0, dtype=np.float64):
     return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
 
 
+@pytest.fixture(params=["stored", "fused"])
+def attention_path(request, monkeypatch):
+    """Run the test with each of the two attention paths of kernels/ops.py."""
+    import kernels.ops
+    monkeypatch.setattr(kernels.ops, "STORE_PROBS_BYTES", 1 << 40 if request.param == "stored" else -1)
+    return request.param
+
+
 def close(a, b, dtype):
     if dtype == np.float32:
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
@@ -53,13 +61,14 @@ def test_layernorm_kernel_equals_reference(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("proj,H,drop", [(False, 1, 0.0), (True, 3, 0.0), (True, 4, 0.3)])
-def test_multihead_kernel_equals_reference(dtype, proj, H, drop):
+def test_multihead_kernel_equals_reference(dtype, proj, H, drop, attention_path):
     p = {n: rnd(C, C, seed=i, dtype=dtype) * 0.5 for i, n in enumerate(["w_q", "w_k", "w_v"])}
     if proj:
         p.update(w_proj=rnd(C, C, seed=5, dtype=dtype), b_proj=rnd(C, seed=6, dtype=dtype))
     x = rnd(B, T, C, seed=7, dtype=dtype)
     yk, ck = K.multihead_forward(x, p, H, drop, drop, np.random.default_rng(1))
     yr, cr = R.multihead_forward(x, p, H, drop, drop, np.random.default_rng(1))
+    assert (ck[4] is not None) == (attention_path == "stored")  # the probabilities, when stored
     close(yk, yr, dtype)
     d = rnd(B, T, C, seed=8, dtype=dtype)
     dxk, gk = K.multihead_backward(d, ck)
@@ -125,7 +134,7 @@ def test_adamw_kernel_equals_reference(dtype):
 
 # ---- the kernels' backward passes against finite differences, on their own ----
 
-def test_kernel_attention_grad():
+def test_kernel_attention_grad(attention_path):
     p = {n: rnd(C, C, seed=i) for i, n in enumerate(["w_q", "w_k", "w_v", "w_proj"])}
     p["b_proj"] = rnd(C, seed=9)
 
@@ -158,7 +167,7 @@ def test_kernel_layernorm_and_feedforward_grad(act):
 
 
 @pytest.mark.parametrize("preset", ["bigram", "single_head", "ffn", "layernorm", "preln", "scaled"])
-def test_model_with_kernels_equals_reference(preset):
+def test_model_with_kernels_equals_reference(preset, attention_path):
     over = dict(block_size=16, n_embd=24, n_head=3, n_layer=2) if preset != "bigram" else {}
     if preset in ("single_head", "ffn"):
         over.update(n_head=1 if preset == "single_head" else 4, n_layer=1)
