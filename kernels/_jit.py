@@ -15,6 +15,12 @@ import numba
 from numgpt import _threads
 
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
+# error_model="numpy": a division by zero gives inf or nan, as in NumPy, instead of raising
+# ZeroDivisionError. The Python model tests every divisor, and that branch keeps a loop with a
+# division in it from vectorising: AdamW's update ran 4.5x slower (3.2 ms against 0.7 ms for
+# 800k parameters on one thread). The kernels' divisors are sums of exponentials, standard
+# deviations with eps added, and constants, never zero.
+OPTIONS = dict(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
 PARALLEL_MIN_WORK = 1 << 17   # elements (or inner-loop iterations) below which threads do not pay
 
 
@@ -30,10 +36,9 @@ def _renamed(fn, suffix):
 
 def jit(parallel=False):
     def wrap(fn):
-        fast = numba.njit(cache=True, nogil=True, parallel=parallel, fastmath=FASTMATH)(fn)
+        fast = numba.njit(parallel=parallel, **OPTIONS)(fn)
         if parallel:
-            fast.serial = numba.njit(cache=True, nogil=True, fastmath=FASTMATH)(
-                _renamed(fn, "_serial"))
+            fast.serial = numba.njit(**OPTIONS)(_renamed(fn, "_serial"))
         return fast
     return wrap
 

