@@ -184,8 +184,8 @@ def softmax_causal_fwd(S, scale, keep, inv_keep, has_drop, P, Pd, lse):
         for j in range(n, T):
             P[b, h, i, j] = zero
         if has_drop:
-            for j in range(n):
-                Pd[b, h, i, j] = P[b, h, i, j] * inv_keep if keep[b, h, i, j] else zero
+            for j in range(n):  # branch-free, so that it vectorises
+                Pd[b, h, i, j] = P[b, h, i, j] * (inv_keep * keep[b, h, i, j])
             for j in range(n, T):
                 Pd[b, h, i, j] = zero
         lse[b, h, i] = m + math.log(tot)
@@ -208,13 +208,10 @@ def softmax_causal_bwd(P, dPd, dy, y, scale, keep, inv_keep, has_drop, Pd, dS):
         for d in range(hs):
             D += dy[b, i, h * hs + d] * y[b, i, h * hs + d]
         if has_drop:
-            for j in range(n):
-                if keep[b, h, i, j]:
-                    Pd[b, h, i, j] = P[b, h, i, j] * inv_keep
-                    dS[b, h, i, j] = P[b, h, i, j] * (dPd[b, h, i, j] * inv_keep - D) * scale
-                else:
-                    Pd[b, h, i, j] = zero
-                    dS[b, h, i, j] = -P[b, h, i, j] * D * scale
+            for j in range(n):  # branch-free, so that it vectorises
+                kj = inv_keep * keep[b, h, i, j]
+                Pd[b, h, i, j] = P[b, h, i, j] * kj
+                dS[b, h, i, j] = P[b, h, i, j] * (dPd[b, h, i, j] * kj - D) * scale
             for j in range(n, T):
                 Pd[b, h, i, j] = zero
         else:
