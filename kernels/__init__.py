@@ -24,7 +24,8 @@ KERNEL_NAMES = {"attention": ["attention_fwd", "attention_bwd", "softmax_causal_
                 "activations": ["bias_act_fwd", "bias_act_bwd"],
                 "loss": ["cross_entropy_fwd_bwd"], "embedding": ["embed_fwd", "embed_bwd"],
                 "adamw": ["adamw_update"]}
-DECODE_NAMES = ["decode_step", "_mv", "_layernorm", "_merge", "sample_rows"]  # serial only (see decode.py)
+DECODE_NAMES = ["decode_step", "_mv", "_dot_rows", "_dot_rows_threads", "_layernorm", "_merge",
+                "sample_rows"]
 
 
 def _cache_dir():

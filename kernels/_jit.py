@@ -46,8 +46,13 @@ def jit(parallel=False):
 FORCE_SERIAL = False  # warm-up switch: compile the serial twins even for big work
 
 
+def threads_allowed():
+    """Whether kernels may run on numba's threads now (not forced serial, BLAS not spinning)."""
+    return _threads.PARALLEL_KERNELS and FORCE_SERIAL is False
+
+
 def pick(kernel, work):
     """The parallel kernel for big work, its serial twin for small (or when BLAS threads spin)."""
-    if work >= PARALLEL_MIN_WORK and _threads.PARALLEL_KERNELS and FORCE_SERIAL is False:
+    if work >= PARALLEL_MIN_WORK and threads_allowed():
         return kernel
     return kernel.serial

@@ -66,8 +66,12 @@ class KVCache:
                 stack("ffn.b_fc", (F,)), stack("ffn.w_out", (0, 0)), stack("ffn.b_out", (C,)),
                 P.get("ln_f.g", none), P.get("ln_f.b", none),
                 T(P["lm_head.w"]), P["lm_head.b"])
+            layout = 0
+            if tr:  # the big products on numba's threads, where they may run
+                from kernels._jit import threads_allowed
+                layout = 2 if threads_allowed() else 1
             self._flags = (cfg.n_head, {"none": 0, "post": 1, "pre": 2}[cfg.norm], cfg.residual,
-                           cfg.activation == "gelu", tr)
+                           cfg.activation == "gelu", layout)
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         logits = np.empty((ids.shape[0], cfg.vocab_size), dtype=model.dtype)
         decode.decode_step(ids, self.t, *self._stacked, self.K, self.V, *self._flags, logits)
