@@ -265,13 +265,16 @@ class GPT:
         logits, _ = self.forward(x, train, rng)
         return self.ops.cross_entropy(logits, _check_targets(y, logits), want_grad=False)[0]
 
-    def loss_and_grads(self, x, y, train=True, rng=None):
+    def loss_and_grads(self, x, y, train=True, rng=None, grad_scale=1.0):
         """(loss, grads): the mean cross-entropy and its gradient for every parameter.
 
-        train=True (the default) applies dropout with masks drawn from rng.
+        train=True (the default) applies dropout with masks drawn from rng. grad_scale: the
+        gradients are those of grad_scale * loss (the data-parallel steps weight each shard so).
         """
         logits, cache = self.forward(x, train, rng)
         loss, dlogits = self.ops.cross_entropy(logits, _check_targets(y, logits), want_grad=True)
+        if grad_scale != 1.0:
+            dlogits *= dlogits.dtype.type(grad_scale)
         return loss, self.backward(dlogits, cache)
 
     # ---- generation without a key/value cache (the video's way; see generate.py for the cache) ----

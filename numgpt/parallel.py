@@ -69,24 +69,21 @@ class ShardedStep:
         cuts = np.linspace(0, B, self.shards + 1).round().astype(int)
         parts = [(x[a:b], y[a:b]) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
         seeds = rng.integers(0, 2 ** 63, size=len(parts)) if rng is not None else [None] * len(parts)
+        weights = [len(a) / B for a, _ in parts]  # each shard's loss is a mean over its rows
         _jit.FORCE_SERIAL = True  # every kernel on its calling thread
         try:
             with self.blas.limit(limits=1):
                 futures = [pool.submit(self.model.loss_and_grads, a, b, train,
-                                       None if s is None else np.random.default_rng(s))
-                           for pool, (a, b), s in zip(self.pools, parts, seeds)]
+                                       None if s is None else np.random.default_rng(s), w)
+                           for pool, (a, b), s, w in zip(self.pools, parts, seeds, weights)]
                 results = [f.result() for f in futures]
         finally:
             _jit.FORCE_SERIAL = False
-        weights = [len(a) / B for a, _ in parts]  # each shard's loss is a mean over its rows
         loss = sum(w * r[0] for w, r in zip(weights, results))
-        grads = {}
-        for k in results[0][1]:
-            g = results[0][1][k]
-            g *= g.dtype.type(weights[0])
-            for w, r in zip(weights[1:], results[1:]):
-                g += g.dtype.type(w) * r[1][k]
-            grads[k] = g
+        grads = results[0][1]  # the shards' gradients come weighted: only their sum is left
+        for r in results[1:]:
+            for k, g in grads.items():
+                g += r[1][k]
         return float(loss), grads
 
     def close(self):

@@ -102,3 +102,15 @@ def test_sharded_training_resumes_to_the_same_model(text_file, tmp_path, monkeyp
     pa, pb = load_checkpoint(full["checkpoint"])[0], load_checkpoint(rest["checkpoint"])[0]
     for k in pa:
         np.testing.assert_allclose(pa[k], pb[k], rtol=1e-4, atol=1e-6)
+
+
+def test_grad_scale_scales_the_gradients_not_the_loss():
+    """loss_and_grads(grad_scale=w): the gradients of w * loss (how ShardedStep weights a shard)."""
+    cfg = numgpt.get_config("preln", vocab_size=20, batch_size=3)
+    m = numgpt.GPT(cfg, seed=1, dtype=np.float64)
+    x = np.random.default_rng(0).integers(0, 20, (3, cfg.block_size))
+    loss, grads = m.loss_and_grads(x, x, train=False)
+    loss2, grads2 = m.loss_and_grads(x, x, train=False, grad_scale=0.25)
+    assert loss2 == loss
+    for k in grads:
+        np.testing.assert_allclose(grads2[k], 0.25 * grads[k], rtol=1e-12, atol=1e-15)
