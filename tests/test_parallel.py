@@ -42,6 +42,7 @@ def test_which_configs_are_sharded(monkeypatch):
     assert parallel.worth_sharding(numgpt.get_config("laptop"))
     assert not parallel.worth_sharding(numgpt.get_config("residual"))       # tiny: Python-bound
     assert not parallel.worth_sharding(numgpt.get_config("scaled"))         # big: BLAS threads
+    assert parallel.worth_sharding(numgpt.get_config("scaled", batch_size=8))  # the bench's mid
     assert not parallel.worth_sharding(numgpt.get_config("laptop", kernels=False))
     assert not parallel.worth_sharding(numgpt.get_config("laptop", batch_size=1))
     monkeypatch.setenv("NUMGPT_DATA_PARALLEL", "0")
