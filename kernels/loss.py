@@ -22,13 +22,19 @@ def cross_entropy_fwd_bwd(z, t, want_grad, dz):
             if z[n, v] > m:
                 m = z[n, v]
         tot = 0.0
-        for v in range(V):
-            tot += math.exp(z[n, v] - m)
+        if want_grad:  # keep the exponentials in dz, so each is computed once
+            for v in range(V):
+                e = math.exp(z[n, v] - m)
+                dz[n, v] = e
+                tot += e
+        else:
+            for v in range(V):
+                tot += math.exp(z[n, v] - m)
         lse = m + math.log(tot)
         losses[n] = lse - z[n, t[n]]
         if want_grad:
             inv = 1.0 / (tot * N)
             for v in range(V):
-                dz[n, v] = math.exp(z[n, v] - m) * inv
+                dz[n, v] *= inv
             dz[n, t[n]] -= 1.0 / N
     return losses
