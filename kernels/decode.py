@@ -17,6 +17,7 @@ import numba
 import numpy as np
 
 from ._jit import OPTIONS
+from .activations import gelu_consts, tanh_by_exp
 from .layernorm import layernorm_fwd
 
 @numba.njit(**OPTIONS)
@@ -131,6 +132,7 @@ def decode_step(ids, t, tok_emb, pos_emb, ln1_g, ln1_b, w_qkv, w_proj, b_proj, l
     F = w_fc.shape[1] if tr else w_fc.shape[2]
     f = np.empty((B, F), tok_emb.dtype)
     s = np.empty(t + 1, tok_emb.dtype)
+    gc, ga, g_half, g_one, g_two = gelu_consts(x)  # GELU's constants in the dtype
     for b in range(B):
         for c in range(C):
             x[b, c] = tok_emb[ids[b], c] + pos_emb[t, c]
@@ -202,7 +204,7 @@ def decode_step(ids, t, tok_emb, pos_emb, ln1_g, ln1_b, w_qkv, w_proj, b_proj, l
                 for j in range(F):
                     v = f[b, j]
                     if gelu:
-                        f[b, j] = 0.5 * v * (1 + math.tanh(0.7978845608028654 * (v + 0.044715 * v * v * v)))
+                        f[b, j] = g_half * v * (g_one + tanh_by_exp(gc * (v + ga * v * v * v), g_one, g_two))
                     else:
                         f[b, j] = max(v, dt(0))
             if w_out.shape[1] > 0:
