@@ -17,12 +17,16 @@ def rnd(*shape, seed=0, dtype=np.float64):
     return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
 
 
-@pytest.fixture(params=["stored", "fused"])
+@pytest.fixture(params=["stored", "stored-blocks", "fused"])
 def attention_path(request, monkeypatch):
-    """Run the test with each of the two attention paths of kernels/ops.py."""
+    """Run the test with each of the two attention paths of kernels/ops.py; the stored one also
+    with its products cut into causal blocks of 2 rows (kernels/ops._causal_bmm)."""
     import kernels.ops
-    monkeypatch.setattr(kernels.ops, "STORE_PROBS_BYTES", 1 << 40 if request.param == "stored" else -1)
-    return request.param
+    stored = request.param.startswith("stored")
+    monkeypatch.setattr(kernels.ops, "STORE_PROBS_BYTES", 1 << 40 if stored else -1)
+    if request.param == "stored-blocks":
+        monkeypatch.setattr(kernels.ops, "CAUSAL_BLOCK", 2)
+    return "stored" if stored else "fused"
 
 
 def close(a, b, dtype):
