@@ -29,7 +29,8 @@ DECODE_NAMES = ["decode_step", "_mv", "_dot_rows", "_dot_rows_threads", "_layern
 
 
 def _cache_dir():
-    return os.environ.get("NUMBA_CACHE_DIR") or os.path.join(HERE, "__pycache__")
+    from ._jit import CACHE_DIR  # named by a hash of the kernel sources (see _jit.py)
+    return CACHE_DIR
 
 
 def _cached(mod, name):

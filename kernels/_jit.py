@@ -8,11 +8,17 @@ Every parallel kernel is compiled twice: `f` runs its prange loops on numba's th
 runs them on the calling thread. Waking threads costs tens of microseconds, more than a small
 array's whole work, so the ops call `pick(f, work)` to choose by size.
 """
+import glob
+import hashlib
+import os
+import shutil
 import types
 
 import numba
 
 from numgpt import _threads
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 # error_model="numpy": a division by zero gives inf or nan, as in NumPy, instead of raising
@@ -22,6 +28,72 @@ FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 # deviations with eps added, and constants, never zero.
 OPTIONS = dict(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
 PARALLEL_MIN_WORK = 1 << 17   # elements (or inner-loop iterations) below which threads do not pay
+
+
+# ---- the on-disk cache, keyed by every kernel source and the compile options ----
+#
+# numba keys a cached function by its own file's contents and its bytecode, not by the compile
+# options nor by the files of the functions it calls (whose code is linked into its cache). So
+# after an update that changed OPTIONS, or only kernels/activations.py, an old cache would keep
+# serving old code (the decoder with an old GELU; kernels with the old error model). The kernels'
+# cache therefore lives in a folder named by a hash of all of kernels/*.py, OPTIONS and numba's
+# version: any change starts a fresh cache (and the first run says that it compiles).
+
+def _stamp():
+    options = {k: sorted(v) if isinstance(v, set) else v for k, v in OPTIONS.items()}
+    h = hashlib.sha256(f"{numba.__version__} {sorted(options.items())}".encode())
+    for path in sorted(glob.glob(os.path.join(HERE, "*.py"))):
+        with open(path, "rb") as f:
+            h.update(os.path.basename(path).encode() + b"\0" + f.read())
+    return h.hexdigest()[:16]
+
+
+CACHE_BASE = os.environ.get("NUMBA_CACHE_DIR") or os.path.join(HERE, "__pycache__")
+CACHE_DIR = os.path.join(CACHE_BASE, "numba-" + _stamp())
+
+
+def _forget_old_caches():
+    """Remove the in-tree caches of earlier kernel sources (never a user's NUMBA_CACHE_DIR, which
+    other checkouts may share)."""
+    if CACHE_BASE != os.path.join(HERE, "__pycache__") or os.path.isdir(CACHE_DIR):
+        return
+    for old in glob.glob(os.path.join(CACHE_BASE, "numba-*")):
+        shutil.rmtree(old, ignore_errors=True)
+    for old in glob.glob(os.path.join(CACHE_BASE, "*.nb[ic]")):  # the layout before the stamp
+        try:
+            os.remove(old)
+        except OSError:
+            pass
+
+
+def _install_locator():
+    """Put the kernels' cache in CACHE_DIR; other numba code in the process keeps numba's own."""
+    from numba.core import caching
+
+    class KernelCacheLocator(caching._SourceFileBackedLocatorMixin, caching._CacheLocator):
+        def __init__(self, py_func, py_file):
+            self._py_file = py_file
+            self._lineno = py_func.__code__.co_firstlineno
+
+        def get_cache_path(self):
+            return CACHE_DIR
+
+        @classmethod
+        def from_function(cls, py_func, py_file):
+            if os.path.dirname(os.path.abspath(py_file)) != HERE:
+                return None
+            return super().from_function(py_func, py_file)  # None if CACHE_DIR is not writable
+
+    impl = getattr(caching, "CacheImpl", None) or caching._CacheImpl  # the name before 0.6x
+    if not any(c.__name__ == "KernelCacheLocator" for c in impl._locator_classes):
+        impl._locator_classes.insert(0, KernelCacheLocator)
+
+
+try:
+    _install_locator()
+    _forget_old_caches()
+except (ImportError, AttributeError):  # another numba's internals: its own cache, as before
+    CACHE_DIR = CACHE_BASE
 
 
 def _renamed(fn, suffix):

@@ -6,9 +6,10 @@ Derivation: docs/derivations.md#attention
 1. Stored probabilities (softmax_causal_fwd / softmax_causal_bwd): kernels/ops.py computes the
    per-head products (q k^T, P v, and the four of the backward) with NumPy's batched matmul,
    i.e. BLAS, and these kernels do everything between them: the causal softmax with its
-   log-sum-exp and the dropout mask, and in the backward ds = p (dp - D). BLAS computes the
-   masked upper half too, but at several times the speed of the loops below, so this wins
-   wherever the T x T probabilities of a layer are cheap to keep (kernels/ops.STORE_PROBS_BYTES).
+   log-sum-exp and the dropout mask, and in the backward ds = p (dp - D). BLAS computes part
+   of the masked upper half too (the blocks on the diagonal, kernels/ops._causal_bmm), but at
+   several times the speed of the loops below, so this wins wherever the T x T probabilities
+   of a layer are cheap to keep (kernels/ops.STORE_PROBS_BYTES).
 2. Fused, flash-attention style (attention_fwd / attention_bwd): for long blocks and big
    batches, where storing P for every layer would cost too much memory.
 
@@ -165,6 +166,7 @@ def softmax_causal_fwd(S, scale, keep, inv_keep, has_drop, P, Pd, lse):
     diagonal), Pd = P with dropout applied (written only when has_drop), lse [B, H, T]. P may be S."""
     B, H, T, _ = S.shape
     zero = np.zeros(1, dtype=P.dtype)[0]
+    one = np.ones(1, dtype=P.dtype)[0]  # typed: 1 / tot stays in P's dtype
     for r in prange(B * H * T):
         b = r // (H * T)
         h = (r // T) % H
@@ -178,7 +180,7 @@ def softmax_causal_fwd(S, scale, keep, inv_keep, has_drop, P, Pd, lse):
             e = math.exp(S[b, h, i, j] * scale - m)
             P[b, h, i, j] = e
             tot += e
-        inv = 1 / tot
+        inv = one / tot
         for j in range(n):
             P[b, h, i, j] *= inv
         for j in range(n, T):

@@ -47,7 +47,7 @@ def _dot_rows_threads(xb, W, bias, yb):
 
 @numba.njit(**OPTIONS)
 def _mv(x, W, bias, y, layout):
-    """y[b] = x[b] @ W + bias (bias may be empty) for every row b, in one of two layouts.
+    """y[b] = x[b] @ W + bias (bias may be empty) for every row b, in one of three layouts.
 
     layout 1 or 2 (big models, W given as W.T [out, in]): each output is a dot product over one
     contiguous row, so the weights stream through memory once, front to back; 2 deals the rows

@@ -4,6 +4,8 @@ Matrix products stay with NumPy's BLAS (numgpt/layers/linear.py); the kernels ta
 around them: attention, LayerNorm, bias + activation, cross-entropy, embeddings. No kernel calls
 BLAS inside a parallel loop, so numba's threads and BLAS's threads never run at the same time.
 """
+import threading
+
 import numba
 import numpy as np
 
@@ -88,6 +90,7 @@ def stores_probs(B, n_head, T, dtype):
 
 BMM_MIN_FLOPS = 1 << 26  # per-head products above this are split over the cores (see _bmm)
 _BMM = []  # [thread pool, BLAS controller], made on first use
+_BMM_LOCK = threading.Lock()
 
 
 def _bmm(a, b, out=None):
@@ -107,20 +110,29 @@ def _bmm(a, b, out=None):
         return np.matmul(a, b, out=out)
     if out is None:
         out = np.empty(a.shape[:-1] + b.shape[-1:], dtype=np.result_type(a, b))
-    if not _BMM:
-        from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import wait
+    with _BMM_LOCK:  # one split at a time: the BLAS thread limit is process-wide
+        if not _BMM:
+            from concurrent.futures import ThreadPoolExecutor
 
-        from threadpoolctl import ThreadpoolController
-        _BMM[:] = [ThreadPoolExecutor(cores(), thread_name_prefix="numgpt-bmm"),
-                   ThreadpoolController().select(user_api="blas")]
-    pool, blas = _BMM
-    cuts = np.linspace(0, B, n + 1).round().astype(int)
-    with blas.limit(limits=1):
-        jobs = [pool.submit(np.matmul, a[i:j], b[i:j], out=out[i:j])
-                for i, j in zip(cuts[:-1], cuts[1:])]
-        for job in jobs:
-            job.result()
+            from threadpoolctl import ThreadpoolController
+            _BMM[:] = [ThreadPoolExecutor(cores(), thread_name_prefix="numgpt-bmm"),
+                       ThreadpoolController().select(user_api="blas")]
+        pool, blas = _BMM
+        cuts = np.linspace(0, B, n + 1).round().astype(int)
+        with blas.limit(limits=1):
+            jobs = [pool.submit(_bmm_job, a[i:j], b[i:j], out[i:j])
+                    for i, j in zip(cuts[:-1], cuts[1:])]
+            try:
+                for job in jobs:
+                    job.result()
+            finally:  # never leave a job writing into out (or BLAS limited) behind an exception
+                wait(jobs)
     return out
+
+
+def _bmm_job(a, b, out):
+    np.matmul(a, b, out=out)
 
 
 CAUSAL_BLOCK = 64  # rows per block in _causal_bmm

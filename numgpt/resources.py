@@ -13,14 +13,16 @@ The estimate (float32; N = batch_size * block_size tokens, P parameters, F = fee
                                                   mask, dropped weights), else 1, and 3 for one
                                                   layer's backward; the kernels keep them only
                                                   while one layer's fit kernels/ops.STORE_PROBS_BYTES
-                                                  (k = 1, or 1.25 with the dropout mask's bytes)
+                                                  (k = 1, or 1.25 with the dropout mask's bytes),
+                                                  else only the mask (k = 0.25, no 3 H T)
                        + N * (4 V + 8 C))         logits, their gradient, embeddings
     sampling  4 bytes * (P + 2 n_layer T C        parameters and the key/value cache
                        + 3 H T T + T (12 C + 3 F))  the prompt's (or a rebuild's) forward pass, whose
                                                   attention builds T x T scores per head
 plus BASE_BYTES for Python, NumPy and numba. Against measured peaks: the scaled preset at batch
-64, 4.2 GB estimated for 3.5 GB used; laptop, preln at batch 2048 and the scaled preset at batch
-8 and 32 within 10%; the NumPy path with 16 heads over 1024 positions and dropout, 2.64 GB for
+64, 4.3 GB estimated for 3.5 GB used; at batch 8 (which keeps its probabilities) 0.94 GB for
+0.93-0.94 GB; laptop 218 MB for 201 MB; preln at batch 2048 and the scaled preset at batch 32
+within 10% (before the stored-probabilities path); the NumPy path with 16 heads over 1024 positions and dropout, 2.64 GB for
 2.57 GB; sampling a block-4096 model with a long prompt, 3.4 GB for 3.46 GB.
 """
 import dataclasses
@@ -65,13 +67,21 @@ def training_bytes(cfg):
     elif _kernels_store_probs(cfg):
         kept = 1.25 if cfg.dropout > 0 else 1  # the probabilities, and the mask at a byte each
         attn = N * (cfg.n_layer * kept + 3) * cfg.n_head * cfg.block_size
+    elif cfg.dropout > 0:  # the fused kernels keep only the dropout mask, a byte an entry
+        attn = N * cfg.n_layer * 0.25 * cfg.n_head * cfg.block_size
     return BASE_BYTES + int(4 * (4 * P + N * cfg.n_layer * per_layer + attn + N * (4 * V + 8 * C)))
 
 
 def _kernels_store_probs(cfg):
-    """Whether the kernels keep the T x T attention probabilities (see kernels/ops.py)."""
+    """Whether the kernels keep the T x T attention probabilities (see kernels/ops.py): decided
+    per call, on the batch the call sees, which is half of it in data-parallel steps."""
     from kernels.ops import stores_probs
-    return stores_probs(cfg.batch_size, cfg.n_head, cfg.block_size, "float32")
+
+    from .parallel import worth_sharding
+    B = cfg.batch_size
+    if worth_sharding(cfg):
+        B = -(-B // 2)
+    return stores_probs(B, cfg.n_head, cfg.block_size, "float32")
 
 
 def sampling_bytes(cfg):

@@ -266,8 +266,19 @@ def test_split_batched_products_equal_numpy(monkeypatch):
     the same products as np.matmul, into a fresh array or a strided view."""
     import kernels.ops as kops
     from numgpt import parallel
+    from threadpoolctl import threadpool_info
     monkeypatch.setattr(kops, "BMM_MIN_FLOPS", 0)
     monkeypatch.setattr(parallel, "cores", lambda: 2)
+    monkeypatch.setattr(kops, "_BMM", [])  # this test's own pool
+    seen = []
+    real_job = kops._bmm_job
+
+    def spy(a, b, out):  # which thread, and how many BLAS threads, each piece ran with
+        import threading
+        seen.append((threading.current_thread().name,
+                     [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]))
+        real_job(a, b, out)
+    monkeypatch.setattr(kops, "_bmm_job", spy)
     for dtype in DTYPES:
         a, b = rnd(5, 3, 7, 4, dtype=dtype), rnd(5, 3, 4, 6, seed=1, dtype=dtype)
         want = np.matmul(a, b)
@@ -276,7 +287,7 @@ def test_split_batched_products_equal_numpy(monkeypatch):
         kops._bmm(a, b, out=host[..., 2:8].transpose(0, 2, 1, 3))
         close(host[..., 2:8].transpose(0, 2, 1, 3), want, dtype)
         assert not host[..., :2].any() and not host[..., 8:].any()
-    assert kops._BMM  # the thread pool was used
+    assert seen and all(name.startswith("numgpt-bmm") and set(n) == {1} for name, n in seen)
     # and the whole attention layer through it still equals the reference
     p = {n: rnd(C, C, seed=i) * 0.5 for i, n in enumerate(["w_q", "w_k", "w_v"])}
     x = rnd(B, T, C, seed=7)
