@@ -8,7 +8,8 @@ utilisation, peak memory, and sampling speed.
 Every measurement runs in a fresh subprocess (so peak memory is its own), one after the other,
 never two at once. numgpt and PyTorch get the same config, batch, thread count and random token
 ids. A training step is forward + backward + AdamW; the figure is the median over --steps steps
-after warm-up. PyTorch runs twice: with the video's explicit attention and with
+after warm-up; sampling speed is the median of three timed runs of a whole generate. PyTorch
+runs twice: with the video's explicit attention and with
 scaled_dot_product_attention. Where torch cannot be imported, its columns say so.
 
 Model FLOP utilisation (MFU) = model FLOPs per second / the float32 matmul peak measured here with
@@ -33,6 +34,7 @@ CONFIGS = {
     "mid": ("scaled", dict(batch_size=8), 5, 1),
     "full": ("scaled", dict(batch_size=64), 2, 1),
 }
+SAMPLE_REPEATS = 3  # sampling speed: the median of this many timed runs (the machine is noisy)
 SAMPLE_CONFIGS = {"full": ("scaled", dict()), "laptop": CONFIGS["laptop"][:2]}
 
 
@@ -100,9 +102,12 @@ def worker_numgpt_sample(cfg, n_tokens):
     model = numgpt.GPT(cfg, seed=0)
     prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, cfg.block_size))
     generate(model, prompt, 4, rng=np.random.default_rng(0))  # warm-up (kernels, caches)
-    t0 = time.perf_counter()
-    generate(model, prompt, n_tokens, rng=np.random.default_rng(0))
-    return n_tokens / (time.perf_counter() - t0)
+    rates = []
+    for _ in range(SAMPLE_REPEATS):
+        t0 = time.perf_counter()
+        generate(model, prompt, n_tokens, rng=np.random.default_rng(0))
+        rates.append(n_tokens / (time.perf_counter() - t0))
+    return sorted(rates)[len(rates) // 2]
 
 
 def worker_torch_sample(cfg, n_tokens):
@@ -121,9 +126,12 @@ def worker_torch_sample(cfg, n_tokens):
                 probs = torch.softmax(logits[:, -1, :], dim=-1)
                 idx = torch.cat([idx, torch.multinomial(probs, 1, generator=g)], dim=1)
     run(2)
-    t0 = time.perf_counter()
-    run(n_tokens)
-    return n_tokens / (time.perf_counter() - t0)
+    rates = []
+    for _ in range(SAMPLE_REPEATS):
+        t0 = time.perf_counter()
+        run(n_tokens)
+        rates.append(n_tokens / (time.perf_counter() - t0))
+    return sorted(rates)[len(rates) // 2]
 
 
 def worker_matmul_peak():
