@@ -15,8 +15,6 @@ import os
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-
 
 KERNEL_NAMES = {"attention": ["attention_fwd", "attention_bwd", "softmax_causal_fwd",
                               "softmax_causal_bwd"],

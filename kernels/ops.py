@@ -102,11 +102,12 @@ def _bmm(a, b, out=None):
     on this 2-core machine; half the stack per core runs at 138-144 GFLOP/s. The split is fixed
     by the shapes, so results do not depend on timing.
     """
-    from numgpt.parallel import cores
     B = a.shape[0]
-    flops = 2 * a.size * b.shape[-1]
+    if B < 2 or 2 * a.size * b.shape[-1] < BMM_MIN_FLOPS or not threads_allowed():
+        return np.matmul(a, b, out=out)  # (the cheap tests first: this is on every step's path)
+    from numgpt.parallel import cores
     n = min(B, cores())
-    if n < 2 or flops < BMM_MIN_FLOPS or not threads_allowed():
+    if n < 2:
         return np.matmul(a, b, out=out)
     if out is None:
         out = np.empty(a.shape[:-1] + b.shape[-1:], dtype=np.result_type(a, b))
