@@ -6,7 +6,8 @@ numgpt/layers; tests/test_kernels.py holds the two equal, and the gradient check
     activations.py  bias + ReLU/GELU forward/backward
     loss.py         softmax cross-entropy with its gradient in one pass
     embedding.py    token + position embedding forward/backward
-    adamw.py        the AdamW update in one pass
+    adamw.py        the AdamW update in one pass (also over a list of tensors in one call)
+    step.py         a small model's whole training step in one call, the batch split over cores
     ops.py          the kernel set with the same API as numgpt.ops.REFERENCE
 """
 import contextlib
@@ -21,7 +22,8 @@ KERNEL_NAMES = {"attention": ["attention_fwd", "attention_bwd", "softmax_causal_
                 "layernorm": ["layernorm_fwd", "layernorm_bwd"],
                 "activations": ["bias_act_fwd", "bias_act_bwd"],
                 "loss": ["cross_entropy_fwd_bwd"], "embedding": ["embed_fwd", "embed_bwd"],
-                "adamw": ["adamw_update"]}
+                "adamw": ["adamw_update"], "step": ["train_step"]}
+SINGLE_NAMES = {"adamw": ["adamw_update_lists", "sum_squares_lists", "scale_lists"]}
 DECODE_NAMES = ["decode_step", "_mv", "_dot_rows", "_dot_rows_threads", "_layernorm", "_merge",
                 "sample_rows"]
 
@@ -51,6 +53,7 @@ def cache_is_warm():
     """True when numba's on-disk cache holds every kernel (with its serial twin) and the decoder."""
     return (all(_cached(mod, name + suffix) for mod, names in KERNEL_NAMES.items()
                 for name in names for suffix in ("", "_serial"))
+            and all(_cached(mod, name) for mod, names in SINGLE_NAMES.items() for name in names)
             and decode_cache_is_warm())
 
 
@@ -77,7 +80,8 @@ def warmup(dtype="float32", say=None):
 
     from numgpt.config import get_config
     from numgpt.model import GPT
-    from numgpt.optim import AdamW
+    from numgpt.optim import AdamW, clip_grad_norm
+    from numgpt.parallel import FusedStep, fused_applies
 
     from . import _jit, ops
     dt = np.dtype(dtype)
@@ -97,6 +101,11 @@ def warmup(dtype="float32", say=None):
                     loss, grads = m.loss_and_grads(x, x, rng=rng)
                     m.loss(x, x)
                     AdamW(m.params, use_kernels=True).step(grads)
+                    if stored and fused_applies(cfg.replace(dropout=0.0)):  # the fused step
+                        m = GPT(cfg.replace(dropout=0.0), dtype=dt)
+                        loss, grads = FusedStep(m, shards=2)(x, x)
+                        clip_grad_norm(grads, 1e-3)
+                        AdamW(m.params, use_kernels=True).step(grads)
             warmup_decode(dtype, say=lambda msg: None)
         finally:
             _jit.FORCE_SERIAL = False

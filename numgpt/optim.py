@@ -13,6 +13,17 @@ def decays(name, p):
     return p.ndim >= 2
 
 
+class ListedGrads(dict):
+    """A gradients dict (name -> array) that also holds its arrays, flattened and in the order of
+    the parameters, in a numba typed list (`flat`). The fused training step returns one, and
+    clip_grad_norm and the kernels' AdamW then take all of them in one compiled call each
+    instead of one call per tensor (which cost a small model more than the work)."""
+
+    def __init__(self, items, flat):
+        super().__init__(items)
+        self.flat = flat
+
+
 class AdamW:
     """Adam with decoupled weight decay (Loshchilov & Hutter), updating a params dict in place.
 
@@ -42,6 +53,8 @@ class AdamW:
         c1 = 1.0 - b1 ** t
         c2 = 1.0 - b2 ** t
         step_size = lr / c1
+        if self.use_kernels and self._step_listed(grads, lr, c1, c2):
+            return
         if self.use_kernels:
             from kernels._jit import pick
             from kernels.adamw import adamw_update
@@ -63,6 +76,26 @@ class AdamW:
             denom = np.sqrt(v / c2)
             denom += self.eps
             p -= step_size * (m / denom)
+
+    def _step_listed(self, grads, lr, c1, c2):
+        """The kernels' update of every tensor in one call, when grads is a ListedGrads in the
+        order of the parameters; False (nothing done) otherwise."""
+        flat = getattr(grads, "flat", None)
+        if flat is None or list(grads) != list(self.params):
+            return False
+        from numba.typed import List
+
+        from kernels.adamw import adamw_update_lists
+        key = [id(a) for d in (self.params, self.m, self.v) for a in d.values()]
+        if getattr(self, "_lists_key", None) != key:  # the typed lists, remade when arrays change
+            self._lists = [List([a.reshape(-1) for a in d.values()])
+                           for d in (self.params, self.m, self.v)]
+            self._decays = np.array([decays(k, p) for k, p in self.params.items()])
+            self._lists_key = key
+        P, M, V = self._lists
+        adamw_update_lists(P, flat, M, V, self._decays, lr, self.b1, self.b2, self.eps,
+                           self.weight_decay, c1, c2)
+        return True
 
     def state_dict(self):
         """name -> array of the optimizer's state ('m.<param>', 'v.<param>'), plus the step count."""
@@ -92,6 +125,13 @@ class AdamW:
 
 def clip_grad_norm(grads, max_norm):
     """Scale all gradients in place so their global L2 norm is at most max_norm; returns the norm before."""
+    flat = getattr(grads, "flat", None)  # a ListedGrads: one compiled call each
+    if flat is not None:
+        from kernels.adamw import scale_lists, sum_squares_lists
+        total = math.sqrt(sum_squares_lists(flat))
+        if max_norm > 0 and total > max_norm:
+            scale_lists(flat, flat[0].dtype.type(max_norm / (total + 1e-6)))
+        return total
     total = math.sqrt(sum(float(np.vdot(g, g)) for g in grads.values()))
     if max_norm > 0 and total > max_norm:
         s = max_norm / (total + 1e-6)

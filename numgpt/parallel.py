@@ -116,13 +116,96 @@ class OneBlasThreadStep:
             return self.model.loss_and_grads(x, y, train=train, rng=rng)
 
 
+def fused_applies(cfg):
+    """Whether kernels/step.py can run cfg's training steps: a GPT with the kernels on and no
+    dropout (whose masks the layer-by-layer path draws)."""
+    if not (cfg.kernels and cfg.model == "gpt" and cfg.n_layer >= 1 and cfg.dropout == 0):
+        return False
+    try:
+        import scipy.linalg.cython_blas  # noqa: F401  (numba's np.dot calls BLAS through it)
+    except ImportError:
+        return False
+    return True
+
+
+class FusedStep:
+    """step(x, y) -> (loss, grads) of model.loss_and_grads in one compiled call (kernels/step.py):
+    forward, backward and loss of small models without returning to Python, the batch split
+    over the cores. The grads dict and its arrays are reused: each call overwrites the last
+    call's gradients (the trainer uses them before the next step; copy them to keep them)."""
+
+    def __init__(self, model, shards=None):
+        from threadpoolctl import ThreadpoolController
+        if not fused_applies(model.cfg):
+            raise ValueError("the fused step needs a GPT with kernels on and no dropout")
+        self.model = model
+        self.shards = max(1, shards or cores())
+        self.blas = ThreadpoolController().select(user_api="blas")  # SciPy's OpenBLAS included
+        self._key = None
+
+    def _bind(self):
+        """Typed lists of the parameters (as 2-D views) and of the gradient slots, remade only
+        when the model's parameter arrays were replaced (set_params)."""
+        from numba.typed import List
+
+        from kernels import step as ks
+        from .model import param_shapes
+        params = self.model.params
+        key = [id(v) for v in params.values()]
+        if key == self._key:
+            return
+        cfg = self.model.cfg
+        names = list(param_shapes(cfg))
+        views = [params[n].reshape(1, -1) if params[n].ndim == 1 else params[n] for n in names]
+        self._P = List(views)
+        self._G = List([np.zeros((self.shards,) + v.shape, dtype=v.dtype) for v in views])
+        from .optim import ListedGrads
+        order = list(params)  # the model's own order (the AdamW lists follow it)
+        grad = {n: g[0].reshape(params[n].shape) for n, g in zip(names, self._G)}
+        self._grads = ListedGrads({n: grad[n] for n in order},
+                                  List([grad[n].reshape(-1) for n in order]))
+        slots = np.full((cfg.n_layer, len(ks.LAYER_SLOTS)), -1, dtype=np.int64)
+        where = {n: i for i, n in enumerate(names)}
+        for layer in range(cfg.n_layer):
+            for j, short in enumerate(ks.LAYER_SLOTS):
+                slots[layer, j] = where.get(f"blocks.{layer}.{short}", -1)
+        self._slots = slots
+        self._top = np.array([where.get(n, -1) for n in ks.TOP_SLOTS], dtype=np.int64)
+        self._flags = np.array([cfg.n_head, {"none": 0, "post": 1, "pre": 2}[cfg.norm],
+                                cfg.residual, cfg.attn_proj, cfg.ffn_mult > 0, cfg.ffn_proj,
+                                {"relu": 0, "gelu": 1}[cfg.activation]], dtype=np.int64)
+        self._key = key
+
+    def __call__(self, x, y, train=True, rng=None):
+        from kernels import _jit
+        from kernels import step as ks
+        from .model import _check_ids
+        m = self.model
+        x = np.ascontiguousarray(_check_ids(x, m.cfg.vocab_size, "idx"), dtype=np.int64)
+        y = np.ascontiguousarray(_check_ids(y, m.cfg.vocab_size, "targets"), dtype=np.int64)
+        if y.shape != x.shape:
+            raise ValueError(f"targets have shape {y.shape}, the inputs {x.shape}")
+        if x.shape[1] > m.cfg.block_size:
+            raise ValueError(f"sequence length {x.shape[1]} exceeds block_size {m.cfg.block_size}")
+        self._bind()
+        shards = min(self.shards, x.shape[0])
+        kernel = ks.train_step if shards > 1 and _jit.threads_allowed() else ks.train_step.serial
+        with self.blas.limit(limits=1):
+            loss = kernel(x, y, self._P, self._G, self._slots, self._top, self._flags, shards)
+        return float(loss), self._grads
+
+
 def step_function(model, cfg=None):
     """The fastest loss_and_grads for training cfg here: a ShardedStep for mid-sized models, the
-    model's own with one BLAS thread for small ones, else the model's own. Returns (function, closer)."""
+    fused compiled step for small ones (the model's own with one BLAS thread where that cannot
+    run them), else the model's own. Returns (function, closer)."""
     cfg = cfg or model.cfg
     if worth_sharding(cfg):
         s = ShardedStep(model, 2)
         return s, s.close
+    if cfg.batch_size * cfg.block_size * cfg.n_embd < MIN_WORK and fused_applies(cfg) \
+            and os.environ.get("NUMGPT_FUSED", "").strip() not in ("0", "false", "no", "off"):
+        return FusedStep(model), (lambda: None)
     if cfg.batch_size * cfg.block_size * cfg.n_embd < MIN_WORK and cores() >= 2:
         return OneBlasThreadStep(model), (lambda: None)
     return (lambda x, y, train=True, rng=None: model.loss_and_grads(x, y, train=train, rng=rng)), \

@@ -56,7 +56,7 @@ def test_small_models_step_with_one_blas_thread(monkeypatch):
     """Tiny models: the model's own step, with OpenBLAS held to one thread for its duration."""
     from threadpoolctl import threadpool_info
     monkeypatch.setattr(parallel, "cores", lambda: 2)
-    cfg = numgpt.get_config("residual", vocab_size=20)
+    cfg = numgpt.get_config("residual", vocab_size=20, dropout=0.1)  # (without: the fused step)
     m = numgpt.GPT(cfg, seed=1, dtype=np.float64)
     step, close = parallel.step_function(m, cfg)
     assert isinstance(step, parallel.OneBlasThreadStep)

@@ -1,0 +1,340 @@
+"""A whole training step (forward, backward, loss) of a small GPT in one compiled call.
+
+NumPy reference: numgpt/model.py (GPT.loss_and_grads), layer by layer. Derivations: every section
+of docs/derivations.md. Tests: tests/test_step.py holds it equal to the reference and runs the
+float64 gradient check through it.
+
+Why: a small model's step is a few hundred small operations, and from Python each costs a
+call (microseconds) that can be longer than its work: the tiny bench config spent more than half
+its step between kernels. Here the batch is split in one piece per core (prange over shards),
+and each piece runs the model's whole forward and backward without returning to Python: the
+matrix products through numba's np.dot (BLAS, via SciPy's bindings, one BLAS thread per shard),
+everything between them through the serial builds of the other kernels of this folder. Each
+shard writes its own gradient slots; they are summed at the end.
+
+Parameters come in a numba typed List of 2-D arrays in the order of numgpt.model.param_shapes
+(vectors as [1, n] rows); `slots` and `top` say which entry is which. Dropout is not done
+here: a model with dropout trains on the layer-by-layer path.
+"""
+import math
+
+import numpy as np
+from numba import prange
+
+from ._jit import jit
+from .activations import bias_act_bwd, bias_act_fwd
+from .embedding import embed_bwd, embed_fwd
+from .layernorm import layernorm_bwd, layernorm_fwd
+from .loss import cross_entropy_fwd_bwd
+
+# the serial builds: a shard runs on one thread
+_embed_fwd, _embed_bwd = embed_fwd.serial, embed_bwd.serial
+_ln_fwd, _ln_bwd = layernorm_fwd.serial, layernorm_bwd.serial
+_act_fwd, _act_bwd = bias_act_fwd.serial, bias_act_bwd.serial
+_xent = cross_entropy_fwd_bwd.serial
+
+# per-layer slots (column of `slots`); -1 where the config has no such parameter
+LN1_G, LN1_B, W_Q, W_K, W_V, W_PROJ, B_PROJ, LN2_G, LN2_B, W_FC, B_FC, W_OUT, B_OUT = range(13)
+LAYER_SLOTS = ["ln1.g", "ln1.b", "attn.w_q", "attn.w_k", "attn.w_v", "attn.w_proj", "attn.b_proj",
+               "ln2.g", "ln2.b", "ffn.w_fc", "ffn.b_fc", "ffn.w_out", "ffn.b_out"]
+# model-level slots (entries of `top`)
+TOK, POS, LNF_G, LNF_B, LM_W, LM_B = range(6)
+TOP_SLOTS = ["tok_emb", "pos_emb", "ln_f.g", "ln_f.b", "lm_head.w", "lm_head.b"]
+# flags: n_head, norm (0 none, 1 post, 2 pre), residual, attn_proj, ffn, ffn_proj, activation (0
+# relu, 1 gelu)
+N_HEAD, NORM, RESIDUAL, ATTN_PROJ, FFN, FFN_PROJ, ACT = range(7)
+
+
+@jit()
+def _add_bias(y, b):
+    """y [N, F] += b [1, F]"""
+    for n in range(y.shape[0]):
+        for f in range(y.shape[1]):
+            y[n, f] += b[0, f]
+
+
+@jit()
+def _col_sums(d, out):
+    """out [1, F] = sum over rows of d [N, F]"""
+    out[0, :] = 0
+    for n in range(d.shape[0]):
+        for f in range(d.shape[1]):
+            out[0, f] += d[n, f]
+
+
+@jit()
+def _attention_fwd(qkv, nb, T, H, scale, y, p):
+    """Causal attention of short blocks, the probabilities kept: qkv [nb*T, 3C] (q, k, v side by
+    side, head h in columns h*hs:(h+1)*hs of each) -> y [nb*T, C], p [nb, H, T, T] (j <= i only).
+
+    NumPy reference: numgpt/layers/attention.attention_forward. For a few positions of a few
+    channels per head the loops of attention.py run mostly loop overhead; here each query row
+    takes all heads at once, so the inner loops run over the C channels of a row (contiguous,
+    vectorised), and a head's sums are the pieces of that row."""
+    C = y.shape[1]
+    hs = C // H
+    zero = np.zeros(1, dtype=y.dtype)[0]
+    one = np.ones(1, dtype=y.dtype)[0]
+    prod = np.empty(C, dtype=y.dtype)
+    coef = np.empty(C, dtype=y.dtype)
+    s = np.empty((H, T), dtype=y.dtype)
+    for b in range(nb):
+        for i in range(T):
+            r = b * T + i
+            for j in range(i + 1):             # s[h, j] = scale q_i . k_j over head h's columns
+                for c in range(C):
+                    prod[c] = qkv[r, c] * qkv[b * T + j, C + c]
+                for h in range(H):
+                    acc = zero
+                    for d in range(hs):
+                        acc += prod[h * hs + d]
+                    s[h, j] = acc * scale
+            for h in range(H):                 # softmax over j <= i
+                m = s[h, 0]
+                for j in range(1, i + 1):
+                    m = max(m, s[h, j])
+                tot = zero
+                for j in range(i + 1):
+                    e = math.exp(s[h, j] - m)
+                    s[h, j] = e
+                    tot += e
+                inv = one / tot
+                for j in range(i + 1):
+                    s[h, j] *= inv
+                    p[b, h, i, j] = s[h, j]
+            y[r, :] = zero
+            for j in range(i + 1):             # y_i = sum_j p_ij v_j, head by head
+                for h in range(H):
+                    coef[h * hs:(h + 1) * hs] = s[h, j]
+                for c in range(C):
+                    y[r, c] += coef[c] * qkv[b * T + j, 2 * C + c]
+
+
+@jit()
+def _attention_bwd(qkv, p, dy, nb, T, H, scale, dqkv):
+    """The backward of _attention_fwd: dy [nb*T, C] -> dqkv [nb*T, 3C]. With dp_ij = dy_i . v_j
+    and D_i = sum_j p_ij dp_ij: ds_ij = scale p_ij (dp_ij - D_i), dq_i += ds_ij k_j,
+    dk_j += ds_ij q_i, dv_j += p_ij dy_i (docs/derivations.md#attention), all heads of a row at once."""
+    C = dy.shape[1]
+    hs = C // H
+    zero = np.zeros(1, dtype=dy.dtype)[0]
+    prod = np.empty(C, dtype=dy.dtype)
+    cp = np.empty(C, dtype=dy.dtype)
+    cs = np.empty(C, dtype=dy.dtype)
+    dp = np.empty((H, T), dtype=dy.dtype)
+    D = np.empty(H, dtype=dy.dtype)
+    dqkv[:] = 0
+    for b in range(nb):
+        for i in range(T):
+            r = b * T + i
+            D[:] = zero
+            for j in range(i + 1):
+                for c in range(C):
+                    prod[c] = dy[r, c] * qkv[b * T + j, 2 * C + c]
+                for h in range(H):
+                    acc = zero
+                    for d in range(hs):
+                        acc += prod[h * hs + d]
+                    dp[h, j] = acc
+                    D[h] += acc * p[b, h, i, j]
+            for j in range(i + 1):
+                rj = b * T + j
+                for h in range(H):
+                    pij = p[b, h, i, j]
+                    cp[h * hs:(h + 1) * hs] = pij
+                    cs[h * hs:(h + 1) * hs] = pij * (dp[h, j] - D[h]) * scale
+                for c in range(C):
+                    dqkv[r, c] += cs[c] * qkv[rj, C + c]
+                    dqkv[rj, C + c] += cs[c] * qkv[r, c]
+                    dqkv[rj, 2 * C + c] += cp[c] * dy[r, c]
+
+
+@jit()
+def _shard(idx, tgt, P, G, s, slots, top, flags, wqkv, weight):
+    """Forward and backward of the rows idx [nb, T] (targets tgt [nb, T]) on this thread.
+
+    Writes shard s's gradient of weight * (mean loss over these rows) into G[k][s] for every
+    parameter k; returns the sum of the rows' losses.
+    """
+    nb, T = idx.shape
+    M = nb * T
+    L = slots.shape[0]
+    tok = P[top[TOK]]
+    C = tok.shape[1]
+    V = P[top[LM_W]].shape[1]
+    H = flags[N_HEAD]
+    norm, residual = flags[NORM], flags[RESIDUAL]
+    has_proj, has_ffn, has_out, act = flags[ATTN_PROJ], flags[FFN], flags[FFN_PROJ], flags[ACT]
+    F = P[slots[0, W_FC]].shape[1] if has_ffn else C
+    dt = tok.dtype
+    sc = np.empty(3, dtype=dt)
+    sc[0] = (C // H) ** -0.5
+    sc[1] = 1
+    sc[2] = 1e-5
+    scale, eps = sc[0], sc[2]
+    n_sub = 2 if has_ffn else 1
+
+    # ---- forward; kept for the backward: every sublayer's LayerNorm input and statistics, the
+    # input of its first product, and the attention and feed-forward intermediates
+    lnx = np.empty((L, 2, M, C), dtype=dt)
+    mean = np.empty((L, 2, M), dtype=dt)
+    rstd = np.empty((L, 2, M), dtype=dt)
+    hin = np.empty((L, 2, M, C), dtype=dt)
+    qkv = np.empty((L, M, 3 * C), dtype=dt)
+    att = np.empty((L, M, C), dtype=dt)
+    probs = np.empty((L, nb, H, T, T), dtype=dt)
+    pre = np.empty((L, M, F), dtype=dt)
+    hid = np.empty((L, M, F), dtype=dt)
+    x = np.empty((M, C), dtype=dt)   # the residual stream
+    f = np.empty((M, C), dtype=dt)   # a sublayer's output
+    _embed_fwd(idx, tok, P[top[POS]], x.reshape(nb, T, C))
+    for l in range(L):
+        for j in range(n_sub):
+            g_slot = slots[l, LN1_G if j == 0 else LN2_G]
+            b_slot = slots[l, LN1_B if j == 0 else LN2_B]
+            if norm == 2:
+                lnx[l, j] = x
+                _ln_fwd(x, P[g_slot][0], P[b_slot][0], eps, hin[l, j], mean[l, j], rstd[l, j])
+            else:
+                hin[l, j] = x
+            if j == 0:
+                np.dot(hin[l, j], wqkv[l], qkv[l])
+                _attention_fwd(qkv[l], nb, T, H, scale, att[l], probs[l])
+                if has_proj:
+                    np.dot(att[l], P[slots[l, W_PROJ]], f)
+                    _add_bias(f, P[slots[l, B_PROJ]])
+                else:
+                    f[:] = att[l]
+            else:
+                np.dot(hin[l, j], P[slots[l, W_FC]], pre[l])
+                _act_fwd(pre[l], P[slots[l, B_FC]][0], act, hid[l])
+                if has_out:
+                    np.dot(hid[l], P[slots[l, W_OUT]], f)
+                    _add_bias(f, P[slots[l, B_OUT]])
+                else:
+                    f[:] = hid[l]
+            if residual:
+                f += x
+            if norm == 1:
+                lnx[l, j] = f
+                _ln_fwd(f, P[g_slot][0], P[b_slot][0], eps, x, mean[l, j], rstd[l, j])
+            else:
+                x[:] = f
+    hf = x
+    meanf = np.empty(M, dtype=dt)
+    rstdf = np.empty(M, dtype=dt)
+    if norm != 0:
+        hf = np.empty((M, C), dtype=dt)
+        _ln_fwd(x, P[top[LNF_G]][0], P[top[LNF_B]][0], eps, hf, meanf, rstdf)
+    z = np.empty((M, V), dtype=dt)
+    np.dot(hf, P[top[LM_W]], z)
+    _add_bias(z, P[top[LM_B]])
+    dz = np.empty((M, V), dtype=dt)
+    losses = _xent(z, tgt.reshape(M), True, dz)   # dz = (softmax - onehot) / M
+    dz *= weight
+
+    # ---- backward
+    np.dot(hf.T, dz, G[top[LM_W]][s])
+    # vector gradients are summed row by row into a local row first, then copied: the shards'
+    # slots of a vector share cache lines, and writing them row by row from two threads made the
+    # two shards together slower than one alone (false sharing)
+    gv = np.empty((1, V), dtype=dt)
+    gg = np.empty((1, C), dtype=dt)
+    gb = np.empty((1, C), dtype=dt)
+    gf = np.empty((1, F), dtype=dt)
+    _col_sums(dz, gv)
+    G[top[LM_B]][s][:] = gv
+    ds = np.empty((M, C), dtype=dt)      # gradient of the residual stream
+    np.dot(dz, P[top[LM_W]].T, ds)
+    dh = np.empty((M, C), dtype=dt)
+    if norm != 0:
+        _ln_bwd(ds, x, P[top[LNF_G]][0], meanf, rstdf, 1, dh, gg, gb)
+        G[top[LNF_G]][s][:] = gg
+        G[top[LNF_B]][s][:] = gb
+        ds, dh = dh, ds
+    df = np.empty((M, C), dtype=dt)
+    datt = np.empty((M, C), dtype=dt)
+    dqkv = np.empty((M, 3 * C), dtype=dt)
+    dwqkv = np.empty((C, 3 * C), dtype=dt)
+    dhid = np.empty((M, F), dtype=dt)
+    dpre = np.empty((M, F), dtype=dt)
+    for l in range(L - 1, -1, -1):
+        for j in range(n_sub - 1, -1, -1):
+            g_slot = slots[l, LN1_G if j == 0 else LN2_G]
+            b_slot = slots[l, LN1_B if j == 0 else LN2_B]
+            if norm == 1:   # ds is the gradient of the LayerNorm's output
+                _ln_bwd(ds, lnx[l, j], P[g_slot][0], mean[l, j], rstd[l, j], 1, df, gg, gb)
+                G[g_slot][s][:] = gg
+                G[b_slot][s][:] = gb
+            else:
+                df[:] = ds
+            # df: gradient of the sublayer's output (and, with residual, of the skip)
+            if j == 0:
+                if has_proj:
+                    np.dot(att[l].T, df, G[slots[l, W_PROJ]][s])
+                    _col_sums(df, gb)
+                    G[slots[l, B_PROJ]][s][:] = gb
+                    np.dot(df, P[slots[l, W_PROJ]].T, datt)
+                else:
+                    datt[:] = df
+                _attention_bwd(qkv[l], probs[l], datt, nb, T, H, scale, dqkv)
+                np.dot(hin[l, j].T, dqkv, dwqkv)
+                G[slots[l, W_Q]][s][:] = dwqkv[:, :C]
+                G[slots[l, W_K]][s][:] = dwqkv[:, C:2 * C]
+                G[slots[l, W_V]][s][:] = dwqkv[:, 2 * C:]
+                np.dot(dqkv, wqkv[l].T, dh)
+            else:
+                if has_out:
+                    np.dot(hid[l].T, df, G[slots[l, W_OUT]][s])
+                    _col_sums(df, gb)
+                    G[slots[l, B_OUT]][s][:] = gb
+                    np.dot(df, P[slots[l, W_OUT]].T, dhid)
+                else:
+                    dhid[:] = df
+                _act_bwd(dhid, pre[l], act, 1, dpre, gf)
+                G[slots[l, B_FC]][s][:] = gf
+                np.dot(hin[l, j].T, dpre, G[slots[l, W_FC]][s])
+                np.dot(dpre, P[slots[l, W_FC]].T, dh)
+            # dh: gradient of the sublayer's input
+            if norm == 2:
+                _ln_bwd(dh, lnx[l, j], P[g_slot][0], mean[l, j], rstd[l, j], 1, ds, gg, gb)
+                G[g_slot][s][:] = gg
+                G[b_slot][s][:] = gb
+                if residual:
+                    ds += df
+            elif residual:
+                ds[:] = df
+                ds += dh
+            else:
+                ds[:] = dh
+    _embed_bwd(idx, ds.reshape(nb, T, C), G[top[TOK]][s], G[top[POS]][s])
+    return losses.sum()
+
+
+@jit(parallel=True)
+def train_step(idx, tgt, P, G, slots, top, flags, n_shards):
+    """The mean loss of the batch idx [B, T] -> targets tgt [B, T], and its gradients: G[k][0]
+    is the gradient of parameter P[k] (G[k] is [n_shards, *P[k].shape]; the other shards' slots
+    are scratch). The batch is cut into n_shards nearly equal runs of rows, one per thread."""
+    B, T = idx.shape
+    L = slots.shape[0]
+    C = P[top[TOK]].shape[1]
+    dt = P[top[TOK]].dtype
+    wqkv = np.empty((L, C, 3 * C), dtype=dt)   # q, k, v weights side by side: one product
+    for l in range(L):
+        wqkv[l, :, :C] = P[slots[l, W_Q]]
+        wqkv[l, :, C:2 * C] = P[slots[l, W_K]]
+        wqkv[l, :, 2 * C:] = P[slots[l, W_V]]
+    sums = np.zeros(n_shards, dtype=np.float64)
+    for s in prange(n_shards):
+        b0 = (s * B) // n_shards
+        b1 = ((s + 1) * B) // n_shards
+        w = np.empty(1, dtype=dt)
+        w[0] = (b1 - b0) / B     # this shard's share of the mean
+        sums[s] = _shard(idx[b0:b1].copy(), tgt[b0:b1].copy(), P, G, s, slots, top, flags, wqkv,
+                         w[0])
+    for k in range(len(G)):      # the shards' gradients come weighted: add them up
+        g = G[k]
+        for s in range(1, n_shards):
+            g[0] += g[s]
+    return sums.sum() / (B * T)

@@ -1,0 +1,172 @@
+"""The fused training step (kernels/step.py through numgpt.parallel.FusedStep): the same loss and
+gradients as the layer-by-layer reference, checked against central differences in float64,
+for every kind of block the ladder builds; and the one-call clip and AdamW it feeds."""
+import numpy as np
+import pytest
+
+import numgpt
+from numgpt import parallel
+from numgpt.gradcheck import numeric_grad, rel_error, sample_indices
+from numgpt.optim import ListedGrads
+
+# (preset, overrides): every switch of the GPT block that the fused step handles
+CASES = [
+    ("residual", {}),                                          # the bench's tiny config
+    ("single_head", {}),                                       # one head, no projection, no ffn
+    ("ffn", {}),                                               # ffn without its output layer
+    ("layernorm", {"activation": "gelu"}),                     # post-norm
+    ("preln", {"activation": "gelu", "n_head": 2}),            # pre-norm
+    ("preln", {"residual": False, "attn_proj": False}),
+    ("laptop", {"n_layer": 2, "n_embd": 16, "block_size": 12, "batch_size": 3}),
+]
+
+
+def _model(preset, kw, dtype, seed=0):
+    cfg = numgpt.get_config(preset, vocab_size=13, **kw)
+    m = numgpt.GPT(cfg, seed=seed, dtype=dtype)
+    rng = np.random.default_rng(seed + 1)
+    for p in m.params.values():  # away from the zero head and unit gains: every path matters
+        p += rng.normal(0, 0.1, p.shape).astype(dtype)
+    return m
+
+
+def _batch(cfg, seed=0, T=None):
+    rng = np.random.default_rng(seed)
+    shape = (cfg.batch_size, T or cfg.block_size)
+    return rng.integers(0, cfg.vocab_size, shape), rng.integers(0, cfg.vocab_size, shape)
+
+
+@pytest.mark.parametrize("preset,kw", CASES)
+@pytest.mark.parametrize("shards", [1, 2, 3])
+def test_fused_step_equals_the_reference(preset, kw, shards):
+    m = _model(preset, kw, np.float32)
+    x, y = _batch(m.cfg)
+    loss, grads = parallel.FusedStep(m, shards=shards)(x, y)
+    ref_loss, ref = m.loss_and_grads(x, y)
+    assert abs(loss - ref_loss) < 1e-5 * abs(ref_loss)
+    assert list(grads) == list(ref)
+    for k in ref:
+        assert grads[k].shape == ref[k].shape and grads[k].dtype == np.float32
+        np.testing.assert_allclose(grads[k], ref[k], rtol=2e-4, atol=2e-6 * np.abs(ref[k]).max(),
+                                   err_msg=k)
+
+
+@pytest.mark.parametrize("preset,kw", CASES)
+def test_fused_step_gradient_check_float64(preset, kw):
+    """Central differences of the reference loss against the fused step's gradients."""
+    m = _model(preset, kw, np.float64, seed=3)
+    cfg = m.cfg.replace(batch_size=3)
+    x, y = _batch(cfg, seed=4)
+    loss, grads = parallel.FusedStep(m, shards=2)(x, y)
+    pick = np.random.default_rng(0)
+    for name, p in m.params.items():
+        ix = sample_indices(p.size, 12, pick)
+        num = numeric_grad(lambda: m.loss(x, y), p, 1e-6, ix)
+        err = rel_error(grads[name].reshape(-1)[ix], num, 1e-4)
+        assert err < 1e-6, (name, err)
+    assert abs(loss - m.loss(x, y)) < 1e-12
+
+
+def test_short_sequences_odd_batches_and_one_row():
+    m = _model("preln", {}, np.float64)
+    for B, T in ((1, 8), (5, 3), (7, 1)):
+        x, y = _batch(m.cfg.replace(batch_size=B), seed=B, T=T)
+        loss, grads = parallel.FusedStep(m, shards=2)(x, y)
+        ref_loss, ref = m.loss_and_grads(x, y)
+        assert abs(loss - ref_loss) < 1e-12
+        for k in ref:
+            np.testing.assert_allclose(grads[k], ref[k], rtol=1e-9, atol=1e-12, err_msg=k)
+
+
+def test_bad_ids_and_shapes_are_refused_before_the_kernel():
+    m = _model("residual", {}, np.float32)
+    step = parallel.FusedStep(m)
+    x, y = _batch(m.cfg)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        step(x, np.where(y == 0, 13, y))
+    with pytest.raises(ValueError, match="exceeds block_size"):
+        step(np.zeros((2, 9), dtype=int), np.zeros((2, 9), dtype=int))
+    with pytest.raises(ValueError, match="targets have shape"):
+        step(x, y[:, :4])
+
+
+def test_grads_follow_replaced_parameters_and_are_reused():
+    """set_params swaps the arrays (a resume does): the step must read the new ones."""
+    m = _model("residual", {}, np.float64)
+    step = parallel.FusedStep(m)
+    x, y = _batch(m.cfg)
+    loss1, g1 = step(x, y)
+    first = {k: v.copy() for k, v in g1.items()}
+    new = {k: v * 0.5 for k, v in m.params.items()}
+    m.set_params(new)
+    loss2, g2 = step(x, y)
+    ref_loss, ref = m.loss_and_grads(x, y)
+    assert abs(loss2 - ref_loss) < 1e-12 and abs(loss2 - loss1) > 1e-6
+    for k in ref:
+        np.testing.assert_allclose(g2[k], ref[k], rtol=1e-9, atol=1e-12)
+    assert any(not np.allclose(first[k], g2[k]) for k in ref)
+
+
+def test_listed_clip_and_adamw_equal_the_per_tensor_path():
+    """The same gradients, once as the fused step's ListedGrads (one compiled call each for the
+    norm, the clip and AdamW) and once as a plain dict (a call per tensor)."""
+    m = _model("preln", {}, np.float32)
+    x, y = _batch(m.cfg)
+    twin = numgpt.GPT(m.cfg, dtype=np.float32, params=m.get_params())
+    opt_a = numgpt.make_optimizer(m, m.cfg.replace(weight_decay=0.1))
+    opt_b = numgpt.make_optimizer(twin, m.cfg.replace(weight_decay=0.1))
+    step = parallel.FusedStep(m)
+    for it in range(3):
+        _, ga = step(x, y)
+        assert isinstance(ga, ListedGrads)
+        gb = {k: v.copy() for k, v in ga.items()}
+        na = numgpt.clip_grad_norm(ga, 0.05)
+        nb = numgpt.clip_grad_norm(gb, 0.05)
+        assert nb > 0.05 and abs(na - nb) < 1e-5 * nb
+        for k in gb:
+            np.testing.assert_allclose(ga[k], gb[k], rtol=1e-5, atol=1e-9)
+        opt_a.step(ga, lr=1e-2)
+        opt_b.step(gb, lr=1e-2)
+        for k in m.params:
+            np.testing.assert_allclose(m.params[k], twin.params[k], rtol=1e-5, atol=1e-7)
+            np.testing.assert_allclose(opt_a.v[k], opt_b.v[k], rtol=1e-4, atol=1e-12)
+        for k in m.params:  # the next step from the same point
+            twin.params[k][...] = m.params[k]
+    assert opt_a.t == opt_b.t == 3
+    assert not np.allclose(m.params["tok_emb"], _model("preln", {}, np.float32).params["tok_emb"])
+
+
+def test_step_function_picks_the_fused_step_for_small_models(monkeypatch):
+    monkeypatch.setattr(parallel, "cores", lambda: 2)
+    tiny = numgpt.get_config("residual")
+    step, close = parallel.step_function(numgpt.GPT(tiny), tiny)
+    assert isinstance(step, parallel.FusedStep)
+    close()
+    for cfg in (tiny.replace(dropout=0.1), tiny.replace(kernels=False)):
+        assert not isinstance(parallel.step_function(numgpt.GPT(cfg), cfg)[0], parallel.FusedStep)
+    monkeypatch.setenv("NUMGPT_FUSED", "0")
+    assert isinstance(parallel.step_function(numgpt.GPT(tiny), tiny)[0],
+                      parallel.OneBlasThreadStep)
+    with pytest.raises(ValueError, match="no dropout"):
+        parallel.FusedStep(numgpt.GPT(tiny.replace(dropout=0.1)))
+
+
+def test_blas_runs_on_one_thread_inside_the_fused_step(monkeypatch):
+    from threadpoolctl import threadpool_info
+    m = _model("residual", {}, np.float32)
+    step = parallel.FusedStep(m)
+    seen = []
+    import kernels.step as ks
+
+    class Spy:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __call__(self, *a):
+            seen.append([i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"])
+            return self.fn(*a)
+    spy = Spy(ks.train_step)
+    spy.serial = Spy(ks.train_step.serial)
+    monkeypatch.setattr(ks, "train_step", spy)
+    step(*_batch(m.cfg))
+    assert seen and all(n == 1 for n in seen[0])
