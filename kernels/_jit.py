@@ -128,3 +128,51 @@ def pick(kernel, work):
     if work >= PARALLEL_MIN_WORK and threads_allowed():
         return kernel
     return kernel.serial
+
+
+# ---- exp that vectorises ----
+
+def fast_exp(x):
+    """exp(x). In kernels, float32 takes a polynomial that LLVM can vectorise (5x faster here than
+    libm's expf, which numba calls one element at a time without Intel's SVML); float64 takes
+    math.exp. Python callers get math.exp."""
+    import math
+    return math.exp(x)
+
+
+def _install_fast_exp():
+    import math
+
+    import numpy as np
+    from numba import types
+    from numba.extending import overload
+
+    @overload(fast_exp, jit_options=dict(fastmath=FASTMATH, error_model="numpy"))
+    def _fast_exp(x):
+        if not (isinstance(x, types.Float) and x.bitwidth == 32):
+            return lambda x: math.exp(x)
+
+        def exp32(x):
+            # exp(x) = 2^n exp(r), n = round(x / ln 2), |r| <= ln(2) / 2, ln 2 split in two parts
+            # so that n ln 2 is exact; exp(r) by its degree-7 polynomial (coefficients fitted for
+            # float32, as in the Cephes library); 2^n built in the exponent bits. Relative error
+            # 6e-8 over [-87, 0] (as libm's expf), NaN stays NaN, and the range is clamped to the
+            # normal floats: exp(-inf) gives 1.2e-38, not 0, which no softmax sum can see.
+            lo = np.float32(-87.33654)
+            hi = np.float32(88.0)
+            x = lo if x < lo else x      # written so that a NaN passes through
+            x = hi if x > hi else x
+            n = math.floor(x * np.float32(1.4426950408889634) + np.float32(0.5))
+            r = x - n * np.float32(0.693359375) - n * np.float32(-2.12194440e-4)
+            p = np.float32(1.9875691500e-4)
+            p = p * r + np.float32(1.3981999507e-3)
+            p = p * r + np.float32(8.3334519073e-3)
+            p = p * r + np.float32(4.1665795894e-2)
+            p = p * r + np.float32(1.6666665459e-1)
+            p = p * r + np.float32(5.0000001201e-1)
+            y = p * r * r + r + np.float32(1)
+            return y * np.int32((np.int64(n) + 127) << 23).view(np.float32)
+        return exp32
+
+
+_install_fast_exp()

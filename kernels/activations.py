@@ -9,7 +9,7 @@ import math
 import numpy as np
 from numba import prange
 
-from ._jit import jit
+from ._jit import fast_exp, jit
 
 GELU_C = math.sqrt(2.0 / math.pi)
 GELU_A = 0.044715
@@ -33,7 +33,7 @@ def tanh_by_exp(u, one, two):
     """tanh(u) = 1 - 2 / (exp(2u) + 1), one exponential: 6x faster here than math.tanh (about 2.4
     against 17 ns an element), as accurate for GELU, and exact at the ends (exp overflowing to
     inf gives 1, underflowing to 0 gives -1; never inf / inf)."""
-    return one - two / (math.exp(u + u) + one)
+    return one - two / (fast_exp(u + u) + one)
 
 
 @jit(parallel=True)

@@ -7,6 +7,8 @@ Python's, every divisor is tested for zero and the update ran 4.5x slower.
 """
 import math
 
+import numpy as np
+
 from numba import prange
 
 from ._jit import jit
@@ -14,14 +16,18 @@ from ._jit import jit
 
 @jit(parallel=True)
 def adamw_update(p, g, m, v, lr, b1, b2, eps, decay, c1, c2):
-    """In place on flat arrays: p *= decay; m, v moments; p -= lr (m / c1) / (sqrt(v / c2) + eps)."""
+    """In place on flat arrays: p *= decay; m, v moments; p -= lr (m / c1) / (sqrt(v / c2) + eps),
+    computed as (lr / c1) m / (sqrt(v) / sqrt(c2) + eps): one division and one square root per
+    element instead of three divisions (their throughput bounds this loop)."""
+    step = lr / c1
+    rc2 = 1 / math.sqrt(c2)
     for i in prange(p.size):
         gi = g[i]
         mi = b1 * m[i] + (1 - b1) * gi
         vi = b2 * v[i] + (1 - b2) * gi * gi
         m[i] = mi
         v[i] = vi
-        p[i] = p[i] * decay - lr * (mi / c1) / (math.sqrt(vi / c2) + eps)
+        p[i] = p[i] * decay - step * mi / (math.sqrt(vi) * rc2 + eps)
 
 
 _adamw_serial = adamw_update.serial
@@ -30,10 +36,16 @@ _adamw_serial = adamw_update.serial
 @jit()
 def adamw_update_lists(P, G, M, V, decays, lr, b1, b2, eps, weight_decay, c1, c2):
     """adamw_update over every tensor of typed lists of flat arrays in one call (small models:
-    one call per tensor cost more than the update); decays[k] says whether tensor k decays."""
-    for k in range(len(P)):
-        decay = 1 - lr * weight_decay if decays[k] else 1.0
-        _adamw_serial(P[k], G[k], M[k], V[k], lr, b1, b2, eps, decay, c1, c2)
+    one call per tensor cost more than the update); decays[k] says whether tensor k decays.
+    The constants come in the arrays' dtype, so float32 tensors update in float32 arithmetic
+    (as NumPy's reference does with Python floats) and the loop vectorises."""
+    k = np.empty(8, dtype=P[0].dtype)
+    k[0], k[1], k[2], k[3], k[4], k[5] = lr, b1, b2, eps, c1, c2
+    k[6] = 1 - lr * weight_decay
+    k[7] = 1
+    for i in range(len(P)):
+        _adamw_serial(P[i], G[i], M[i], V[i], k[0], k[1], k[2], k[3], k[6] if decays[i] else k[7],
+                      k[4], k[5])
 
 
 @jit()

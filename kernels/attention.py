@@ -26,7 +26,7 @@ import math
 import numpy as np
 from numba import prange
 
-from ._jit import jit
+from ._jit import fast_exp, jit
 
 
 @jit()
@@ -81,7 +81,7 @@ def attention_fwd(qkv, n_head, scale, keep, inv_keep, has_drop, y, lse):
                 m = max(m, s[j])
             tot = zero
             for j in range(n):
-                e = math.exp(s[j] - m)
+                e = fast_exp(s[j] - m)
                 s[j] = e
                 tot += e
             inv = 1 / tot
@@ -136,7 +136,7 @@ def attention_bwd(qkv, y, dy, lse, n_head, scale, keep, inv_keep, has_drop, dqkv
                     dpd[j] += gd * VT[d, j]
             L = lse[b, h, i]
             for j in range(n):
-                p = math.exp(s[j] - L)     # the forward's softmax, recomputed
+                p = math.exp(s[j] - L)     # the forward's softmax, recomputed (one at a time: libm)
                 pd = p
                 dp = dpd[j]
                 if has_drop:
@@ -177,7 +177,7 @@ def softmax_causal_fwd(S, scale, keep, inv_keep, has_drop, P, Pd, lse):
             m = max(m, S[b, h, i, j] * scale)
         tot = zero
         for j in range(n):
-            e = math.exp(S[b, h, i, j] * scale - m)
+            e = fast_exp(S[b, h, i, j] * scale - m)
             P[b, h, i, j] = e
             tot += e
         inv = one / tot

@@ -7,7 +7,7 @@ import math
 import numpy as np
 from numba import prange
 
-from ._jit import jit
+from ._jit import fast_exp, jit
 
 
 @jit(parallel=True)
@@ -24,12 +24,12 @@ def cross_entropy_fwd_bwd(z, t, want_grad, dz):
         tot = 0.0
         if want_grad:  # keep the exponentials in dz, so each is computed once
             for v in range(V):
-                e = math.exp(z[n, v] - m)
+                e = fast_exp(z[n, v] - m)
                 dz[n, v] = e
                 tot += e
         else:
             for v in range(V):
-                tot += math.exp(z[n, v] - m)
+                tot += fast_exp(z[n, v] - m)
         lse = m + math.log(tot)
         losses[n] = lse - z[n, t[n]]
         if want_grad:

@@ -95,7 +95,7 @@ def _attention_fwd(qkv, nb, T, H, scale, y, p):
                     m = max(m, s[h, j])
                 tot = zero
                 for j in range(i + 1):
-                    e = math.exp(s[h, j] - m)
+                    e = math.exp(s[h, j] - m)  # (short loops: libm's beats a scalar polynomial)
                     s[h, j] = e
                     tot += e
                 inv = one / tot
