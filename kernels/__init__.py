@@ -23,7 +23,8 @@ KERNEL_NAMES = {"attention": ["attention_fwd", "attention_bwd", "softmax_causal_
                 "layernorm": ["layernorm_fwd", "layernorm_bwd"],
                 "activations": ["bias_act_fwd", "bias_act_bwd"],
                 "loss": ["cross_entropy_fwd_bwd"], "embedding": ["embed_fwd", "embed_bwd"],
-                "adamw": ["adamw_update"], "step": ["train_step"]}
+                "adamw": ["adamw_update"]}
+FUSED_NAMES = {"step": ["train_step"]}  # compiled where SciPy is there (numgpt.parallel.FusedStep)
 SINGLE_NAMES = {"adamw": ["adamw_update_lists", "sum_squares_lists", "scale_lists"]}
 DECODE_NAMES = ["decode_step", "_mv", "_dot_rows", "_dot_rows_threads", "_layernorm", "_merge",
                 "sample_rows"]
@@ -52,10 +53,20 @@ def _announced(cold, what, say):
 
 def cache_is_warm():
     """True when numba's on-disk cache holds every kernel (with its serial twin) and the decoder."""
-    return (all(_cached(mod, name + suffix) for mod, names in KERNEL_NAMES.items()
+    fused = FUSED_NAMES if _fused_possible() else {}
+    return (all(_cached(mod, name + suffix) for mod, names in {**KERNEL_NAMES, **fused}.items()
                 for name in names for suffix in ("", "_serial"))
-            and all(_cached(mod, name) for mod, names in SINGLE_NAMES.items() for name in names)
+            and (all(_cached(mod, name) for mod, names in SINGLE_NAMES.items() for name in names)
+                 or not _fused_possible())
             and decode_cache_is_warm())
+
+
+def _fused_possible():
+    try:
+        import scipy.linalg.cython_blas  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def decode_cache_is_warm():

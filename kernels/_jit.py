@@ -162,7 +162,7 @@ def _install_fast_exp():
             hi = np.float32(88.0)
             x = lo if x < lo else x      # written so that a NaN passes through
             x = hi if x > hi else x
-            n = math.floor(x * np.float32(1.4426950408889634) + np.float32(0.5))
+            n = np.floor(x * np.float32(1.4426950408889634) + np.float32(0.5))  # float32
             r = x - n * np.float32(0.693359375) - n * np.float32(-2.12194440e-4)
             p = np.float32(1.9875691500e-4)
             p = p * r + np.float32(1.3981999507e-3)

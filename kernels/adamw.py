@@ -19,15 +19,17 @@ def adamw_update(p, g, m, v, lr, b1, b2, eps, decay, c1, c2):
     """In place on flat arrays: p *= decay; m, v moments; p -= lr (m / c1) / (sqrt(v / c2) + eps),
     computed as (lr / c1) m / (sqrt(v) / sqrt(c2) + eps): one division and one square root per
     element instead of three divisions (their throughput bounds this loop)."""
-    step = lr / c1
-    rc2 = 1 / math.sqrt(c2)
+    k = np.empty(8, dtype=p.dtype)  # the constants in p's dtype: float32 stays float32
+    k[0], k[1], k[2], k[3] = b1, 1 - b1, b2, 1 - b2
+    k[4], k[5], k[6], k[7] = lr / c1, 1 / math.sqrt(c2), eps, decay
+    kb1, k1b1, kb2, k1b2, step, rc2, keps, kdecay = k[0], k[1], k[2], k[3], k[4], k[5], k[6], k[7]
     for i in prange(p.size):
         gi = g[i]
-        mi = b1 * m[i] + (1 - b1) * gi
-        vi = b2 * v[i] + (1 - b2) * gi * gi
+        mi = kb1 * m[i] + k1b1 * gi
+        vi = kb2 * v[i] + k1b2 * gi * gi
         m[i] = mi
         v[i] = vi
-        p[i] = p[i] * decay - step * mi / (math.sqrt(vi) * rc2 + eps)
+        p[i] = p[i] * kdecay - step * mi / (math.sqrt(vi) * rc2 + keps)
 
 
 _adamw_serial = adamw_update.serial
@@ -36,16 +38,10 @@ _adamw_serial = adamw_update.serial
 @jit()
 def adamw_update_lists(P, G, M, V, decays, lr, b1, b2, eps, weight_decay, c1, c2):
     """adamw_update over every tensor of typed lists of flat arrays in one call (small models:
-    one call per tensor cost more than the update); decays[k] says whether tensor k decays.
-    The constants come in the arrays' dtype, so float32 tensors update in float32 arithmetic
-    (as NumPy's reference does with Python floats) and the loop vectorises."""
-    k = np.empty(8, dtype=P[0].dtype)
-    k[0], k[1], k[2], k[3], k[4], k[5] = lr, b1, b2, eps, c1, c2
-    k[6] = 1 - lr * weight_decay
-    k[7] = 1
+    one call per tensor cost more than the update); decays[k] says whether tensor k decays."""
     for i in range(len(P)):
-        _adamw_serial(P[i], G[i], M[i], V[i], k[0], k[1], k[2], k[3], k[6] if decays[i] else k[7],
-                      k[4], k[5])
+        decay = 1 - lr * weight_decay if decays[i] else 1.0
+        _adamw_serial(P[i], G[i], M[i], V[i], lr, b1, b2, eps, decay, c1, c2)
 
 
 @jit()

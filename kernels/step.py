@@ -21,7 +21,7 @@ import math
 import numpy as np
 from numba import prange
 
-from ._jit import jit
+from ._jit import fast_exp, jit
 from .activations import bias_act_bwd, bias_act_fwd
 from .embedding import embed_bwd, embed_fwd
 from .layernorm import layernorm_bwd, layernorm_fwd
@@ -149,6 +149,104 @@ def _attention_bwd(qkv, p, dy, nb, T, H, scale, dqkv):
                     dqkv[rj, 2 * C + c] += cp[c] * dy[r, c]
 
 
+SHORT_BLOCK = 16  # blocks up to this many positions take the loops above; longer ones BLAS
+
+
+@jit()
+def _head(a, b, T, col, hs, out):
+    """out [T, hs] = a[b*T:(b+1)*T, col:col+hs] (a head's slice, made contiguous for BLAS)"""
+    for t in range(T):
+        for d in range(hs):
+            out[t, d] = a[b * T + t, col + d]
+
+
+@jit()
+def _attention_blas_fwd(qkv, nb, T, H, scale, y, p):
+    """As _attention_fwd, for longer blocks: per (sequence, head) the scores q k^T and the
+    weighted sum p v as BLAS products on contiguous copies of the head's slices (the masked
+    upper half is computed and ignored), the causal softmax between them."""
+    C = y.shape[1]
+    hs = C // H
+    dt = y.dtype
+    zero = np.zeros(1, dtype=dt)[0]
+    one = np.ones(1, dtype=dt)[0]
+    Q = np.empty((T, hs), dtype=dt)
+    K = np.empty((T, hs), dtype=dt)
+    V = np.empty((T, hs), dtype=dt)
+    O = np.empty((T, hs), dtype=dt)
+    for b in range(nb):
+        for h in range(H):
+            _head(qkv, b, T, h * hs, hs, Q)
+            _head(qkv, b, T, C + h * hs, hs, K)
+            _head(qkv, b, T, 2 * C + h * hs, hs, V)
+            S = p[b, h]
+            np.dot(Q, K.T, S)
+            for i in range(T):
+                m = S[i, 0] * scale
+                for j in range(1, i + 1):
+                    m = max(m, S[i, j] * scale)
+                tot = zero
+                for j in range(i + 1):
+                    e = fast_exp(S[i, j] * scale - m)
+                    S[i, j] = e
+                    tot += e
+                inv = one / tot
+                for j in range(i + 1):
+                    S[i, j] *= inv
+                for j in range(i + 1, T):
+                    S[i, j] = zero
+            np.dot(S, V, O)
+            for t in range(T):
+                for d in range(hs):
+                    y[b * T + t, h * hs + d] = O[t, d]
+
+
+@jit()
+def _attention_blas_bwd(qkv, p, y, dy, nb, T, H, scale, dqkv):
+    """The backward of _attention_blas_fwd: dp = dy v^T, dv = p^T dy, ds = scale p (dp - D) with
+    D_i = dy_i . y_i, dq = ds k, dk = ds^T q; products in BLAS per (sequence, head)."""
+    C = dy.shape[1]
+    hs = C // H
+    dt = dy.dtype
+    zero = np.zeros(1, dtype=dt)[0]
+    Q = np.empty((T, hs), dtype=dt)
+    K = np.empty((T, hs), dtype=dt)
+    V = np.empty((T, hs), dtype=dt)
+    dY = np.empty((T, hs), dtype=dt)
+    Yh = np.empty((T, hs), dtype=dt)
+    dS = np.empty((T, T), dtype=dt)
+    O = np.empty((T, hs), dtype=dt)
+    for b in range(nb):
+        for h in range(H):
+            _head(qkv, b, T, h * hs, hs, Q)
+            _head(qkv, b, T, C + h * hs, hs, K)
+            _head(qkv, b, T, 2 * C + h * hs, hs, V)
+            _head(dy, b, T, h * hs, hs, dY)
+            _head(y, b, T, h * hs, hs, Yh)
+            P = p[b, h]
+            np.dot(dY, V.T, dS)                      # dp
+            for i in range(T):
+                D = zero
+                for d in range(hs):
+                    D += dY[i, d] * Yh[i, d]
+                for j in range(i + 1):
+                    dS[i, j] = P[i, j] * (dS[i, j] - D) * scale
+                for j in range(i + 1, T):
+                    dS[i, j] = zero
+            np.dot(P.T, dY, O)                       # dv
+            for t in range(T):
+                for d in range(hs):
+                    dqkv[b * T + t, 2 * C + h * hs + d] = O[t, d]
+            np.dot(dS, K, O)                         # dq
+            for t in range(T):
+                for d in range(hs):
+                    dqkv[b * T + t, h * hs + d] = O[t, d]
+            np.dot(dS.T, Q, O)                       # dk
+            for t in range(T):
+                for d in range(hs):
+                    dqkv[b * T + t, C + h * hs + d] = O[t, d]
+
+
 @jit()
 def _shard(idx, tgt, P, G, s, slots, top, flags, wqkv, weight):
     """Forward and backward of the rows idx [nb, T] (targets tgt [nb, T]) on this thread.
@@ -199,7 +297,10 @@ def _shard(idx, tgt, P, G, s, slots, top, flags, wqkv, weight):
                 hin[l, j] = x
             if j == 0:
                 np.dot(hin[l, j], wqkv[l], qkv[l])
-                _attention_fwd(qkv[l], nb, T, H, scale, att[l], probs[l])
+                if T <= SHORT_BLOCK:
+                    _attention_fwd(qkv[l], nb, T, H, scale, att[l], probs[l])
+                else:
+                    _attention_blas_fwd(qkv[l], nb, T, H, scale, att[l], probs[l])
                 if has_proj:
                     np.dot(att[l], P[slots[l, W_PROJ]], f)
                     _add_bias(f, P[slots[l, B_PROJ]])
@@ -277,7 +378,10 @@ def _shard(idx, tgt, P, G, s, slots, top, flags, wqkv, weight):
                     np.dot(df, P[slots[l, W_PROJ]].T, datt)
                 else:
                     datt[:] = df
-                _attention_bwd(qkv[l], probs[l], datt, nb, T, H, scale, dqkv)
+                if T <= SHORT_BLOCK:
+                    _attention_bwd(qkv[l], probs[l], datt, nb, T, H, scale, dqkv)
+                else:
+                    _attention_blas_bwd(qkv[l], probs[l], att[l], datt, nb, T, H, scale, dqkv)
                 np.dot(hin[l, j].T, dqkv, dwqkv)
                 G[slots[l, W_Q]][s][:] = dwqkv[:, :C]
                 G[slots[l, W_K]][s][:] = dwqkv[:, C:2 * C]

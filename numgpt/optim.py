@@ -23,6 +23,27 @@ class ListedGrads(dict):
         super().__init__(items)
         self.flat = flat
 
+    # an entry replaced or removed: the list no longer shows the dict, so forget it (the
+    # per-tensor paths then run)
+    def __setitem__(self, key, value):
+        self.flat = None
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key):
+        self.flat = None
+        super().__delitem__(key)
+
+    def _forget(name):
+        def method(self, *a, **k):
+            self.flat = None
+            return getattr(dict, name)(self, *a, **k)
+        method.__name__ = name
+        return method
+
+    update, pop, popitem = _forget("update"), _forget("pop"), _forget("popitem")
+    setdefault, clear, __ior__ = _forget("setdefault"), _forget("clear"), _forget("__ior__")
+    del _forget
+
 
 class AdamW:
     """Adam with decoupled weight decay (Loshchilov & Hutter), updating a params dict in place.

@@ -213,7 +213,7 @@ def step_function(model, cfg=None):
         s = ShardedStep(model, 2)
         return s, s.close
     if cfg.batch_size * cfg.block_size * cfg.n_embd < MIN_WORK and fused_applies(cfg) \
-            and os.environ.get("NUMGPT_FUSED", "").strip() not in ("0", "false", "no", "off"):
+            and fused_applies(model.cfg) and os.environ.get("NUMGPT_FUSED", "").strip() not in ("0", "false", "no", "off"):
         return FusedStep(model), (lambda: None)
     if cfg.batch_size * cfg.block_size * cfg.n_embd < MIN_WORK and cores() >= 2:
         return OneBlasThreadStep(model), (lambda: None)

@@ -18,6 +18,8 @@ CASES = [
     ("preln", {"activation": "gelu", "n_head": 2}),            # pre-norm
     ("preln", {"residual": False, "attn_proj": False}),
     ("laptop", {"n_layer": 2, "n_embd": 16, "block_size": 12, "batch_size": 3}),
+    # blocks longer than kernels/step.SHORT_BLOCK: attention through BLAS per (sequence, head)
+    ("laptop", {"n_layer": 2, "n_embd": 16, "block_size": 21, "batch_size": 3}),
 ]
 
 
@@ -69,7 +71,7 @@ def test_fused_step_gradient_check_float64(preset, kw):
 
 def test_short_sequences_odd_batches_and_one_row():
     m = _model("preln", {}, np.float64)
-    for B, T in ((1, 8), (5, 3), (7, 1)):
+    for B, T in ((1, 8), (5, 3), (7, 1)):  # (and a long block's short batch, below)
         x, y = _batch(m.cfg.replace(batch_size=B), seed=B, T=T)
         loss, grads = parallel.FusedStep(m, shards=2)(x, y)
         ref_loss, ref = m.loss_and_grads(x, y)
@@ -126,6 +128,7 @@ def test_listed_clip_and_adamw_equal_the_per_tensor_path():
         for k in gb:
             np.testing.assert_allclose(ga[k], gb[k], rtol=1e-5, atol=1e-9)
         opt_a.step(ga, lr=1e-2)
+        assert opt_a._lists[0][0] is not None  # the one-call path ran (it builds these lists)
         opt_b.step(gb, lr=1e-2)
         for k in m.params:
             np.testing.assert_allclose(m.params[k], twin.params[k], rtol=1e-5, atol=1e-7)
@@ -169,4 +172,16 @@ def test_blas_runs_on_one_thread_inside_the_fused_step(monkeypatch):
     spy.serial = Spy(ks.train_step.serial)
     monkeypatch.setattr(ks, "train_step", spy)
     step(*_batch(m.cfg))
-    assert seen and all(n == 1 for n in seen[0])
+    assert seen and seen[0] and all(n == 1 for n in seen[0])
+
+
+def test_listed_grads_forget_their_list_when_an_entry_is_replaced():
+    """A replaced entry is not in the typed list: clip and AdamW must then see the dict."""
+    m = _model("residual", {}, np.float32)
+    _, g = parallel.FusedStep(m)(*_batch(m.cfg))
+    g["lm_head.b"] = np.full_like(g["lm_head.b"], 1e3)
+    assert g.flat is None
+    assert numgpt.clip_grad_norm(g, 0) >= 1e3 * np.sqrt(g["lm_head.b"].size)
+    _, g = parallel.FusedStep(m)(*_batch(m.cfg))
+    g.update({})
+    assert g.flat is None
