@@ -51,13 +51,15 @@ def _announced(cold, what, say):
         say(f"compiled in {time.time() - t0:.0f} s")
 
 
-def cache_is_warm():
-    """True when numba's on-disk cache holds every kernel (with its serial twin) and the decoder."""
-    fused = FUSED_NAMES if _fused_possible() else {}
-    return (all(_cached(mod, name + suffix) for mod, names in {**KERNEL_NAMES, **fused}.items()
+def cache_is_warm(fused=True):
+    """True when numba's on-disk cache holds every kernel (with its serial twin) and the decoder,
+    and, with fused, the fused training step of small models (where SciPy is there to run it)."""
+    fused = fused and _fused_possible()
+    return (all(_cached(mod, name + suffix)
+                for mod, names in {**KERNEL_NAMES, **(FUSED_NAMES if fused else {})}.items()
                 for name in names for suffix in ("", "_serial"))
-            and (all(_cached(mod, name) for mod, names in SINGLE_NAMES.items() for name in names)
-                 or not _fused_possible())
+            and (not fused or all(_cached(mod, name) for mod, names in SINGLE_NAMES.items()
+                                  for name in names))
             and decode_cache_is_warm())
 
 
@@ -86,8 +88,10 @@ def warmup_decode(dtype="float32", say=None):
         generate(m, np.zeros((1, 1), dtype=np.int64), 6, rng=np.random.default_rng(0))  # all paths
 
 
-def warmup(dtype="float32", say=None):
-    """Compile (or load from cache) every kernel for dtype, telling the user when it compiles."""
+def warmup(dtype="float32", say=None, fused=True):
+    """Compile (or load from cache) every kernel for dtype, telling the user when it compiles.
+    fused=False leaves out the fused step of small models (kernels/step.py: about a third of the
+    compile time), for a run that will not use it."""
     import numpy as np
 
     from numgpt.config import get_config
@@ -98,7 +102,7 @@ def warmup(dtype="float32", say=None):
     from . import _jit, ops
     dt = np.dtype(dtype)
     min_work, store = _jit.PARALLEL_MIN_WORK, ops.STORE_PROBS_BYTES
-    with _announced(not cache_is_warm(), "", say):
+    with _announced(not cache_is_warm(fused), "", say):
         try:
             for serial in (True, False):  # the serial twins, then the parallel kernels
                 _jit.FORCE_SERIAL = serial
@@ -113,7 +117,7 @@ def warmup(dtype="float32", say=None):
                     loss, grads = m.loss_and_grads(x, x, rng=rng)
                     m.loss(x, x)
                     AdamW(m.params, use_kernels=True).step(grads)
-                    if stored and fused_applies(cfg.replace(dropout=0.0)):  # the fused step
+                    if fused and stored and fused_applies(cfg.replace(dropout=0.0)):
                         m = GPT(cfg.replace(dropout=0.0), dtype=dt)
                         loss, grads = FusedStep(m, shards=2)(x, x)
                         clip_grad_norm(grads, 1e-3)

@@ -204,6 +204,12 @@ class FusedStep:
         return float(loss), self._grads
 
 
+def uses_fused_step(cfg):
+    """Whether step_function gives training cfg the fused step (small GPTs without dropout)."""
+    return (cfg.batch_size * cfg.block_size * cfg.n_embd < MIN_WORK and fused_applies(cfg)
+            and os.environ.get("NUMGPT_FUSED", "").strip() not in ("0", "false", "no", "off"))
+
+
 def step_function(model, cfg=None):
     """The fastest loss_and_grads for training cfg here: a ShardedStep for mid-sized models, the
     fused compiled step for small ones (the model's own with one BLAS thread where that cannot
@@ -212,8 +218,7 @@ def step_function(model, cfg=None):
     if worth_sharding(cfg):
         s = ShardedStep(model, 2)
         return s, s.close
-    if cfg.batch_size * cfg.block_size * cfg.n_embd < MIN_WORK and fused_applies(cfg) \
-            and fused_applies(model.cfg) and os.environ.get("NUMGPT_FUSED", "").strip() not in ("0", "false", "no", "off"):
+    if uses_fused_step(cfg) and fused_applies(model.cfg):
         return FusedStep(model), (lambda: None)
     if cfg.batch_size * cfg.block_size * cfg.n_embd < MIN_WORK and cores() >= 2:
         return OneBlasThreadStep(model), (lambda: None)

@@ -17,7 +17,7 @@ from .resources import check_memory
 from .generate import generate
 from .model import GPT
 from .optim import clip_grad_norm, get_lr
-from .parallel import step_function
+from .parallel import step_function, uses_fused_step
 
 CKPT = "ckpt.npz"
 LOG = "log.jsonl"
@@ -207,7 +207,8 @@ def _train(cfg, ds, out_dir, resume, stop_at, quiet, sample_chars, progress):
 
     if cfg.kernels:
         import kernels
-        kernels.warmup("float32", say=None if not quiet else (lambda msg: None))
+        kernels.warmup("float32", say=None if not quiet else (lambda msg: None),
+                       fused=uses_fused_step(cfg))
     model = GPT(cfg, seed=cfg.seed, dtype=np.float32)
     opt = make_optimizer(model, cfg)
     rng = np.random.default_rng(cfg.seed)
