@@ -153,11 +153,42 @@ SHORT_BLOCK = 16  # blocks up to this many positions take the loops above; longe
 
 
 @jit()
+def _linear_bwd(x, dy, W, gW, gb, row, dx):
+    """y = x W + b, backward: gW = x^T dy, gb = sum over rows of dy (summed into the local row,
+    then copied: see _shard), dx = dy W^T."""
+    np.dot(x.T, dy, gW)
+    _col_sums(dy, row)
+    gb[:] = row
+    np.dot(dy, W.T, dx)
+
+
+@jit()
 def _head(a, b, T, col, hs, out):
     """out [T, hs] = a[b*T:(b+1)*T, col:col+hs] (a head's slice, made contiguous for BLAS)"""
     for t in range(T):
         for d in range(hs):
             out[t, d] = a[b * T + t, col + d]
+
+
+@jit()
+def _put_head(a, b, T, col, src):
+    """a[b*T:(b+1)*T, col:col+hs] = src [T, hs]"""
+    for t in range(T):
+        for d in range(src.shape[1]):
+            a[b * T + t, col + d] = src[t, d]
+
+
+@jit()
+def _qkv_heads(qkv, b, h, T, hs, like):
+    """Scratch Q, K, V, O [T, hs] (dtype of like), with Q, K, V holding head h of sequence b."""
+    C = qkv.shape[1] // 3
+    Q = np.empty((T, hs), dtype=like.dtype)
+    K = np.empty((T, hs), dtype=like.dtype)
+    V = np.empty((T, hs), dtype=like.dtype)
+    _head(qkv, b, T, h * hs, hs, Q)
+    _head(qkv, b, T, C + h * hs, hs, K)
+    _head(qkv, b, T, 2 * C + h * hs, hs, V)
+    return Q, K, V, np.empty((T, hs), dtype=like.dtype)
 
 
 @jit()
@@ -170,15 +201,9 @@ def _attention_blas_fwd(qkv, nb, T, H, scale, y, p):
     dt = y.dtype
     zero = np.zeros(1, dtype=dt)[0]
     one = np.ones(1, dtype=dt)[0]
-    Q = np.empty((T, hs), dtype=dt)
-    K = np.empty((T, hs), dtype=dt)
-    V = np.empty((T, hs), dtype=dt)
-    O = np.empty((T, hs), dtype=dt)
     for b in range(nb):
         for h in range(H):
-            _head(qkv, b, T, h * hs, hs, Q)
-            _head(qkv, b, T, C + h * hs, hs, K)
-            _head(qkv, b, T, 2 * C + h * hs, hs, V)
+            Q, K, V, O = _qkv_heads(qkv, b, h, T, hs, y)
             S = p[b, h]
             np.dot(Q, K.T, S)
             for i in range(T):
@@ -196,9 +221,7 @@ def _attention_blas_fwd(qkv, nb, T, H, scale, y, p):
                 for j in range(i + 1, T):
                     S[i, j] = zero
             np.dot(S, V, O)
-            for t in range(T):
-                for d in range(hs):
-                    y[b * T + t, h * hs + d] = O[t, d]
+            _put_head(y, b, T, h * hs, O)
 
 
 @jit()
@@ -209,18 +232,12 @@ def _attention_blas_bwd(qkv, p, y, dy, nb, T, H, scale, dqkv):
     hs = C // H
     dt = dy.dtype
     zero = np.zeros(1, dtype=dt)[0]
-    Q = np.empty((T, hs), dtype=dt)
-    K = np.empty((T, hs), dtype=dt)
-    V = np.empty((T, hs), dtype=dt)
     dY = np.empty((T, hs), dtype=dt)
     Yh = np.empty((T, hs), dtype=dt)
     dS = np.empty((T, T), dtype=dt)
-    O = np.empty((T, hs), dtype=dt)
     for b in range(nb):
         for h in range(H):
-            _head(qkv, b, T, h * hs, hs, Q)
-            _head(qkv, b, T, C + h * hs, hs, K)
-            _head(qkv, b, T, 2 * C + h * hs, hs, V)
+            Q, K, V, O = _qkv_heads(qkv, b, h, T, hs, dy)
             _head(dy, b, T, h * hs, hs, dY)
             _head(y, b, T, h * hs, hs, Yh)
             P = p[b, h]
@@ -234,17 +251,11 @@ def _attention_blas_bwd(qkv, p, y, dy, nb, T, H, scale, dqkv):
                 for j in range(i + 1, T):
                     dS[i, j] = zero
             np.dot(P.T, dY, O)                       # dv
-            for t in range(T):
-                for d in range(hs):
-                    dqkv[b * T + t, 2 * C + h * hs + d] = O[t, d]
+            _put_head(dqkv, b, T, 2 * C + h * hs, O)
             np.dot(dS, K, O)                         # dq
-            for t in range(T):
-                for d in range(hs):
-                    dqkv[b * T + t, h * hs + d] = O[t, d]
+            _put_head(dqkv, b, T, h * hs, O)
             np.dot(dS.T, Q, O)                       # dk
-            for t in range(T):
-                for d in range(hs):
-                    dqkv[b * T + t, C + h * hs + d] = O[t, d]
+            _put_head(dqkv, b, T, C + h * hs, O)
 
 
 @jit()
@@ -335,18 +346,14 @@ def _shard(idx, tgt, P, G, s, slots, top, flags, wqkv, weight):
     dz *= weight
 
     # ---- backward
-    np.dot(hf.T, dz, G[top[LM_W]][s])
-    # vector gradients are summed row by row into a local row first, then copied: the shards'
-    # slots of a vector share cache lines, and writing them row by row from two threads made the
-    # two shards together slower than one alone (false sharing)
+    # vector gradients are summed row by row into a local row, then copied once: the shards'
+    # slots of a vector share cache lines, which two threads should not write row after row
     gv = np.empty((1, V), dtype=dt)
     gg = np.empty((1, C), dtype=dt)
     gb = np.empty((1, C), dtype=dt)
     gf = np.empty((1, F), dtype=dt)
-    _col_sums(dz, gv)
-    G[top[LM_B]][s][:] = gv
     ds = np.empty((M, C), dtype=dt)      # gradient of the residual stream
-    np.dot(dz, P[top[LM_W]].T, ds)
+    _linear_bwd(hf, dz, P[top[LM_W]], G[top[LM_W]][s], G[top[LM_B]][s], gv, ds)
     dh = np.empty((M, C), dtype=dt)
     if norm != 0:
         _ln_bwd(ds, x, P[top[LNF_G]][0], meanf, rstdf, 1, dh, gg, gb)
@@ -372,10 +379,8 @@ def _shard(idx, tgt, P, G, s, slots, top, flags, wqkv, weight):
             # df: gradient of the sublayer's output (and, with residual, of the skip)
             if j == 0:
                 if has_proj:
-                    np.dot(att[l].T, df, G[slots[l, W_PROJ]][s])
-                    _col_sums(df, gb)
-                    G[slots[l, B_PROJ]][s][:] = gb
-                    np.dot(df, P[slots[l, W_PROJ]].T, datt)
+                    _linear_bwd(att[l], df, P[slots[l, W_PROJ]], G[slots[l, W_PROJ]][s],
+                                G[slots[l, B_PROJ]][s], gb, datt)
                 else:
                     datt[:] = df
                 if T <= SHORT_BLOCK:
@@ -389,10 +394,8 @@ def _shard(idx, tgt, P, G, s, slots, top, flags, wqkv, weight):
                 np.dot(dqkv, wqkv[l].T, dh)
             else:
                 if has_out:
-                    np.dot(hid[l].T, df, G[slots[l, W_OUT]][s])
-                    _col_sums(df, gb)
-                    G[slots[l, B_OUT]][s][:] = gb
-                    np.dot(df, P[slots[l, W_OUT]].T, dhid)
+                    _linear_bwd(hid[l], df, P[slots[l, W_OUT]], G[slots[l, W_OUT]][s],
+                                G[slots[l, B_OUT]][s], gb, dhid)
                 else:
                     dhid[:] = df
                 _act_bwd(dhid, pre[l], act, 1, dpre, gf)
