@@ -21,8 +21,9 @@ import math
 import numpy as np
 from numba import prange
 
-from ._jit import fast_exp, jit
+from ._jit import jit
 from .activations import bias_act_bwd, bias_act_fwd
+from .attention import softmax_causal_bwd, softmax_causal_fwd
 from .embedding import embed_bwd, embed_fwd
 from .layernorm import layernorm_bwd, layernorm_fwd
 from .loss import cross_entropy_fwd_bwd
@@ -32,6 +33,7 @@ _embed_fwd, _embed_bwd = embed_fwd.serial, embed_bwd.serial
 _ln_fwd, _ln_bwd = layernorm_fwd.serial, layernorm_bwd.serial
 _act_fwd, _act_bwd = bias_act_fwd.serial, bias_act_bwd.serial
 _xent = cross_entropy_fwd_bwd.serial
+_softmax_fwd, _softmax_bwd = softmax_causal_fwd.serial, softmax_causal_bwd.serial
 
 # per-layer slots (column of `slots`); -1 where the config has no such parameter
 LN1_G, LN1_B, W_Q, W_K, W_V, W_PROJ, B_PROJ, LN2_G, LN2_B, W_FC, B_FC, W_OUT, B_OUT = range(13)
@@ -179,82 +181,58 @@ def _put_head(a, b, T, col, src):
 
 
 @jit()
-def _qkv_heads(qkv, b, h, T, hs, like):
-    """Scratch Q, K, V, O [T, hs] (dtype of like), with Q, K, V holding head h of sequence b."""
-    C = qkv.shape[1] // 3
-    Q = np.empty((T, hs), dtype=like.dtype)
-    K = np.empty((T, hs), dtype=like.dtype)
-    V = np.empty((T, hs), dtype=like.dtype)
-    _head(qkv, b, T, h * hs, hs, Q)
-    _head(qkv, b, T, C + h * hs, hs, K)
-    _head(qkv, b, T, 2 * C + h * hs, hs, V)
-    return Q, K, V, np.empty((T, hs), dtype=like.dtype)
-
-
-@jit()
 def _attention_blas_fwd(qkv, nb, T, H, scale, y, p):
     """As _attention_fwd, for longer blocks: per (sequence, head) the scores q k^T and the
     weighted sum p v as BLAS products on contiguous copies of the head's slices (the masked
-    upper half is computed and ignored), the causal softmax between them."""
+    upper half is computed and ignored), with the causal softmax of the stored-probabilities
+    path (attention.softmax_causal_fwd) between them."""
     C = y.shape[1]
     hs = C // H
     dt = y.dtype
-    zero = np.zeros(1, dtype=dt)[0]
-    one = np.ones(1, dtype=dt)[0]
+    A = np.empty((T, hs), dtype=dt)
+    B = np.empty((T, hs), dtype=dt)
     for b in range(nb):
         for h in range(H):
-            Q, K, V, O = _qkv_heads(qkv, b, h, T, hs, y)
-            S = p[b, h]
-            np.dot(Q, K.T, S)
-            for i in range(T):
-                m = S[i, 0] * scale
-                for j in range(1, i + 1):
-                    m = max(m, S[i, j] * scale)
-                tot = zero
-                for j in range(i + 1):
-                    e = fast_exp(S[i, j] * scale - m)
-                    S[i, j] = e
-                    tot += e
-                inv = one / tot
-                for j in range(i + 1):
-                    S[i, j] *= inv
-                for j in range(i + 1, T):
-                    S[i, j] = zero
-            np.dot(S, V, O)
-            _put_head(y, b, T, h * hs, O)
+            _head(qkv, b, T, h * hs, hs, A)                   # q
+            _head(qkv, b, T, C + h * hs, hs, B)               # k
+            np.dot(A, B.T, p[b, h])
+    _softmax_fwd(p, scale, np.zeros((1, 1, 1, 1), dtype=np.bool_), np.ones(1, dtype=dt)[0],
+                 False, p, p, np.empty((nb, H, T), dtype=dt))
+    for b in range(nb):
+        for h in range(H):
+            _head(qkv, b, T, 2 * C + h * hs, hs, A)           # v
+            np.dot(p[b, h], A, B)
+            _put_head(y, b, T, h * hs, B)
 
 
 @jit()
 def _attention_blas_bwd(qkv, p, y, dy, nb, T, H, scale, dqkv):
-    """The backward of _attention_blas_fwd: dp = dy v^T, dv = p^T dy, ds = scale p (dp - D) with
-    D_i = dy_i . y_i, dq = ds k, dk = ds^T q; products in BLAS per (sequence, head)."""
+    """The backward of _attention_blas_fwd: dp = dy v^T and dv = p^T dy, dq = ds k, dk = ds^T q
+    in BLAS per (sequence, head); ds = scale p (dp - D) by attention.softmax_causal_bwd."""
     C = dy.shape[1]
     hs = C // H
     dt = dy.dtype
-    zero = np.zeros(1, dtype=dt)[0]
-    dY = np.empty((T, hs), dtype=dt)
-    Yh = np.empty((T, hs), dtype=dt)
-    dS = np.empty((T, T), dtype=dt)
+    A = np.empty((T, hs), dtype=dt)
+    B = np.empty((T, hs), dtype=dt)
+    O = np.empty((T, hs), dtype=dt)
+    dS = np.empty((nb, H, T, T), dtype=dt)
     for b in range(nb):
         for h in range(H):
-            Q, K, V, O = _qkv_heads(qkv, b, h, T, hs, dy)
-            _head(dy, b, T, h * hs, hs, dY)
-            _head(y, b, T, h * hs, hs, Yh)
-            P = p[b, h]
-            np.dot(dY, V.T, dS)                      # dp
-            for i in range(T):
-                D = zero
-                for d in range(hs):
-                    D += dY[i, d] * Yh[i, d]
-                for j in range(i + 1):
-                    dS[i, j] = P[i, j] * (dS[i, j] - D) * scale
-                for j in range(i + 1, T):
-                    dS[i, j] = zero
-            np.dot(P.T, dY, O)                       # dv
+            _head(dy, b, T, h * hs, hs, A)
+            _head(qkv, b, T, 2 * C + h * hs, hs, B)           # v
+            np.dot(A, B.T, dS[b, h])                          # dp
+    _softmax_bwd(p, dS, dy.reshape(nb, T, C), y.reshape(nb, T, C), scale,
+                 np.zeros((1, 1, 1, 1), dtype=np.bool_), np.ones(1, dtype=dt)[0], False, p, dS)
+    for b in range(nb):
+        for h in range(H):
+            _head(dy, b, T, h * hs, hs, A)
+            np.dot(p[b, h].T, A, O)                           # dv
             _put_head(dqkv, b, T, 2 * C + h * hs, O)
-            np.dot(dS, K, O)                         # dq
+            _head(qkv, b, T, C + h * hs, hs, B)               # k
+            np.dot(dS[b, h], B, O)                            # dq
             _put_head(dqkv, b, T, h * hs, O)
-            np.dot(dS.T, Q, O)                       # dk
+            _head(qkv, b, T, h * hs, hs, B)                   # q
+            np.dot(dS[b, h].T, B, O)                          # dk
             _put_head(dqkv, b, T, C + h * hs, O)
 
 
@@ -276,11 +254,10 @@ def _shard(idx, tgt, P, G, s, slots, top, flags, wqkv, weight):
     has_proj, has_ffn, has_out, act = flags[ATTN_PROJ], flags[FFN], flags[FFN_PROJ], flags[ACT]
     F = P[slots[0, W_FC]].shape[1] if has_ffn else C
     dt = tok.dtype
-    sc = np.empty(3, dtype=dt)
+    sc = np.empty(2, dtype=dt)   # constants in the arrays' dtype
     sc[0] = (C // H) ** -0.5
-    sc[1] = 1
-    sc[2] = 1e-5
-    scale, eps = sc[0], sc[2]
+    sc[1] = 1e-5
+    scale, eps = sc[0], sc[1]
     n_sub = 2 if has_ffn else 1
 
     # ---- forward; kept for the backward: every sublayer's LayerNorm input and statistics, the
