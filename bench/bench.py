@@ -222,8 +222,11 @@ def main(argv=None):
         print(f"error: unknown config(s) {', '.join(bad)}; choose from {', '.join(CONFIGS)}",
               file=sys.stderr)
         return 2
-    torch_ok = subprocess.run([args.torch_python, "-c", "import torch"],
-                              capture_output=True).returncode == 0
+    try:
+        torch_ok = subprocess.run([args.torch_python, "-c", "import torch"],
+                                  capture_output=True).returncode == 0
+    except OSError:  # no such interpreter, or not executable: the same as a Python without torch
+        torch_ok = False
     import platform
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus; "
           f"threads {args.threads}; python {platform.python_version()}")

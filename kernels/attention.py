@@ -41,11 +41,17 @@ def _load_head(qkv, b, h, n_head):
     V = np.empty((T, hs), dtype=dt)
     KT = np.empty((hs, T), dtype=dt)
     VT = np.empty((hs, T), dtype=dt)
+    o = h * hs
+    for t in range(T):
+        row = qkv[b, t]
+        # slices, indexed by the loop variable alone (see _jit.py, "Index with loop variables")
+        q, k, v = row[o:o + hs], row[C + o:C + o + hs], row[2 * C + o:2 * C + o + hs]
+        for d in range(hs):
+            Q[t, d] = q[d]
+            K[t, d] = k[d]
+            V[t, d] = v[d]
     for t in range(T):
         for d in range(hs):
-            Q[t, d] = qkv[b, t, h * hs + d]
-            K[t, d] = qkv[b, t, C + h * hs + d]
-            V[t, d] = qkv[b, t, 2 * C + h * hs + d]
             KT[d, t] = K[t, d]
             VT[d, t] = V[t, d]
     return Q, K, V, KT, VT
@@ -92,8 +98,7 @@ def attention_fwd(qkv, n_head, scale, keep, inv_keep, has_drop, y, lse):
                     pj = pj * inv_keep if keep[b, h, i, j] else zero
                 for d in range(hs):
                     acc[d] += pj * V[j, d]
-            for d in range(hs):
-                y[b, i, h * hs + d] = acc[d]
+            y[b, i, h * hs:(h + 1) * hs] = acc
             lse[b, h, i] = m + math.log(tot)
 
 
@@ -122,10 +127,11 @@ def attention_bwd(qkv, y, dy, lse, n_head, scale, keep, inv_keep, has_drop, dqkv
         dyi = np.empty(hs, dtype=dt)
         for i in range(T):
             n = i + 1
+            dyi[:] = dy[b, i, h * hs:(h + 1) * hs]
+            yi = y[b, i, h * hs:(h + 1) * hs]
             Di = zero
             for d in range(hs):
-                dyi[d] = dy[b, i, h * hs + d]
-                Di += dyi[d] * y[b, i, h * hs + d]
+                Di += dyi[d] * yi[d]
             s[:n] = 0
             dpd[:n] = 0
             for d in range(hs):
@@ -151,11 +157,12 @@ def attention_bwd(qkv, y, dy, lse, n_head, scale, keep, inv_keep, has_drop, dqkv
                     dV[j, d] += pd * dyi[d]
                     dQ[i, d] += ds * K[j, d]
                     dK[j, d] += ds * Q[i, d]
+        o = h * hs
         for t in range(T):
-            for d in range(hs):
-                dqkv[b, t, h * hs + d] = dQ[t, d]
-                dqkv[b, t, C + h * hs + d] = dK[t, d]
-                dqkv[b, t, 2 * C + h * hs + d] = dV[t, d]
+            row = dqkv[b, t]
+            row[o:o + hs] = dQ[t]
+            row[C + o:C + o + hs] = dK[t]
+            row[2 * C + o:2 * C + o + hs] = dV[t]
 
 
 # ---- the stored-probabilities path: the softmax between BLAS's products ----
@@ -206,18 +213,22 @@ def softmax_causal_bwd(P, dPd, dy, y, scale, keep, inv_keep, has_drop, Pd, dS):
         h = (r // T) % H
         i = r % T
         n = i + 1
+        dyi = dy[b, i, h * hs:(h + 1) * hs]  # slices: see _jit.py, "Index with loop variables"
+        yi = y[b, i, h * hs:(h + 1) * hs]
         D = zero
         for d in range(hs):
-            D += dy[b, i, h * hs + d] * y[b, i, h * hs + d]
+            D += dyi[d] * yi[d]
+        Pi, dPi, dSi = P[b, h, i], dPd[b, h, i], dS[b, h, i]
         if has_drop:
+            Pdi, ki = Pd[b, h, i], keep[b, h, i]
             for j in range(n):  # branch-free, so that it vectorises
-                kj = inv_keep * keep[b, h, i, j]
-                Pd[b, h, i, j] = P[b, h, i, j] * kj
-                dS[b, h, i, j] = P[b, h, i, j] * (dPd[b, h, i, j] * kj - D) * scale
+                kj = inv_keep * ki[j]
+                Pdi[j] = Pi[j] * kj
+                dSi[j] = Pi[j] * (dPi[j] * kj - D) * scale
             for j in range(n, T):
-                Pd[b, h, i, j] = zero
+                Pdi[j] = zero
         else:
             for j in range(n):
-                dS[b, h, i, j] = P[b, h, i, j] * (dPd[b, h, i, j] - D) * scale
+                dSi[j] = Pi[j] * (dPi[j] - D) * scale
         for j in range(n, T):
-            dS[b, h, i, j] = zero
+            dSi[j] = zero

@@ -83,9 +83,11 @@ def _attention_fwd(qkv, nb, T, H, scale, y, p):
     for b in range(nb):
         for i in range(T):
             r = b * T + i
+            qi = qkv[r, :C]  # row slices, indexed by the loop variable alone (_jit.py)
             for j in range(i + 1):             # s[h, j] = scale q_i . k_j over head h's columns
+                kj = qkv[b * T + j, C:2 * C]
                 for c in range(C):
-                    prod[c] = qkv[r, c] * qkv[b * T + j, C + c]
+                    prod[c] = qi[c] * kj[c]
                 for h in range(H):
                     acc = zero
                     for d in range(hs):
@@ -104,12 +106,14 @@ def _attention_fwd(qkv, nb, T, H, scale, y, p):
                 for j in range(i + 1):
                     s[h, j] *= inv
                     p[b, h, i, j] = s[h, j]
-            y[r, :] = zero
+            yi = y[r]
+            yi[:] = zero
             for j in range(i + 1):             # y_i = sum_j p_ij v_j, head by head
                 for h in range(H):
                     coef[h * hs:(h + 1) * hs] = s[h, j]
+                vj = qkv[b * T + j, 2 * C:]
                 for c in range(C):
-                    y[r, c] += coef[c] * qkv[b * T + j, 2 * C + c]
+                    yi[c] += coef[c] * vj[c]
 
 
 @jit()
@@ -129,26 +133,30 @@ def _attention_bwd(qkv, p, dy, nb, T, H, scale, dqkv):
     for b in range(nb):
         for i in range(T):
             r = b * T + i
+            dyi = dy[r]
             D[:] = zero
             for j in range(i + 1):
+                vj = qkv[b * T + j, 2 * C:]
                 for c in range(C):
-                    prod[c] = dy[r, c] * qkv[b * T + j, 2 * C + c]
+                    prod[c] = dyi[c] * vj[c]
                 for h in range(H):
                     acc = zero
                     for d in range(hs):
                         acc += prod[h * hs + d]
                     dp[h, j] = acc
                     D[h] += acc * p[b, h, i, j]
+            qi, dqi = qkv[r, :C], dqkv[r, :C]
             for j in range(i + 1):
                 rj = b * T + j
                 for h in range(H):
                     pij = p[b, h, i, j]
                     cp[h * hs:(h + 1) * hs] = pij
                     cs[h * hs:(h + 1) * hs] = pij * (dp[h, j] - D[h]) * scale
+                kj, dkj, dvj = qkv[rj, C:2 * C], dqkv[rj, C:2 * C], dqkv[rj, 2 * C:]
                 for c in range(C):
-                    dqkv[r, c] += cs[c] * qkv[rj, C + c]
-                    dqkv[rj, C + c] += cs[c] * qkv[r, c]
-                    dqkv[rj, 2 * C + c] += cp[c] * dy[r, c]
+                    dqi[c] += cs[c] * kj[c]
+                    dkj[c] += cs[c] * qi[c]
+                    dvj[c] += cp[c] * dyi[c]
 
 
 SHORT_BLOCK = 16  # blocks up to this many positions take the loops above; longer ones BLAS
@@ -168,16 +176,14 @@ def _linear_bwd(x, dy, W, gW, gb, row, dx):
 def _head(a, b, T, col, hs, out):
     """out [T, hs] = a[b*T:(b+1)*T, col:col+hs] (a head's slice, made contiguous for BLAS)"""
     for t in range(T):
-        for d in range(hs):
-            out[t, d] = a[b * T + t, col + d]
+        out[t] = a[b * T + t, col:col + hs]
 
 
 @jit()
 def _put_head(a, b, T, col, src):
     """a[b*T:(b+1)*T, col:col+hs] = src [T, hs]"""
     for t in range(T):
-        for d in range(src.shape[1]):
-            a[b * T + t, col + d] = src[t, d]
+        a[b * T + t, col:col + src.shape[1]] = src[t]
 
 
 @jit()
