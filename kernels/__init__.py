@@ -6,6 +6,7 @@ numgpt/layers; tests/test_kernels.py holds the two equal, and the gradient check
     activations.py  bias + ReLU/GELU forward/backward
     loss.py         softmax cross-entropy with its gradient in one pass
     embedding.py    token + position embedding forward/backward
+    dropout.py      dropout masks drawn on all cores (the reference's bits)
     adamw.py        the AdamW update in one pass (also over a list of tensors in one call)
     step.py         a small model's whole training step in one call, the batch split over cores
     ops.py          the kernel set with the same API as numgpt.ops.REFERENCE
@@ -23,7 +24,7 @@ KERNEL_NAMES = {"attention": ["attention_fwd", "attention_bwd", "softmax_causal_
                 "layernorm": ["layernorm_fwd", "layernorm_bwd"],
                 "activations": ["bias_act_fwd", "bias_act_bwd"],
                 "loss": ["cross_entropy_fwd_bwd"], "embedding": ["embed_fwd", "embed_bwd"],
-                "adamw": ["adamw_update"]}
+                "adamw": ["adamw_update"], "dropout": ["keep_fill", "dropout_fill"]}
 FUSED_NAMES = {"step": ["train_step"]}  # compiled where SciPy is there (numgpt.parallel.FusedStep)
 SINGLE_NAMES = {"adamw": ["adamw_update_lists", "sum_squares_lists", "scale_lists"]}
 DECODE_NAMES = ["decode_step", "_mv", "_dot_rows", "_dot_rows_threads", "_layernorm", "_merge",

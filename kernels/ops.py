@@ -9,12 +9,13 @@ import threading
 import numba
 import numpy as np
 
-from numgpt.layers import dropout_backward, dropout_forward, linear_backward, linear_forward
+from numgpt.layers import dropout_backward, linear_backward, linear_forward
 from numgpt.ops import op_set
 
 from ._jit import pick, threads_allowed
 from .activations import bias_act_bwd, bias_act_fwd
 from .attention import attention_bwd, attention_fwd, softmax_causal_bwd, softmax_causal_fwd
+from .dropout import dropout_forward, keep_mask
 from .embedding import embed_bwd, embed_fwd
 from .layernorm import layernorm_bwd, layernorm_fwd
 from .loss import cross_entropy_fwd_bwd
@@ -184,7 +185,7 @@ def multihead_forward(x, p, n_head, attn_dropout=0.0, resid_dropout=0.0, rng=Non
     if has_drop:
         if rng is None:
             raise ValueError("dropout with p > 0 needs an rng (numpy Generator) or a mask")
-        keep = rng.random((B, n_head, T, T), dtype=np.float32) >= attn_dropout
+        keep = keep_mask(rng, (B, n_head, T, T), attn_dropout)  # the reference's mask
         inv_keep = dt(1.0 / (1.0 - attn_dropout))
     else:
         keep, inv_keep = _NO_MASK, dt(1.0)

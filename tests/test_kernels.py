@@ -300,3 +300,81 @@ def test_split_batched_products_equal_numpy(monkeypatch):
     close(dxk, dxr, np.float64)
     for k in gr:
         close(gk[k], gr[k], np.float64)
+
+
+def _splitmix64(state, n):
+    """The first n outputs of SplitMix64 from state, in plain Python integers (an independent
+    writing of the generator the dropout masks hash with)."""
+    out, m = [], (1 << 64) - 1
+    for _ in range(n):
+        state = (state + 0x9E3779B97F4A7C15) & m
+        z = state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+        out.append(z ^ (z >> 31))
+    return out
+
+
+def test_dropout_hash_is_splitmix64():
+    """The masks' numbers are SplitMix64's outputs: its published first output from seed 0, and
+    the reference's and the kernel's bits against a plain-Python SplitMix64 for another seed."""
+    from kernels.dropout import keep_fill
+    from numgpt.layers.dropout import hash_keep
+    assert _splitmix64(0, 1)[0] == 0xE220A8397B1DCDAF
+    seed = 0x1234_5678_9ABC_DEF0
+    top = np.array([z >> 32 for z in _splitmix64(seed, 300)], dtype=np.uint64)
+    for thr in (0, 1 << 31, 3 << 30, (1 << 32) - 1):
+        expect = top >= np.uint64(thr)
+        np.testing.assert_array_equal(hash_keep(np.uint64(seed), np.uint64(thr), 300), expect)
+        got = np.empty(300, dtype=bool)
+        keep_fill.serial(np.uint64(seed), np.uint64(thr), got)
+        np.testing.assert_array_equal(got, expect)
+
+
+@pytest.mark.parametrize("shape", [(1,), (3, 5, 7), (2, 3, 64, 64), (5, 300, 17)])
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_mask_kernel_equals_reference(shape, p, monkeypatch):
+    """Bit for bit, on the threads and on the calling thread, from the same rng state."""
+    import kernels._jit
+    from kernels.dropout import keep_mask as kernel_mask
+    from numgpt.layers.dropout import keep_mask
+    ref = keep_mask(np.random.default_rng(7), shape, p)
+    for min_work in (1 << 62, 0):  # serial, then threaded
+        monkeypatch.setattr(kernels._jit, "PARALLEL_MIN_WORK", min_work)
+        np.testing.assert_array_equal(kernel_mask(np.random.default_rng(7), shape, p), ref)
+    assert ref.shape == shape and ref.dtype == bool
+
+
+def test_dropout_masks_keep_one_minus_p_independently():
+    """Kept fraction within 5 standard errors of 1 - p; successive masks from one rng differ, and
+    neighbouring elements are uncorrelated (the hash mixes the counter)."""
+    from numgpt.layers.dropout import keep_mask
+    rng = np.random.default_rng(0)
+    n = 200_000
+    for p in (0.05, 0.2, 0.5, 0.9):
+        m = keep_mask(rng, (n,), p)
+        assert abs(m.mean() - (1 - p)) < 5 * np.sqrt(p * (1 - p) / n)
+        a = m[:-1].astype(float) - m.mean()
+        b = m[1:].astype(float) - m.mean()
+        assert abs((a * b).mean() / m.var()) < 5 / np.sqrt(n)
+    m1, m2 = keep_mask(rng, (1000,), 0.5), keep_mask(rng, (1000,), 0.5)
+    assert 0.4 < (m1 != m2).mean() < 0.6
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dropout_kernel_equals_reference(dtype, monkeypatch):
+    import kernels._jit
+    from kernels.dropout import dropout_forward as kernel_dropout
+    from numgpt.layers.dropout import dropout_forward
+    x = rnd(4, 33, 20, dtype=dtype)
+    yr, sr = dropout_forward(x, 0.3, np.random.default_rng(3))
+    for min_work in (1 << 62, 0):
+        monkeypatch.setattr(kernels._jit, "PARALLEL_MIN_WORK", min_work)
+        yk, sk = kernel_dropout(x, 0.3, np.random.default_rng(3))
+        np.testing.assert_array_equal(yk, yr)
+        np.testing.assert_array_equal(sk, sr)
+        assert yk.dtype == dtype and sk.dtype == dtype
+    y0, c0 = kernel_dropout(x, 0.0, None)
+    assert y0 is x and c0 is None
+    with pytest.raises(ValueError, match="rng"):
+        kernel_dropout(x, 0.3, None)

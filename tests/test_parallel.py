@@ -115,3 +115,14 @@ def test_grad_scale_scales_the_gradients_not_the_loss():
     assert loss2 == loss
     for k in grads:
         np.testing.assert_allclose(grads2[k], 0.25 * grads[k], rtol=1e-12, atol=1e-15)
+
+
+def test_sharded_steps_keep_freed_memory():
+    """The sharded step asks glibc's malloc to keep freed memory (numgpt.parallel.keep_freed_memory);
+    where malloc is not glibc's that is a no-op that says so."""
+    import platform
+    cfg = numgpt.get_config("residual", kernels=True)
+    with ShardedStep(numgpt.GPT(cfg, seed=0)):
+        pass
+    assert parallel._MALLOC_TUNED == [platform.libc_ver()[0] == "glibc"]
+    assert parallel.keep_freed_memory() is parallel._MALLOC_TUNED[0]
