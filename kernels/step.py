@@ -401,21 +401,39 @@ def _shard(idx, tgt, P, G, s, slots, top, flags, wqkv, weight):
     return losses.sum()
 
 
-@jit(parallel=True)
-def train_step(idx, tgt, P, G, slots, top, flags, n_shards):
-    """The mean loss of the batch idx [B, T] -> targets tgt [B, T], and its gradients: G[k][0]
-    is the gradient of parameter P[k] (G[k] is [n_shards, *P[k].shape]; the other shards' slots
-    are scratch). The batch is cut into n_shards nearly equal runs of rows, one per thread."""
-    B, T = idx.shape
-    L = slots.shape[0]
-    C = P[top[TOK]].shape[1]
-    dt = P[top[TOK]].dtype
-    wqkv = np.empty((L, C, 3 * C), dtype=dt)   # q, k, v weights side by side: one product
-    for l in range(L):
+@jit()
+def _pack_qkv(P, slots, wqkv):
+    """wqkv [L, C, 3C] = each layer's w_q, w_k, w_v side by side (one product for the three)."""
+    C = wqkv.shape[1]
+    for l in range(wqkv.shape[0]):
         wqkv[l, :, :C] = P[slots[l, W_Q]]
         wqkv[l, :, C:2 * C] = P[slots[l, W_K]]
         wqkv[l, :, 2 * C:] = P[slots[l, W_V]]
-    sums = np.zeros(n_shards, dtype=np.float64)
+
+
+@jit()
+def _add_shards(G, n_shards):
+    """G[k][0] += G[k][s] for every shard s > 0 (the shards' gradients come weighted)."""
+    for k in range(len(G)):
+        g = G[k]
+        for s in range(1, n_shards):
+            g[0] += g[s]
+
+
+@jit(parallel=True)
+def train_step(idx, tgt, P, G, slots, top, flags, n_shards, wqkv, sums):
+    """The mean loss of the batch idx [B, T] -> targets tgt [B, T], and its gradients: G[k][0]
+    is the gradient of parameter P[k] (G[k] is [n_shards, *P[k].shape]; the other shards' slots
+    are scratch). The batch is cut into n_shards nearly equal runs of rows, one per thread.
+    wqkv [L, C, 3C] and sums [n_shards] (float64) are scratch.
+
+    Only the prange is here: numba runs every array expression of a parallel function as a
+    parallel region of its own (thread wake-up and barrier each), so the packing of the weights
+    and the sum over the shards are serial helpers. They were ~50 such regions a step, most of
+    them the gradient sums."""
+    B, T = idx.shape
+    dt = wqkv.dtype
+    _pack_qkv(P, slots, wqkv)
     for s in prange(n_shards):
         b0 = (s * B) // n_shards
         b1 = ((s + 1) * B) // n_shards
@@ -423,8 +441,8 @@ def train_step(idx, tgt, P, G, slots, top, flags, n_shards):
         w[0] = (b1 - b0) / B     # this shard's share of the mean
         sums[s] = _shard(idx[b0:b1].copy(), tgt[b0:b1].copy(), P, G, s, slots, top, flags, wqkv,
                          w[0])
-    for k in range(len(G)):      # the shards' gradients come weighted: add them up
-        g = G[k]
-        for s in range(1, n_shards):
-            g[0] += g[s]
-    return sums.sum() / (B * T)
+    _add_shards(G, n_shards)
+    tot = 0.0
+    for s in range(n_shards):
+        tot += sums[s]
+    return tot / (B * T)

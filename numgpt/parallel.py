@@ -200,6 +200,9 @@ class FusedStep:
                 slots[layer, j] = where.get(f"blocks.{layer}.{short}", -1)
         self._slots = slots
         self._top = np.array([where.get(n, -1) for n in ks.TOP_SLOTS], dtype=np.int64)
+        C = cfg.n_embd
+        self._wqkv = np.empty((cfg.n_layer, C, 3 * C), dtype=views[0].dtype)  # kernel scratch
+        self._sums = np.zeros(self.shards, dtype=np.float64)
         self._flags = np.array([cfg.n_head, {"none": 0, "post": 1, "pre": 2}[cfg.norm],
                                 cfg.residual, cfg.attn_proj, cfg.ffn_mult > 0, cfg.ffn_proj,
                                 {"relu": 0, "gelu": 1}[cfg.activation]], dtype=np.int64)
@@ -226,7 +229,8 @@ class FusedStep:
             if n != 1:
                 lib.set_num_threads(1)
         try:
-            loss = kernel(x, y, self._P, self._G, self._slots, self._top, self._flags, shards)
+            loss = kernel(x, y, self._P, self._G, self._slots, self._top, self._flags, shards,
+                          self._wqkv, self._sums)
         finally:
             for lib, n in zip(libs, before):
                 if n != 1:
