@@ -23,23 +23,30 @@ def apply():
 
 
 def keep_freed_memory():
-    """Ask glibc to keep freed blocks for reuse instead of returning each large one to the OS.
+    """Ask glibc's malloc to keep freed memory for reuse instead of handing it back to the kernel;
+    returns whether it took the settings (False where malloc is not glibc's).
 
-    A training step allocates the same large temporaries every time; by default glibc serves each
-    from fresh pages (mmap) and hands them back on free, so every step pays page faults to touch
-    them again (about a tenth of a laptop-sized step here). mallopt changes that at run time.
+    A training step allocates the same large temporaries every time. By default glibc serves
+    big ones from fresh pages (mmap) and unmaps them on free, and gives every thread an arena of
+    its own whose heaps it shrinks when they empty; either way the next step faults the same
+    pages in again. So: one arena for all threads, blocks up to 32 MB (glibc's largest allowed
+    threshold) from the heap, no trimming. Measured here, the data-parallel step of the scaled
+    preset at batch 8 (two threads): 15-24k page faults and 35-240 ms of system time a step
+    before, none after the second step. An earlier version asked for a 1 GB threshold, which
+    glibc refuses, so only its trim setting had taken. The resident size stays at its peak,
+    which every step reaches anyway.
     """
     import ctypes
     import ctypes.util
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-        libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
-        libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
+        return bool(libc.mallopt(M_ARENA_MAX, 1) and libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
+                    and libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
     except (OSError, AttributeError):  # not glibc: nothing to tune
-        pass
+        return False
 
 
 PARALLEL_KERNELS = apply()
-if "NUMGPT_NO_MALLOPT" not in os.environ:
-    keep_freed_memory()
+# before any thread has made an arena of its own; NUMGPT_NO_MALLOPT=1 leaves malloc alone
+MALLOC_TUNED = "NUMGPT_NO_MALLOPT" not in os.environ and keep_freed_memory()

@@ -31,34 +31,6 @@ MIN_WORK = 1 << 16  # batch * block * n_embd below which the plain path is faste
 MAX_WORK = 1 << 21
 
 
-_MALLOC_TUNED = []
-
-
-def keep_freed_memory():
-    """Ask glibc's malloc to keep freed memory for reuse rather than hand it back to the kernel:
-    one arena for all threads, blocks up to 32 MB from the heap, no trimming. Process-wide, once;
-    a no-op where malloc is not glibc's.
-
-    Why: a sharded step's threads allocate and free the same activations every step. By default
-    each thread gets its own arena, whose heaps glibc shrinks and unmaps when they empty, so the
-    next step faults the same pages in again: measured here at the scaled preset, batch 8, 15-24k
-    page faults and 35-240 ms of system time a step, every step; with this, none after the second.
-    The resident size then stays at its peak, which the step reaches every time anyway."""
-    if _MALLOC_TUNED:
-        return _MALLOC_TUNED[0]
-    ok = False
-    try:
-        import ctypes
-        mallopt = ctypes.CDLL(None).mallopt
-        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
-        ok = bool(mallopt(M_ARENA_MAX, 1) and mallopt(M_MMAP_THRESHOLD, 32 << 20)
-                  and mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
-    except (OSError, AttributeError, TypeError):
-        pass
-    _MALLOC_TUNED.append(ok)
-    return ok
-
-
 def cores():
     """The cores this process may use, capped by the usual thread-count variables when set."""
     try:
@@ -87,7 +59,6 @@ class ShardedStep:
 
     def __init__(self, model, shards=2):
         from threadpoolctl import ThreadpoolController
-        keep_freed_memory()  # before the shard threads make their arenas
         self.model = model
         self.shards = shards
         # one thread per shard, always the same one: per-thread state (malloc arenas, hence

@@ -117,12 +117,16 @@ def test_grad_scale_scales_the_gradients_not_the_loss():
         np.testing.assert_allclose(grads2[k], 0.25 * grads[k], rtol=1e-12, atol=1e-15)
 
 
-def test_sharded_steps_keep_freed_memory():
-    """The sharded step asks glibc's malloc to keep freed memory (numgpt.parallel.keep_freed_memory);
-    where malloc is not glibc's that is a no-op that says so."""
+def test_malloc_keeps_freed_memory():
+    """numgpt asks glibc's malloc, on import, to keep freed memory (one arena, 32 MB mmap
+    threshold, no trimming: numgpt._threads.keep_freed_memory); each of the three settings must
+    take, where malloc is glibc's. Elsewhere it is a no-op that says so."""
+    import os
     import platform
-    cfg = numgpt.get_config("residual", kernels=True)
-    with ShardedStep(numgpt.GPT(cfg, seed=0)):
-        pass
-    assert parallel._MALLOC_TUNED == [platform.libc_ver()[0] == "glibc"]
-    assert parallel.keep_freed_memory() is parallel._MALLOC_TUNED[0]
+
+    from numgpt import _threads
+    if "NUMGPT_NO_MALLOPT" in os.environ:
+        assert _threads.MALLOC_TUNED is False
+    else:
+        assert _threads.MALLOC_TUNED is (platform.libc_ver()[0] == "glibc")
+    assert _threads.keep_freed_memory() is (platform.libc_ver()[0] == "glibc")
