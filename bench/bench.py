@@ -34,7 +34,7 @@ CONFIGS = {
     "tiny": ("residual", dict(), 400, 100),
     "laptop": ("laptop", dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12), 40, 5),
     # numgpt's first mid steps run slow while its heap grows and settles (one in-process run:
-    # 2150, 1299, 981, 953, 906, 856, 852, 868 ms): three warm-up steps, then steady state
+    # 2150, 1299, 981, 953, 906, 856, 852, 868 ms): three warm-up steps (the same for PyTorch)
     "mid": ("scaled", dict(batch_size=8), 5, 3),
     "full": ("scaled", dict(batch_size=64), 2, 1),
 }
@@ -185,6 +185,10 @@ def run_worker(python, spec, threads, timeout=3600):
     env = dict(os.environ)
     for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
         env[k] = str(threads)
+    if spec.get("impl", "numgpt") != "numgpt":
+        # the worker imports numgpt (for its thread settings) before torch; PyTorch keeps
+        # glibc's own malloc settings, not the ones numgpt asks for (numgpt/_threads.py)
+        env["NUMGPT_NO_MALLOPT"] = "1"
     spec = dict(spec, threads=threads)
     try:
         r = subprocess.run([python, os.path.abspath(__file__), "--worker", json.dumps(spec)],

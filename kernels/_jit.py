@@ -39,12 +39,17 @@ PARALLEL_MIN_WORK = 1 << 17   # elements (or inner-loop iterations) below which 
 # cache therefore lives in a folder named by a hash of all of kernels/*.py, OPTIONS and numba's
 # version: any change starts a fresh cache (and the first run says that it compiles).
 
+# numgpt/layers/dropout.py too: kernels/dropout.py compiles its hash constants in
+DROPOUT_REFERENCE = os.path.join(os.path.dirname(HERE), "numgpt", "layers", "dropout.py")
+
+
 def _stamp():
     options = {k: sorted(v) if isinstance(v, set) else v for k, v in OPTIONS.items()}
     h = hashlib.sha256(f"{numba.__version__} {sorted(options.items())}".encode())
-    for path in sorted(glob.glob(os.path.join(HERE, "*.py"))):
+    sources = [(os.path.basename(p), p) for p in sorted(glob.glob(os.path.join(HERE, "*.py")))]
+    for name, path in sources + [("numgpt/layers/dropout.py", DROPOUT_REFERENCE)]:
         with open(path, "rb") as f:
-            h.update(os.path.basename(path).encode() + b"\0" + f.read())
+            h.update(name.encode() + b"\0" + f.read())
     return h.hexdigest()[:16]
 
 

@@ -31,6 +31,7 @@ def _hash_bits(seed, i):
 @jit(parallel=True)
 def keep_fill(seed, thr, keep):
     """keep [n] bool: keep[i] = the hash of (seed, i) >= thr."""
+    seed, thr = np.uint64(seed), np.uint64(thr)  # a plain int would compile as int64: other bits
     n = keep.size
     per = (n + PARTS - 1) // PARTS
     for k in prange(PARTS):
@@ -44,9 +45,10 @@ def keep_fill(seed, thr, keep):
 @jit(parallel=True)
 def dropout_fill(x, seed, thr, inv, y, scale):
     """x, y, scale [n]: scale[i] = inv where the hash of (seed, i) >= thr, else 0; y = x * scale."""
+    seed, thr = np.uint64(seed), np.uint64(thr)
     n = x.size
     per = (n + PARTS - 1) // PARTS
-    zero = np.zeros(1, dtype=y.dtype)[0]
+    zero = inv - inv  # typed 0 (np.zeros here would be a parallel loop of its own)
     for k in prange(PARTS):
         a = min(n, k * per)
         b = min(n, a + per)
@@ -71,8 +73,8 @@ def dropout_forward(x, p, rng=None):
     if p == 0.0:
         return x, None
     if rng is None:
-        raise ValueError("dropout with p > 0 needs an rng (numpy Generator) or a mask")
-    x = np.ascontiguousarray(x)
+        raise ValueError("dropout with p > 0 needs an rng (numpy Generator)")
+    x = np.require(x, requirements="C")  # (keeps a 0-d x 0-d)
     y = np.empty_like(x)
     scale = np.empty_like(x)
     pick(dropout_fill, x.size)(x.reshape(-1), draw_seed(rng), keep_threshold(p),

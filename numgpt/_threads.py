@@ -24,29 +24,37 @@ def apply():
 
 def keep_freed_memory():
     """Ask glibc's malloc to keep freed memory for reuse instead of handing it back to the kernel;
-    returns whether it took the settings (False where malloc is not glibc's).
+    returns whether it took all three settings (False where malloc is not glibc's).
 
     A training step allocates the same large temporaries every time. By default glibc serves
     big ones from fresh pages (mmap) and unmaps them on free, and gives every thread an arena of
-    its own whose heaps it shrinks when they empty; either way the next step faults the same
-    pages in again. So: one arena for all threads, blocks up to 32 MB (glibc's largest allowed
-    threshold) from the heap, no trimming. Measured here, the data-parallel step of the scaled
-    preset at batch 8 (two threads): 15-24k page faults and 35-240 ms of system time a step
-    before, none after the second step. An earlier version asked for a 1 GB threshold, which
-    glibc refuses, so only its trim setting had taken. The resident size stays at its peak,
-    which every step reaches anyway.
+    its own whose heaps it gives back when they empty; either way the next step faults the same
+    pages in again. So: blocks up to 1 GB from the heap, no trimming, and one arena for all
+    threads. The last was the one that mattered for the data-parallel step (two threads):
+    measured here at the scaled preset, batch 8, 15-24k page faults and 35-240 ms of system time
+    a step with the first two settings alone, none after the second step with all three.
+
+    The costs: the threads share one malloc lock (numgpt's threads allocate a few hundred arrays
+    a step, so it is not contended), and freed memory is not returned to the system until the
+    process ends (the resident size stays at the largest it has been: for training, the peak
+    every step reaches anyway). NUMGPT_NO_MALLOPT=1 leaves malloc alone.
     """
     import ctypes
     import ctypes.util
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
-        return bool(libc.mallopt(M_ARENA_MAX, 1) and libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
-                    and libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
+        took = [libc.mallopt(M_MMAP_THRESHOLD, 1 << 30), libc.mallopt(M_TRIM_THRESHOLD, 1 << 30),
+                libc.mallopt(M_ARENA_MAX, 1)]
+        return all(took)
     except (OSError, AttributeError):  # not glibc: nothing to tune
         return False
 
 
+def _opted_out():
+    return os.environ.get("NUMGPT_NO_MALLOPT", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 PARALLEL_KERNELS = apply()
-# before any thread has made an arena of its own; NUMGPT_NO_MALLOPT=1 leaves malloc alone
-MALLOC_TUNED = "NUMGPT_NO_MALLOPT" not in os.environ and keep_freed_memory()
+# before any thread has made an arena of its own
+MALLOC_TUNED = not _opted_out() and keep_freed_memory()

@@ -26,8 +26,9 @@ import numpy as np
 
 MIN_WORK = 1 << 16  # batch * block * n_embd below which the plain path is faster (tiny models)
 # and above which BLAS's and the kernels' own threads do better. Measured: the scaled preset at
-# batch 8 (786k) steps in 886 ms sharded against 939 ms not (its dropout masks are then drawn on
-# both cores, one generator each); at batch 64 (6.3M) in 8.37 s against 8.0 s.
+# batch 8 (786k) steps in 886 ms sharded against 939 ms not (measured when its dropout masks were
+# drawn by NumPy on one core, which sharding spread over both); at batch 64 (6.3M) in 8.37 s
+# against 8.0 s.
 MAX_WORK = 1 << 21
 
 
@@ -61,8 +62,9 @@ class ShardedStep:
         from threadpoolctl import ThreadpoolController
         self.model = model
         self.shards = shards
-        # one thread per shard, always the same one: per-thread state (malloc arenas, hence
-        # the alignment of temporaries) then cannot move a shard's float rounding between steps
+        # one thread per shard, always the same one, so that no per-thread state can move a
+        # shard's float rounding between steps (malloc's arenas were such state; since numgpt
+        # asks for one arena, numgpt/_threads.py, the threads share it)
         self.pools = [ThreadPoolExecutor(1, thread_name_prefix=f"numgpt-shard{i}")
                       for i in range(shards)]
         self.blas = ThreadpoolController().select(user_api="blas")

@@ -22,6 +22,18 @@ def test_cache_folder_is_named_by_the_kernel_sources(tmp_path, monkeypatch):
     assert len({jit._stamp(), same}) == 2
 
 
+def test_cache_folder_follows_the_dropout_reference(tmp_path, monkeypatch):
+    """kernels/dropout.py compiles in the hash constants of numgpt/layers/dropout.py."""
+    ref = tmp_path / "dropout.py"
+    shutil.copy(jit.DROPOUT_REFERENCE, ref)
+    monkeypatch.setattr(jit, "DROPOUT_REFERENCE", str(ref))
+    same = jit._stamp()
+    assert os.path.basename(jit.CACHE_DIR) == "numba-" + same
+    with open(ref, "a") as f:
+        f.write("\n# new constants\n")
+    assert jit._stamp() != same
+
+
 def test_cache_folder_is_the_same_in_every_process():
     """(Python salts str hashes per process: a set's order must not reach the stamp.)"""
     code = "import numgpt, kernels._jit as j; print(j.CACHE_DIR)"

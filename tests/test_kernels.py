@@ -317,32 +317,46 @@ def _splitmix64(state, n):
 
 def test_dropout_hash_is_splitmix64():
     """The masks' numbers are SplitMix64's outputs: its published first output from seed 0, and
-    the reference's and the kernel's bits against a plain-Python SplitMix64 for another seed."""
-    from kernels.dropout import keep_fill
+    the reference's and both kernels' bits (serial and threaded builds) against a plain-Python
+    SplitMix64 for another seed, at thresholds from keep-all to drop-all."""
+    from kernels.dropout import dropout_fill, keep_fill
     from numgpt.layers.dropout import hash_keep
     assert _splitmix64(0, 1)[0] == 0xE220A8397B1DCDAF
     seed = 0x1234_5678_9ABC_DEF0
-    top = np.array([z >> 32 for z in _splitmix64(seed, 300)], dtype=np.uint64)
-    for thr in (0, 1 << 31, 3 << 30, (1 << 32) - 1):
+    n = 300
+    top = np.array([z >> 32 for z in _splitmix64(seed, n)], dtype=np.uint64)
+    x = rnd(n, dtype=np.float32)
+    for thr in (0, 1 << 31, 3 << 30, (1 << 32) - 1, 1 << 32):
         expect = top >= np.uint64(thr)
-        np.testing.assert_array_equal(hash_keep(np.uint64(seed), np.uint64(thr), 300), expect)
-        got = np.empty(300, dtype=bool)
-        keep_fill.serial(np.uint64(seed), np.uint64(thr), got)
-        np.testing.assert_array_equal(got, expect)
+        np.testing.assert_array_equal(hash_keep(np.uint64(seed), np.uint64(thr), n), expect)
+        for build in (keep_fill, keep_fill.serial):
+            got = np.empty(n, dtype=bool)
+            build(np.uint64(seed), np.uint64(thr), got)
+            np.testing.assert_array_equal(got, expect)
+        for build in (dropout_fill, dropout_fill.serial):
+            y, sc = np.empty_like(x), np.empty_like(x)
+            build(x, np.uint64(seed), np.uint64(thr), np.float32(2.0), y, sc)
+            np.testing.assert_array_equal(sc, np.where(expect, 2.0, 0.0).astype(np.float32))
+            np.testing.assert_array_equal(y, x * sc)
+    got = np.empty(n, dtype=bool)  # a plain int seed gives the same bits (cast in the kernel)
+    keep_fill.serial(seed, 1 << 31, got)
+    np.testing.assert_array_equal(got, top >= np.uint64(1 << 31))
 
 
-@pytest.mark.parametrize("shape", [(1,), (3, 5, 7), (2, 3, 64, 64), (5, 300, 17)])
+@pytest.mark.parametrize("shape", [(0,), (1,), (3, 5, 7), (2, 3, 64, 64), (5, 300, 17),
+                                   ((1 << 20) + 7,)])
 @pytest.mark.parametrize("p", [0.1, 0.5])
-def test_dropout_mask_kernel_equals_reference(shape, p, monkeypatch):
-    """Bit for bit, on the threads and on the calling thread, from the same rng state."""
-    import kernels._jit
-    from kernels.dropout import keep_mask as kernel_mask
-    from numgpt.layers.dropout import keep_mask
+def test_dropout_mask_kernel_equals_reference(shape, p):
+    """Bit for bit, from the same rng state: the threaded and the serial kernel against the
+    reference (whose hashing goes in chunks of 2^20 elements)."""
+    from kernels.dropout import keep_fill
+    from numgpt.layers.dropout import draw_seed, keep_mask, keep_threshold
     ref = keep_mask(np.random.default_rng(7), shape, p)
-    for min_work in (1 << 62, 0):  # serial, then threaded
-        monkeypatch.setattr(kernels._jit, "PARALLEL_MIN_WORK", min_work)
-        np.testing.assert_array_equal(kernel_mask(np.random.default_rng(7), shape, p), ref)
     assert ref.shape == shape and ref.dtype == bool
+    for build in (keep_fill, keep_fill.serial):
+        got = np.empty(shape, dtype=bool)
+        build(draw_seed(np.random.default_rng(7)), keep_threshold(p), got.reshape(-1))
+        np.testing.assert_array_equal(got, ref)
 
 
 def test_dropout_masks_keep_one_minus_p_independently():
@@ -359,6 +373,9 @@ def test_dropout_masks_keep_one_minus_p_independently():
         assert abs((a * b).mean() / m.var()) < 5 / np.sqrt(n)
     m1, m2 = keep_mask(rng, (1000,), 0.5), keep_mask(rng, (1000,), 0.5)
     assert 0.4 < (m1 != m2).mean() < 0.6
+    for bad in (-0.1, 1.0, float("nan")):
+        with pytest.raises(ValueError, match="dropout probability"):
+            keep_mask(rng, (3,), bad)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -366,14 +383,15 @@ def test_dropout_kernel_equals_reference(dtype, monkeypatch):
     import kernels._jit
     from kernels.dropout import dropout_forward as kernel_dropout
     from numgpt.layers.dropout import dropout_forward
-    x = rnd(4, 33, 20, dtype=dtype)
-    yr, sr = dropout_forward(x, 0.3, np.random.default_rng(3))
-    for min_work in (1 << 62, 0):
-        monkeypatch.setattr(kernels._jit, "PARALLEL_MIN_WORK", min_work)
-        yk, sk = kernel_dropout(x, 0.3, np.random.default_rng(3))
-        np.testing.assert_array_equal(yk, yr)
-        np.testing.assert_array_equal(sk, sr)
-        assert yk.dtype == dtype and sk.dtype == dtype
+    for x in (rnd(4, 33, 20, dtype=dtype), rnd(4, 33, 20, dtype=dtype)[:, ::2].T,
+              np.array(1.5, dtype=dtype)):
+        yr, sr = dropout_forward(x, 0.3, np.random.default_rng(3))
+        for min_work in (1 << 62, 0):  # the serial kernel, then (where threads may run) threaded
+            monkeypatch.setattr(kernels._jit, "PARALLEL_MIN_WORK", min_work)
+            yk, sk = kernel_dropout(x, 0.3, np.random.default_rng(3))
+            np.testing.assert_array_equal(yk, yr)
+            np.testing.assert_array_equal(sk, sr)
+            assert yk.dtype == dtype and sk.dtype == dtype and yk.shape == x.shape
     y0, c0 = kernel_dropout(x, 0.0, None)
     assert y0 is x and c0 is None
     with pytest.raises(ValueError, match="rng"):

@@ -118,15 +118,34 @@ def test_grad_scale_scales_the_gradients_not_the_loss():
 
 
 def test_malloc_keeps_freed_memory():
-    """numgpt asks glibc's malloc, on import, to keep freed memory (one arena, 32 MB mmap
-    threshold, no trimming: numgpt._threads.keep_freed_memory); each of the three settings must
-    take, where malloc is glibc's. Elsewhere it is a no-op that says so."""
-    import os
+    """numgpt asks glibc's malloc, on import, to keep freed memory (numgpt._threads.
+    keep_freed_memory): every setting took, and a 64 MB block then comes from the heap, not from
+    a fresh mapping (glibc's default threshold is at most 32 MB). Off glibc it says it did
+    nothing; NUMGPT_NO_MALLOPT=1 skips it."""
+    import ctypes
     import platform
 
     from numgpt import _threads
-    if "NUMGPT_NO_MALLOPT" in os.environ:
+    glibc = platform.libc_ver()[0] == "glibc"
+    if _threads._opted_out():
         assert _threads.MALLOC_TUNED is False
-    else:
-        assert _threads.MALLOC_TUNED is (platform.libc_ver()[0] == "glibc")
-    assert _threads.keep_freed_memory() is (platform.libc_ver()[0] == "glibc")
+        return
+    assert _threads.MALLOC_TUNED is glibc
+    if not glibc:
+        return
+
+    class Mallinfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks",
+                                                   "hblkhd", "usmblks", "fsmblks", "uordblks",
+                                                   "fordblks", "keepcost")]
+    libc = ctypes.CDLL("libc.so.6")
+    if not hasattr(libc, "mallinfo2"):  # glibc < 2.33
+        return
+    libc.mallinfo2.restype = Mallinfo2
+    libc.malloc.restype = ctypes.c_void_p
+    mapped = libc.mallinfo2().hblkhd
+    block = libc.malloc(64 << 20)
+    try:
+        assert block and libc.mallinfo2().hblkhd == mapped
+    finally:
+        libc.free(ctypes.c_void_p(block))

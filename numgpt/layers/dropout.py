@@ -23,6 +23,8 @@ _CHUNK = 1 << 20  # elements hashed at a time (bounds the uint64 temporaries)
 
 def keep_threshold(p):
     """The keep test's threshold for drop probability p: keep when hash >> 32 >= this."""
+    if not 0 <= p < 1:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
     return np.uint64(min(round(p * 2.0 ** 32), 2 ** 32))
 
 
