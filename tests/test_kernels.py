@@ -87,7 +87,12 @@ def test_multihead_kernel_equals_reference(dtype, proj, H, drop, attention_path)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("act,proj,drop", [("relu", True, 0.0), ("gelu", True, 0.2),
                                            ("relu", False, 0.0)])
-def test_feedforward_kernel_equals_reference(dtype, act, proj, drop):
+@pytest.mark.parametrize("recompute", [False, True])
+def test_feedforward_kernel_equals_reference(dtype, act, proj, drop, recompute, monkeypatch):
+    """recompute: the activation is not kept but computed again in the backward (big layers,
+    kernels/ops.RECOMPUTE_BYTES)."""
+    import kernels.ops
+    monkeypatch.setattr(kernels.ops, "RECOMPUTE_BYTES", -1 if recompute else 1 << 40)
     F = 20 if proj else C
     p = {"w_fc": rnd(C, F, dtype=dtype), "b_fc": rnd(F, seed=1, dtype=dtype)}
     if proj:
@@ -96,6 +101,8 @@ def test_feedforward_kernel_equals_reference(dtype, act, proj, drop):
     yk, ck = K.feedforward_forward(x, p, act, drop, np.random.default_rng(2))
     yr, cr = R.feedforward_forward(x, p, act, drop, np.random.default_rng(2))
     close(yk, yr, dtype)
+    if proj:  # the cache holds the activation, or not
+        assert (ck[3][0] is None) == recompute
     d = rnd(B, T, C, seed=5, dtype=dtype)
     dxk, gk = K.feedforward_backward(d, ck)
     dxr, gr = R.feedforward_backward(d, cr)
@@ -153,7 +160,10 @@ def test_kernel_attention_grad(attention_path):
 
 
 @pytest.mark.parametrize("act", ["relu", "gelu"])
-def test_kernel_layernorm_and_feedforward_grad(act):
+@pytest.mark.parametrize("recompute", [False, True])
+def test_kernel_layernorm_and_feedforward_grad(act, recompute, monkeypatch):
+    import kernels.ops
+    monkeypatch.setattr(kernels.ops, "RECOMPUTE_BYTES", -1 if recompute else 1 << 40)
     x = rnd(2, 5, C) * 2
     errors = check_layer(lambda x, g, b: K.layernorm_forward(x, g, b),
                          lambda d, c: dict(zip("xgb", K.layernorm_backward(d, c))),
@@ -334,10 +344,9 @@ def test_dropout_hash_is_splitmix64():
             build(np.uint64(seed), np.uint64(thr), got)
             np.testing.assert_array_equal(got, expect)
         for build in (dropout_fill, dropout_fill.serial):
-            y, sc = np.empty_like(x), np.empty_like(x)
-            build(x, np.uint64(seed), np.uint64(thr), np.float32(2.0), y, sc)
-            np.testing.assert_array_equal(sc, np.where(expect, 2.0, 0.0).astype(np.float32))
-            np.testing.assert_array_equal(y, x * sc)
+            y = np.empty_like(x)
+            build(x, np.uint64(seed), np.uint64(thr), np.float32(2.0), y)
+            np.testing.assert_array_equal(y, x * np.where(expect, 2.0, 0.0).astype(np.float32))
     got = np.empty(n, dtype=bool)  # a plain int seed gives the same bits (cast in the kernel)
     keep_fill.serial(seed, 1 << 31, got)
     np.testing.assert_array_equal(got, top >= np.uint64(1 << 31))
@@ -380,19 +389,26 @@ def test_dropout_masks_keep_one_minus_p_independently():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_dropout_kernel_equals_reference(dtype, monkeypatch):
+    """Forward and backward bit for bit; the kernels' cache is the seed, not the mask."""
     import kernels._jit
+    from kernels.dropout import dropout_backward as kernel_backward
     from kernels.dropout import dropout_forward as kernel_dropout
-    from numgpt.layers.dropout import dropout_forward
+    from numgpt.layers.dropout import dropout_backward, dropout_forward
     for x in (rnd(4, 33, 20, dtype=dtype), rnd(4, 33, 20, dtype=dtype)[:, ::2].T,
               np.array(1.5, dtype=dtype)):
-        yr, sr = dropout_forward(x, 0.3, np.random.default_rng(3))
+        dy = rnd(*x.shape, seed=9, dtype=dtype)
+        yr, cr = dropout_forward(x, 0.3, np.random.default_rng(3))
+        dxr = dropout_backward(dy, cr)
         for min_work in (1 << 62, 0):  # the serial kernel, then (where threads may run) threaded
             monkeypatch.setattr(kernels._jit, "PARALLEL_MIN_WORK", min_work)
-            yk, sk = kernel_dropout(x, 0.3, np.random.default_rng(3))
+            yk, ck = kernel_dropout(x, 0.3, np.random.default_rng(3))
             np.testing.assert_array_equal(yk, yr)
-            np.testing.assert_array_equal(sk, sr)
-            assert yk.dtype == dtype and sk.dtype == dtype and yk.shape == x.shape
+            assert yk.dtype == dtype and yk.shape == x.shape
+            assert not any(isinstance(c, np.ndarray) for c in ck)  # no mask kept
+            dxk = kernel_backward(dy, ck)
+            np.testing.assert_array_equal(dxk, dxr)
+            assert dxk.dtype == dtype and dxk.shape == x.shape
     y0, c0 = kernel_dropout(x, 0.0, None)
-    assert y0 is x and c0 is None
+    assert y0 is x and c0 is None and kernel_backward(dy, None) is dy
     with pytest.raises(ValueError, match="rng"):
         kernel_dropout(x, 0.3, None)
