@@ -91,8 +91,8 @@ def warmup_decode(dtype="float32", say=None):
 
 def warmup(dtype="float32", say=None, fused=True):
     """Compile (or load from cache) every kernel for dtype, telling the user when it compiles.
-    fused=False leaves out the fused step of small models (kernels/step.py: about 30 s of a
-    70 s cold compile here), for a run that will not use it."""
+    fused=False leaves out the fused step of small models (kernels/step.py: a small model's
+    cold compile took 100 s here, the default run's 40 s), for a run that will not use it."""
     import numpy as np
 
     from numgpt.config import get_config

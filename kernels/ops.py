@@ -269,10 +269,12 @@ def feedforward_backward(dy, cache):
     da = dropout_backward(dy, cd).reshape(h.shape[0], -1)
     if c2 is not None:
         if c2[0] is None:  # a = act(h) again: h already holds the bias, so add a zero one
-            a = np.empty_like(h)
+            a = np.empty_like(h)  # (which rewrites h with the same values; -0.0 becomes +0.0)
             pick(bias_act_fwd, h.size)(h, np.zeros(h.shape[1], h.dtype), _ACT[activation], a)
             c2 = (a,) + c2[1:]
+            del a
         da, g["w_out"], g["b_out"] = linear_backward(da, c2)
+        c2 = None  # a recomputed activation is freed before dh is allocated
     k = _chunks(h.shape[0])
     dh = np.empty_like(h)
     db = np.empty((k, h.shape[1]), dtype=h.dtype)

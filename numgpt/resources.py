@@ -7,7 +7,10 @@ needs and refuse, with one line, when it is more than the memory available now.
 
 The estimate (float32; N = batch_size * block_size tokens, P parameters, F = feed-forward width):
     training  4 bytes * (4 P                     parameters, gradients, AdamW m and v
-                       + N * n_layer * (12 C + 3 F)   activations kept for the backward pass
+                       + N * n_layer * (12 C + 3 F)   activations kept for the backward pass (the
+                                                  kernels keep F less where they recompute the
+                                                  feed-forward activation, and no 2 C of
+                                                  dropout masks)
                        + N * (n_layer * k + 3) H T    the T x T attention weights, where they are
                                                   kept: k = 3 per layer with dropout (weights,
                                                   mask, dropped weights), else 1, and 3 for one
@@ -20,8 +23,9 @@ The estimate (float32; N = batch_size * block_size tokens, P parameters, F = fee
                        + 3 H T T + T (12 C + 3 F))  the prompt's (or a rebuild's) forward pass, whose
                                                   attention builds T x T scores per head
 plus BASE_BYTES for Python, NumPy and numba. Against measured peaks: the scaled preset at batch
-64, 4.3 GB estimated for 3.5 GB used; at batch 8 (which keeps its probabilities) 0.94 GB for
-0.93-0.94 GB; laptop 218 MB for 201 MB; preln at batch 2048 and the scaled preset at batch 32
+64, 3.4 GB estimated for 2.69-2.78 GB used (before the kernels stopped keeping dropout masks and big
+feed-forward activations, 4.3 GB for 3.5 GB); at batch 8 (which keeps its probabilities) 0.90 GB
+for 0.89-0.92 GB; laptop 218 MB for 201 MB; preln at batch 2048 and the scaled preset at batch 32
 within 10% (before the stored-probabilities path); the NumPy path with 16 heads over 1024 positions and dropout, 2.64 GB for
 2.57 GB; sampling a block-4096 model with a long prompt, 3.4 GB for 3.46 GB.
 """
@@ -60,6 +64,8 @@ def training_bytes(cfg):
     if cfg.model == "bigram":
         return BASE_BYTES + 4 * (4 * P + 4 * N * V)
     per_layer = 12 * C + 3 * cfg.ffn_hidden
+    if cfg.kernels:
+        per_layer -= _kernels_recompute(cfg)
     attn = 0
     if not cfg.kernels:
         kept = 3 if cfg.dropout > 0 else 1
@@ -70,6 +76,20 @@ def training_bytes(cfg):
     elif cfg.dropout > 0:  # the fused kernels keep only the dropout mask, a byte an entry
         attn = N * cfg.n_layer * 0.25 * cfg.n_head * cfg.block_size
     return BASE_BYTES + int(4 * (4 * P + N * cfg.n_layer * per_layer + attn + N * (4 * V + 8 * C)))
+
+
+def _kernels_recompute(cfg):
+    """Activations per token and layer that the kernels do not keep (kernels/ops.py): the two
+    dropout masks (they keep the seed), and the feed-forward activation where a call's is above
+    kernels/ops.RECOMPUTE_BYTES (computed again in the backward)."""
+    from kernels.ops import RECOMPUTE_BYTES
+
+    from .parallel import worth_sharding
+    n = 2 * cfg.n_embd if cfg.dropout > 0 else 0
+    B = -(-cfg.batch_size // 2) if worth_sharding(cfg) else cfg.batch_size
+    if cfg.ffn_mult > 0 and 4 * B * cfg.block_size * cfg.ffn_hidden > RECOMPUTE_BYTES:
+        n += cfg.ffn_hidden
+    return n
 
 
 def _kernels_store_probs(cfg):

@@ -181,7 +181,12 @@ def test_kernel_layernorm_and_feedforward_grad(act, recompute, monkeypatch):
 
 
 @pytest.mark.parametrize("preset", ["bigram", "single_head", "ffn", "layernorm", "preln", "scaled"])
-def test_model_with_kernels_equals_reference(preset, attention_path):
+def test_model_with_kernels_equals_reference(preset, attention_path, monkeypatch):
+    """(For the scaled preset, with dropout, the feed-forward activations are recomputed in the
+    backward, as at batch 64.)"""
+    import kernels.ops
+    if preset == "scaled":
+        monkeypatch.setattr(kernels.ops, "RECOMPUTE_BYTES", -1)
     over = dict(block_size=16, n_embd=24, n_head=3, n_layer=2) if preset != "bigram" else {}
     if preset in ("single_head", "ffn"):
         over.update(n_head=1 if preset == "single_head" else 4, n_layer=1)
@@ -412,3 +417,27 @@ def test_dropout_kernel_equals_reference(dtype, monkeypatch):
     assert y0 is x and c0 is None and kernel_backward(dy, None) is dy
     with pytest.raises(ValueError, match="rng"):
         kernel_dropout(x, 0.3, None)
+
+
+@pytest.mark.parametrize("act", ["relu", "gelu"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_feedforward_recompute_is_bit_identical_and_repeatable(act, dtype, monkeypatch):
+    """Recomputing the activation in the backward gives the same bits as keeping it, and a
+    backward run twice on one cache gives the same result (the recompute rewrites h in place)."""
+    import kernels.ops
+    p = {"w_fc": rnd(C, 20, dtype=dtype), "b_fc": rnd(20, seed=1, dtype=dtype),
+         "w_out": rnd(20, C, seed=2, dtype=dtype), "b_out": rnd(C, seed=3, dtype=dtype)}
+    x, d = rnd(B, T, C, seed=4, dtype=dtype), rnd(B, T, C, seed=5, dtype=dtype)
+    out = {}
+    for recompute in (False, True):
+        monkeypatch.setattr(kernels.ops, "RECOMPUTE_BYTES", -1 if recompute else 1 << 40)
+        y, c = K.feedforward_forward(x, p, act, 0.2, np.random.default_rng(1))
+        first, second = K.feedforward_backward(d, c), K.feedforward_backward(d, c)
+        np.testing.assert_array_equal(first[0], second[0])
+        for k in first[1]:
+            np.testing.assert_array_equal(first[1][k], second[1][k])
+        out[recompute] = (y, first)
+    np.testing.assert_array_equal(out[True][0], out[False][0])
+    np.testing.assert_array_equal(out[True][1][0], out[False][1][0])
+    for k in out[False][1][1]:
+        np.testing.assert_array_equal(out[True][1][1][k], out[False][1][1][k], err_msg=k)
