@@ -48,7 +48,7 @@ def bias_act_fwd(h, b, act, a):
             z = h[n, f] + b[f]
             h[n, f] = z
             if act == 0:
-                a[n, f] = z if z > zero else zero
+                a[n, f] = z if z > zero else zero * z  # as the reference's x * (x > 0): a NaN stays NaN
             else:
                 t = tanh_by_exp(c * (z + A * z * z * z), one, two)
                 a[n, f] = half * z * (one + t)

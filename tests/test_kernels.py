@@ -441,3 +441,17 @@ def test_feedforward_recompute_is_bit_identical_and_repeatable(act, dtype, monke
     np.testing.assert_array_equal(out[True][1][0], out[False][1][0])
     for k in out[False][1][1]:
         np.testing.assert_array_equal(out[True][1][1][k], out[False][1][1][k], err_msg=k)
+
+
+@pytest.mark.parametrize("act", ["relu", "gelu"])
+def test_activation_kernel_keeps_nan_like_the_reference(act):
+    """A NaN pre-activation must stay NaN (so that a NaN loss is seen), as in the reference."""
+    p = {"w_fc": np.eye(C, dtype=np.float32), "b_fc": np.zeros(C, dtype=np.float32)}
+    x = rnd(1, 2, C, dtype=np.float32)
+    x[0, 0, 3] = np.nan
+    x[0, 1, 5] = -1.0
+    yk, _ = K.feedforward_forward(x, p, act, 0.0, None)
+    yr, _ = R.feedforward_forward(x, p, act, 0.0, None)
+    np.testing.assert_array_equal(np.isnan(yk), np.isnan(yr))
+    assert np.isnan(yk[0, 0, 3])
+    close(yk, yr, np.float32)
