@@ -5,12 +5,17 @@ utilisation, peak memory, and sampling speed.
     python bench/bench.py --configs tiny,laptop --threads 2
     python bench/bench.py --torch-python /path/to/venv-with-torch/bin/python
 
-Every measurement runs in a fresh subprocess (so peak memory is its own), one after the other,
-never two at once. numgpt and PyTorch get the same config, batch, thread count and random token
-ids. A training step is forward + backward + AdamW; the figure is the median over --steps steps
-after warm-up; sampling speed is the median of three timed runs of a whole generate. PyTorch
-runs twice: with the video's explicit attention and with
-scaled_dot_product_attention. Where torch cannot be imported, its columns say so.
+Each implementation of a config runs in a subprocess of its own (so peak memory is its own):
+numgpt, PyTorch with the video's explicit attention, and PyTorch with
+scaled_dot_product_attention. numgpt and PyTorch get the same config, batch, thread count and
+random token ids. The workers take turns: each warms up alone, then in every round each runs a
+few timed steps while the others wait, never two at once, in an order that rotates from round to
+round. The speed of this shared machine drifts by tens of percent over minutes; timed one after
+the other, one side could get a fast spell and the other a slow one, and the ratio moved with it.
+Taking turns spreads the drift over both. A training step is forward + backward + AdamW; the
+figure is the median over all timed steps (the first step of a turn, after the others ran, is
+not timed for the short configs). Sampling speed is the median of whole generate runs, taken in
+turns the same way. Where torch cannot be imported, its columns say so.
 
 Model FLOP utilisation (MFU) = model FLOPs per second / the float32 matmul peak measured here with
 NumPy at the same thread count (the best of a measurement before and one after the training
@@ -20,26 +25,32 @@ outside the embedding tables; the attention term as nanoGPT and PaLM count it).
 import argparse
 import json
 import os
+import queue
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 
 CONFIGS = {
-    # name: (preset, overrides, timed steps, warm-up steps)
+    # name: (preset, overrides, rounds, timed steps per turn, untimed steps starting a turn,
+    #        warm-up steps)
     # tiny steps take milliseconds: many of them, after a warm-up long enough for both sides to
     # settle (numgpt's first few hundred steps here run ~15% slower than later ones)
-    "tiny": ("residual", dict(), 400, 100),
-    "laptop": ("laptop", dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12), 40, 5),
+    "tiny": ("residual", dict(), 8, 50, 1, 100),
+    "laptop": ("laptop", dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12),
+               8, 5, 1, 5),
     # numgpt's first mid steps run slow while its heap grows and settles (one in-process run:
     # 2150, 1299, 981, 953, 906, 856, 852, 868 ms): three warm-up steps (the same for PyTorch)
-    "mid": ("scaled", dict(batch_size=8), 5, 3),
-    "full": ("scaled", dict(batch_size=64), 2, 1),
+    "mid": ("scaled", dict(batch_size=8), 5, 1, 0, 3),
+    "full": ("scaled", dict(batch_size=64), 2, 1, 0, 1),
 }
-SAMPLE_REPEATS = 3  # sampling speed: the median of this many timed runs (the machine is noisy)
+SAMPLE_ROUNDS = 5  # sampling speed: the median of this many whole generate runs per side
 SAMPLE_CONFIGS = {"full": ("scaled", dict()), "laptop": CONFIGS["laptop"][:2]}
+TURN_TIMEOUT_S = 3600  # one turn (or a worker's start and warm-up) taking longer: the worker failed
 
 
 # ---------------------------------------------------------------- workers (one per subprocess)
@@ -57,7 +68,8 @@ def _batch(cfg, seed=0):
     return x, y
 
 
-def worker_numgpt_train(cfg, steps, warmup):
+def numgpt_train_unit(cfg):
+    """One timed training step of numgpt, as train.py takes it; returns its seconds."""
     import numpy as np
 
     import numgpt
@@ -67,38 +79,37 @@ def worker_numgpt_train(cfg, steps, warmup):
     step, _ = step_function(model, cfg)  # what train.py uses: data-parallel threads where it pays
     rng = np.random.default_rng(0)
     x, y = _batch(cfg)
-    times = []
-    for i in range(warmup + steps):
+
+    def unit():
         t0 = time.perf_counter()
         loss, grads = step(x, y, rng=rng)
         numgpt.clip_grad_norm(grads, 1.0)
         opt.step(grads)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return times
+        return time.perf_counter() - t0
+    return unit
 
 
-def worker_torch_train(cfg, steps, warmup, attention):
+def torch_train_unit(cfg, attention):
     import torch
     from torch_reference import TorchGPT
     model = TorchGPT(cfg, attention=attention).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
                             eps=cfg.eps, weight_decay=cfg.weight_decay)
     x, y = (torch.as_tensor(a) for a in _batch(cfg))
-    times = []
-    for i in range(warmup + steps):
+
+    def unit():
         t0 = time.perf_counter()
         _, loss = model(x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return times
+        return time.perf_counter() - t0
+    return unit
 
 
-def worker_numgpt_sample(cfg, n_tokens):
+def numgpt_sample_unit(cfg, n_tokens):
+    """One whole generate of n_tokens from a full context; returns tokens/s."""
     import numpy as np
 
     import numgpt
@@ -106,15 +117,15 @@ def worker_numgpt_sample(cfg, n_tokens):
     model = numgpt.GPT(cfg, seed=0)
     prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, cfg.block_size))
     generate(model, prompt, 4, rng=np.random.default_rng(0))  # warm-up (kernels, caches)
-    rates = []
-    for _ in range(SAMPLE_REPEATS):
+
+    def unit():
         t0 = time.perf_counter()
         generate(model, prompt, n_tokens, rng=np.random.default_rng(0))
-        rates.append(n_tokens / (time.perf_counter() - t0))
-    return sorted(rates)[len(rates) // 2]
+        return n_tokens / (time.perf_counter() - t0)
+    return unit
 
 
-def worker_torch_sample(cfg, n_tokens):
+def torch_sample_unit(cfg, n_tokens):
     """The video's generate: crop to block_size, run the whole context, take the last logits."""
     import torch
     from torch_reference import TorchGPT
@@ -130,12 +141,12 @@ def worker_torch_sample(cfg, n_tokens):
                 probs = torch.softmax(logits[:, -1, :], dim=-1)
                 idx = torch.cat([idx, torch.multinomial(probs, 1, generator=g)], dim=1)
     run(2)
-    rates = []
-    for _ in range(SAMPLE_REPEATS):
+
+    def unit():
         t0 = time.perf_counter()
         run(n_tokens)
-        rates.append(n_tokens / (time.perf_counter() - t0))
-    return sorted(rates)[len(rates) // 2]
+        return n_tokens / (time.perf_counter() - t0)
+    return unit
 
 
 def worker_matmul_peak():
@@ -153,53 +164,164 @@ def worker_matmul_peak():
 
 
 def worker_main(spec):
+    """A worker: the matmul peak (one answer), or a training or sampling job that warms up, says
+    READY, then answers each "RUN k skip" on stdin with the measurements of k units (the first
+    skip of them dropped) and "END" with its peak memory."""
     sys.path.insert(0, HERE)
     sys.path.insert(0, REPO)
     import numgpt  # noqa: F401  (first: thread settings before NumPy loads)
     if spec["kind"] == "peak":
-        out = {"flops": worker_matmul_peak()}
+        out = {"flops": worker_matmul_peak(), "peak_rss_mb": _peak_rss_mb()}
+        print("RESULT " + json.dumps(out), flush=True)
+        return
+    cfg = numgpt.get_config(spec["preset"], **spec["overrides"])
+    if spec["impl"].startswith("torch"):
+        import torch
+        torch.set_num_threads(spec["threads"])
+        torch.manual_seed(0)
+    if spec["kind"] == "train":
+        unit = (numgpt_train_unit(cfg) if spec["impl"] == "numgpt"
+                else torch_train_unit(cfg, spec["impl"].split("-")[1]))
     else:
-        cfg = numgpt.get_config(spec["preset"], **spec["overrides"])
-        if spec["impl"].startswith("torch"):
-            import torch
-            torch.set_num_threads(spec["threads"])
-            torch.manual_seed(0)
-        if spec["kind"] == "train":
-            if spec["impl"] == "numgpt":
-                times = worker_numgpt_train(cfg, spec["steps"], spec["warmup"])
-            else:
-                times = worker_torch_train(cfg, spec["steps"], spec["warmup"],
-                                           spec["impl"].split("-")[1])
-            times.sort()
-            out = {"median_s": times[len(times) // 2], "times": times}
-        else:
-            fn = worker_numgpt_sample if spec["impl"] == "numgpt" else worker_torch_sample
-            out = {"tokens_per_s": fn(cfg, spec["n_tokens"])}
-    out["peak_rss_mb"] = _peak_rss_mb()
-    print("RESULT " + json.dumps(out))
+        unit = (numgpt_sample_unit(cfg, spec["n_tokens"]) if spec["impl"] == "numgpt"
+                else torch_sample_unit(cfg, spec["n_tokens"]))
+    for _ in range(spec.get("warmup", 0)):
+        unit()
+    print("READY", flush=True)
+    for line in sys.stdin:
+        cmd = line.split()
+        if cmd and cmd[0] == "RUN":
+            k, skip = int(cmd[1]), int(cmd[2])
+            values = [unit() for _ in range(k)][skip:]
+            print("TURN " + json.dumps(values), flush=True)
+        elif cmd and cmd[0] == "END":
+            break
+    print("RESULT " + json.dumps({"peak_rss_mb": _peak_rss_mb()}), flush=True)
 
 
 # ---------------------------------------------------------------- the parent: run and report
 
-def run_worker(python, spec, threads, timeout=3600):
-    env = dict(os.environ)
-    for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
-        env[k] = str(threads)
-    if spec.get("impl", "numgpt") != "numgpt":
-        # the worker imports numgpt (for its thread settings) before torch; PyTorch keeps
-        # glibc's own malloc settings, not the ones numgpt asks for (numgpt/_threads.py)
-        env["NUMGPT_NO_MALLOPT"] = "1"
-    spec = dict(spec, threads=threads)
+class WorkerError(Exception):
+    """A worker failed or went silent; the message is one line."""
+
+
+class Worker:
+    """A worker subprocess and the lines it prints (read on a thread, so a wait can time out)."""
+
+    def __init__(self, python, spec, threads):
+        env = dict(os.environ)
+        for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+            env[k] = str(threads)
+        if spec.get("impl", "numgpt") != "numgpt":
+            # the worker imports numgpt (for its thread settings) before torch; PyTorch keeps
+            # glibc's own malloc settings, not the ones numgpt asks for (numgpt/_threads.py)
+            env["NUMGPT_NO_MALLOPT"] = "1"
+        self.err = tempfile.TemporaryFile(mode="w+")
+        self.lines = queue.Queue()
+        try:
+            self.proc = subprocess.Popen(
+                [python, os.path.abspath(__file__), "--worker", json.dumps(dict(spec, threads=threads))],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err, text=True, env=env,
+                cwd=REPO, bufsize=1)
+        except OSError as e:
+            self.proc = None
+            self.start_error = f"could not start {python}: {e.strerror}"
+            return
+        self.start_error = None
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put(None)  # end of output: the worker exited
+
+    def expect(self, tag, timeout=TURN_TIMEOUT_S):
+        """The rest of the next line that starts with tag (other output is skipped)."""
+        if self.proc is None:
+            raise WorkerError(self.start_error)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                self.close()
+                raise WorkerError(f"no answer in {timeout:.0f} s") from None
+            if line is None:
+                self.proc.wait()
+                self.err.seek(0)
+                last = (self.err.read().strip().splitlines() or ["no output"])[-1]
+                raise WorkerError(f"exited ({self.proc.returncode}): {last}")
+            if line.startswith(tag):
+                return line[len(tag):].strip()
+
+    def send(self, command):
+        try:
+            self.proc.stdin.write(command + "\n")
+            self.proc.stdin.flush()
+        except (OSError, ValueError, AttributeError):
+            pass  # the worker is gone; expect() reports why
+
+    def close(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.err.close()
+
+
+def run_worker(python, spec, threads):
+    """A one-shot worker (the matmul peak): (result dict, None) or (None, error)."""
+    w = Worker(python, spec, threads)
     try:
-        r = subprocess.run([python, os.path.abspath(__file__), "--worker", json.dumps(spec)],
-                           capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
-    except subprocess.TimeoutExpired:
-        return None, "timed out"
-    for line in r.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:]), None
-    err = (r.stderr.strip().splitlines() or ["no output"])[-1]
-    return None, err
+        return json.loads(w.expect("RESULT ")), None
+    except WorkerError as e:
+        return None, str(e)
+    finally:
+        w.close()
+
+
+def run_in_turns(jobs, threads, rounds, per_turn, skip):
+    """jobs: {name: (python, spec)}. Starts and warms up each worker alone, then runs `rounds`
+    rounds in which each takes one turn of per_turn + skip units (the first skip untimed) while
+    the others wait; the order rotates every round. Returns {name: {"values": [...],
+    "peak_rss_mb": float}} or {name: {"error": str}} for a worker that failed."""
+    workers, out = {}, {}
+    try:
+        for name, (python, spec) in jobs.items():
+            w = Worker(python, spec, threads)
+            try:
+                w.expect("READY")
+                workers[name] = w
+                out[name] = {"values": []}
+            except WorkerError as e:
+                w.close()
+                out[name] = {"error": str(e)}
+        for r in range(rounds):
+            names = list(workers)
+            k = r % len(names) if names else 0
+            for name in names[k:] + names[:k]:
+                w = workers[name]
+                w.send(f"RUN {per_turn + skip} {skip}")
+                try:
+                    out[name]["values"] += json.loads(w.expect("TURN "))
+                except WorkerError as e:
+                    w.close()
+                    del workers[name]
+                    out[name] = {"error": str(e)}
+        for name, w in workers.items():
+            w.send("END")
+            try:
+                out[name]["peak_rss_mb"] = json.loads(w.expect("RESULT "))["peak_rss_mb"]
+            except WorkerError as e:
+                out[name] = {"error": str(e)}
+    finally:
+        for w in workers.values():
+            w.close()
+    return out
+
+
+def median(values):
+    v = sorted(values)
+    return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
 
 
 def model_flops_per_token(cfg):
@@ -217,11 +339,17 @@ def main(argv=None):
     ap.add_argument("--torch-python", default=sys.executable,
                     help="a Python that has torch installed (default: this one)")
     ap.add_argument("--no-sample", action="store_true", help="skip the sampling benchmark")
-    ap.add_argument("--steps-scale", type=float, default=1.0, help="multiply the timed steps")
+    ap.add_argument("--steps-scale", type=float, default=1.0,
+                    help="multiply the timed steps per turn")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="rounds of turns for every config (default: each config's own)")
     args = ap.parse_args(argv)
     sys.path.insert(0, REPO)
     import numgpt  # noqa: F401
 
+    if args.rounds is not None and args.rounds < 1 or not args.steps_scale > 0:
+        print("error: --rounds must be at least 1 and --steps-scale above 0", file=sys.stderr)
+        return 2
     names = [c.strip() for c in args.configs.split(",") if c.strip()]
     bad = [c for c in names if c not in CONFIGS]
     if bad:
@@ -246,19 +374,22 @@ def main(argv=None):
     impls = ["numgpt"] + (["torch-explicit", "torch-sdpa"] if torch_ok else [])
     rows = []
     for name in names:
-        preset, over, steps, warm = CONFIGS[name]
+        preset, over, rounds, per_turn, skip, warm = CONFIGS[name]
         cfg = numgpt.get_config(preset, **over)
-        steps = max(1, round(steps * args.steps_scale))
-        res = {}
+        per_turn = max(1, round(per_turn * args.steps_scale))
+        rounds = args.rounds or rounds
+        jobs = {impl: (sys.executable if impl == "numgpt" else args.torch_python,
+                       {"kind": "train", "impl": impl, "preset": preset, "overrides": over,
+                        "warmup": warm}) for impl in impls}
+        res = run_in_turns(jobs, args.threads, rounds, per_turn, skip)
         for impl in impls:
-            spec = {"kind": "train", "impl": impl, "preset": preset, "overrides": over,
-                    "steps": steps, "warmup": warm}
-            python = sys.executable if impl == "numgpt" else args.torch_python
-            out, err = run_worker(python, spec, args.threads)
-            res[impl] = out if out else {"error": err}
+            r = res[impl]
+            if "error" not in r:
+                r["median_s"] = median(r["values"])
             sys.stdout.write(f"  {name:<7} {impl:<15} " + (
-                f"{out['median_s'] * 1e3:9.1f} ms/step, peak {out['peak_rss_mb']:.0f} MB\n"
-                if out else f"failed: {err}\n"))
+                f"{r['median_s'] * 1e3:9.1f} ms/step (median of {len(r['values'])}, "
+                f"{rounds} turns), peak {r['peak_rss_mb']:.0f} MB\n"
+                if "error" not in r else f"failed: {r['error']}\n"))
             sys.stdout.flush()
         rows.append((name, cfg, res))
     # the peak again at the end: on a shared machine one measurement can come out low, and a low
@@ -298,18 +429,23 @@ def main(argv=None):
 
     if args.no_sample:
         return 0
-    print("\nsampling, 1 sequence, context full at block_size (numgpt: key/value cache; "
-          "torch: the video's generate, no cache)")
+    print("\nsampling, 1 sequence, context full at block_size, median of whole generate runs in "
+          "turns (numgpt: key/value cache; torch: the video's generate, no cache)")
     for name, (preset, over) in SAMPLE_CONFIGS.items():
         cfg = numgpt.get_config(preset, **over)
-        r_n, e_n = run_worker(sys.executable, {"kind": "sample", "impl": "numgpt", "preset": preset,
-                                               "overrides": over, "n_tokens": 300}, args.threads)
-        r_t, e_t = (run_worker(args.torch_python, {"kind": "sample", "impl": "torch", "preset": preset,
-                                                   "overrides": over, "n_tokens": 30 if name == "full" else 200},
-                               args.threads) if torch_ok else (None, "torch missing"))
-        n_s = f"{r_n['tokens_per_s']:,.1f} tok/s" if r_n else f"failed: {e_n}"
-        t_s = f"{r_t['tokens_per_s']:,.1f} tok/s" if r_t else f"({e_t})"
-        ratio = f"{r_n['tokens_per_s'] / r_t['tokens_per_s']:.1f}x" if r_n and r_t else "-"
+        jobs = {"numgpt": (sys.executable, {"kind": "sample", "impl": "numgpt", "preset": preset,
+                                            "overrides": over, "n_tokens": 300})}
+        if torch_ok:
+            jobs["torch"] = (args.torch_python, {"kind": "sample", "impl": "torch", "preset": preset,
+                                                 "overrides": over,
+                                                 "n_tokens": 30 if name == "full" else 200})
+        res = run_in_turns(jobs, args.threads, args.rounds or SAMPLE_ROUNDS, 1, 0)
+        rate = {k: median(r["values"]) for k, r in res.items() if "error" not in r}
+        n_s = (f"{rate['numgpt']:,.1f} tok/s" if "numgpt" in rate
+               else f"failed: {res['numgpt']['error']}")
+        t_s = (f"{rate['torch']:,.1f} tok/s" if "torch" in rate
+               else f"({res['torch']['error']})" if "torch" in res else "(torch missing)")
+        ratio = f"{rate['numgpt'] / rate['torch']:.1f}x" if len(rate) == 2 else "-"
         print(f"  {name:<7} block {cfg.block_size}: numgpt {n_s}, torch {t_s}, ratio {ratio}")
     return 0
 

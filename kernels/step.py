@@ -8,8 +8,8 @@ Why: a small model's step is a few hundred small operations, and from Python eac
 call (microseconds) that can be longer than its work: the tiny bench config spent more than half
 its step between kernels. Here the batch is split in one piece per core (prange over shards),
 and each piece runs the model's whole forward and backward without returning to Python: the
-matrix products through numba's np.dot (BLAS, via SciPy's bindings, one BLAS thread per shard),
-everything between them through the serial builds of the other kernels of this folder. Each
+matrix products through BLAS (numba's np.dot, and blas.gemm where the operands are column slices,
+both SciPy's OpenBLAS on one thread per shard), everything between them through the serial builds of the other kernels of this folder. Each
 shard writes its own gradient slots; they are summed at the end.
 
 Parameters come in a numba typed List of 2-D arrays in the order of numgpt.model.param_shapes
@@ -24,6 +24,7 @@ from numba import prange
 from ._jit import jit
 from .activations import bias_act_bwd, bias_act_fwd
 from .attention import softmax_causal_bwd, softmax_causal_fwd
+from .blas import gemm
 from .embedding import embed_bwd, embed_fwd
 from .layernorm import layernorm_bwd, layernorm_fwd
 from .loss import cross_entropy_fwd_bwd
@@ -173,42 +174,27 @@ def _linear_bwd(x, dy, W, gW, gb, row, dx):
 
 
 @jit()
-def _head(a, b, T, col, hs, out):
-    """out [T, hs] = a[b*T:(b+1)*T, col:col+hs] (a head's slice, made contiguous for BLAS)"""
-    for t in range(T):
-        out[t] = a[b * T + t, col:col + hs]
-
-
-@jit()
-def _put_head(a, b, T, col, src):
-    """a[b*T:(b+1)*T, col:col+hs] = src [T, hs]"""
-    for t in range(T):
-        a[b * T + t, col:col + src.shape[1]] = src[t]
-
-
-@jit()
 def _attention_blas_fwd(qkv, nb, T, H, scale, y, p):
     """As _attention_fwd, for longer blocks: per (sequence, head) the scores q k^T and the
-    weighted sum p v as BLAS products on contiguous copies of the head's slices (the masked
-    upper half is computed and ignored), with the causal softmax of the stored-probabilities
-    path (attention.softmax_causal_fwd) between them."""
+    weighted sum p v as BLAS products straight on the head's columns of qkv and y (blas.gemm;
+    the masked upper half is computed and ignored), with the causal softmax of the
+    stored-probabilities path (attention.softmax_causal_fwd) between them."""
     C = y.shape[1]
     hs = C // H
     dt = y.dtype
-    A = np.empty((T, hs), dtype=dt)
-    B = np.empty((T, hs), dtype=dt)
     for b in range(nb):
+        rows = qkv[b * T:(b + 1) * T]
         for h in range(H):
-            _head(qkv, b, T, h * hs, hs, A)                   # q
-            _head(qkv, b, T, C + h * hs, hs, B)               # k
-            np.dot(A, B.T, p[b, h])
+            o = h * hs
+            gemm(rows[:, o:o + hs], False, rows[:, C + o:C + o + hs], True, p[b, h], 0.0)
     _softmax_fwd(p, scale, np.zeros((1, 1, 1, 1), dtype=np.bool_), np.ones(1, dtype=dt)[0],
                  False, p, p, np.empty((nb, H, T), dtype=dt))
     for b in range(nb):
+        rows = qkv[b * T:(b + 1) * T]
+        out = y[b * T:(b + 1) * T]
         for h in range(H):
-            _head(qkv, b, T, 2 * C + h * hs, hs, A)           # v
-            np.dot(p[b, h], A, B)
-            _put_head(y, b, T, h * hs, B)
+            o = h * hs
+            gemm(p[b, h], False, rows[:, 2 * C + o:2 * C + o + hs], False, out[:, o:o + hs], 0.0)
 
 
 @jit()
@@ -218,28 +204,21 @@ def _attention_blas_bwd(qkv, p, y, dy, nb, T, H, scale, dqkv):
     C = dy.shape[1]
     hs = C // H
     dt = dy.dtype
-    A = np.empty((T, hs), dtype=dt)
-    B = np.empty((T, hs), dtype=dt)
-    O = np.empty((T, hs), dtype=dt)
     dS = np.empty((nb, H, T, T), dtype=dt)
     for b in range(nb):
+        rows, g = qkv[b * T:(b + 1) * T], dy[b * T:(b + 1) * T]
         for h in range(H):
-            _head(dy, b, T, h * hs, hs, A)
-            _head(qkv, b, T, 2 * C + h * hs, hs, B)           # v
-            np.dot(A, B.T, dS[b, h])                          # dp
+            o = h * hs
+            gemm(g[:, o:o + hs], False, rows[:, 2 * C + o:2 * C + o + hs], True, dS[b, h], 0.0)
     _softmax_bwd(p, dS, dy.reshape(nb, T, C), y.reshape(nb, T, C), scale,
                  np.zeros((1, 1, 1, 1), dtype=np.bool_), np.ones(1, dtype=dt)[0], False, p, dS)
     for b in range(nb):
+        rows, g, out = qkv[b * T:(b + 1) * T], dy[b * T:(b + 1) * T], dqkv[b * T:(b + 1) * T]
         for h in range(H):
-            _head(dy, b, T, h * hs, hs, A)
-            np.dot(p[b, h].T, A, O)                           # dv
-            _put_head(dqkv, b, T, 2 * C + h * hs, O)
-            _head(qkv, b, T, C + h * hs, hs, B)               # k
-            np.dot(dS[b, h], B, O)                            # dq
-            _put_head(dqkv, b, T, h * hs, O)
-            _head(qkv, b, T, h * hs, hs, B)                   # q
-            np.dot(dS[b, h].T, B, O)                          # dk
-            _put_head(dqkv, b, T, C + h * hs, O)
+            o = h * hs
+            gemm(p[b, h], True, g[:, o:o + hs], False, out[:, 2 * C + o:2 * C + o + hs], 0.0)
+            gemm(dS[b, h], False, rows[:, C + o:C + o + hs], False, out[:, o:o + hs], 0.0)
+            gemm(dS[b, h], True, rows[:, o:o + hs], False, out[:, C + o:C + o + hs], 0.0)
 
 
 @jit()
@@ -346,7 +325,6 @@ def _shard(idx, tgt, P, G, s, slots, top, flags, wqkv, weight):
     df = np.empty((M, C), dtype=dt)
     datt = np.empty((M, C), dtype=dt)
     dqkv = np.empty((M, 3 * C), dtype=dt)
-    dwqkv = np.empty((C, 3 * C), dtype=dt)
     dhid = np.empty((M, F), dtype=dt)
     dpre = np.empty((M, F), dtype=dt)
     for l in range(L - 1, -1, -1):
@@ -370,10 +348,9 @@ def _shard(idx, tgt, P, G, s, slots, top, flags, wqkv, weight):
                     _attention_bwd(qkv[l], probs[l], datt, nb, T, H, scale, dqkv)
                 else:
                     _attention_blas_bwd(qkv[l], probs[l], att[l], datt, nb, T, H, scale, dqkv)
-                np.dot(hin[l, j].T, dqkv, dwqkv)
-                G[slots[l, W_Q]][s][:] = dwqkv[:, :C]
-                G[slots[l, W_K]][s][:] = dwqkv[:, C:2 * C]
-                G[slots[l, W_V]][s][:] = dwqkv[:, 2 * C:]
+                for part, slot in ((0, W_Q), (1, W_K), (2, W_V)):  # each its own gradient
+                    gemm(hin[l, j], True, dqkv[:, part * C:(part + 1) * C], False,
+                         G[slots[l, slot]][s], 0.0)
                 np.dot(dqkv, wqkv[l].T, dh)
             else:
                 if has_out:

@@ -8,7 +8,8 @@ So for such models each core takes half of the batch instead, with single-thread
 kernels' serial builds; each shard weights its gradients by its share of the batch, and the
 two are added: 39.9 ms then, 29 ms with the later kernels. Both threads run while
 the other is inside BLAS or a kernel, since those release the GIL; the Python between them
-does not, which is why tiny models (all Python overhead) stay on the plain path.
+does not, which is why small models without dropout (the laptop preset included) take the fused
+step of kernels/step.py instead, which runs the halves without Python (FUSED_MAX_WORK).
 
 The result is the gradient of the same mean loss, up to float rounding; dropout masks come from
 two generators seeded from the caller's. A run is reproducible from its seed and checkpoint to
@@ -46,12 +47,14 @@ def cores():
 
 
 def worth_sharding(cfg, batch_size=None):
-    """Whether a training step of cfg goes faster split over the cores (see the module notes)."""
+    """Whether a training step of cfg goes faster as this module's layer-by-layer halves on two
+    threads (see the module notes); False where the fused step is faster still."""
     B = batch_size or cfg.batch_size
     if os.environ.get("NUMGPT_DATA_PARALLEL", "").strip() in ("0", "false", "no", "off"):
         return False
     return (cfg.kernels and cfg.model == "gpt" and B >= 2 and cores() >= 2
-            and MIN_WORK <= B * cfg.block_size * cfg.n_embd < MAX_WORK)
+            and MIN_WORK <= B * cfg.block_size * cfg.n_embd < MAX_WORK
+            and not uses_fused_step(cfg.replace(batch_size=B)))
 
 
 class ShardedStep:
@@ -211,16 +214,26 @@ class FusedStep:
         return float(loss), self._grads
 
 
+# batch * block * n_embd below which the fused step beats the sharded one (for a GPT without
+# dropout). Measured here, alternating the two in one process after kernels/blas.py let the fused
+# step run its attention products on the heads' columns in place: the laptop preset (batch 12,
+# 98k) 3-6% faster fused (32.1 against 33.2 ms, 32.5 against 34.2, 35.8 against 38.7); at batch
+# 12 with block 128 (197k) even (78.0 against 76.2); at batch 32 (262k) 7% slower, with n_embd
+# 256 (393k) 5% slower, and the scaled preset at batch 8 without dropout (786k) 9% slower.
+FUSED_MAX_WORK = 1 << 17
+
+
 def uses_fused_step(cfg):
     """Whether step_function gives training cfg the fused step (small GPTs without dropout)."""
-    return (cfg.batch_size * cfg.block_size * cfg.n_embd < MIN_WORK and fused_applies(cfg)
+    return (cfg.batch_size * cfg.block_size * cfg.n_embd < FUSED_MAX_WORK and fused_applies(cfg)
             and os.environ.get("NUMGPT_FUSED", "").strip() not in ("0", "false", "no", "off"))
 
 
 def step_function(model, cfg=None):
-    """The fastest loss_and_grads for training cfg here: a ShardedStep for mid-sized models, the
-    fused compiled step for small ones (the model's own with one BLAS thread where that cannot
-    run them), else the model's own. Returns (function, closer)."""
+    """The fastest loss_and_grads for training cfg here: the fused compiled step for small GPTs
+    without dropout (up to the laptop preset), a ShardedStep for mid-sized models, the model's
+    own with one BLAS thread for small ones the fused step cannot run, else the model's own.
+    Returns (function, closer)."""
     cfg = cfg or model.cfg
     if worth_sharding(cfg):
         s = ShardedStep(model, 2)

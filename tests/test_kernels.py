@@ -317,6 +317,38 @@ def test_split_batched_products_equal_numpy(monkeypatch):
         close(gk[k], gr[k], np.float64)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gemm_on_column_slices_equals_matmul(dtype):
+    """kernels/blas.gemm: C = op(A) op(B) + beta C straight on column slices of wider arrays (the
+    heads of a packed q, k, v), every transpose, into a strided output whose neighbours stay
+    untouched; beta 0 ignores NaN in C, and an empty inner dimension gives zeros."""
+    from kernels.blas import gemm
+    rng = np.random.default_rng(0)
+    host = rng.standard_normal((9, 40)).astype(dtype)
+    for ta in (False, True):
+        for tb in (False, True):
+            A = host[:5, 11:20] if ta else host[:, 3:8]      # op(A) is [9, 5]
+            B = host[:7, 27:32] if tb else host[:5, 20:27]   # op(B) is [5, 7]
+            want = (A.T if ta else A) @ (B.T if tb else B)
+            out = np.full((12, 30), 7.0, dtype=dtype)
+            C = out[2:11, 4:11]
+            C[:] = np.nan
+            gemm(A, ta, B, tb, C, 0.0)
+            close(C, want, dtype)
+            assert (out[:2] == 7).all() and (out[11:] == 7).all()
+            assert (out[:, :4] == 7).all() and (out[:, 11:] == 7).all()
+            C[:] = 1.0
+            gemm(A, ta, B, tb, C, 1.0)
+            close(C, want + 1, dtype)
+    C = np.full((3, 4), 5.0, dtype=dtype)
+    gemm(np.empty((3, 0), dtype), False, np.empty((0, 4), dtype), False, C, 0.0)
+    assert (C == 0).all()
+    with pytest.raises(ValueError, match="adjacent"):
+        gemm(host[:, ::2][:, :5], False, host[:5, :7], False, np.empty((9, 7), dtype), 0.0)
+    with pytest.raises(ValueError, match="shapes"):
+        gemm(host[:, :5], False, host[:4, :7], False, np.empty((9, 7), dtype), 0.0)
+
+
 def _splitmix64(state, n):
     """The first n outputs of SplitMix64 from state, in plain Python integers (an independent
     writing of the generator the dropout masks hash with)."""

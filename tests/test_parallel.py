@@ -39,17 +39,23 @@ def test_sharded_dropout_is_reproducible_and_follows_the_rng():
 
 def test_which_configs_are_sharded(monkeypatch):
     monkeypatch.setattr(parallel, "cores", lambda: 2)
-    assert parallel.worth_sharding(numgpt.get_config("laptop"))
+    laptop = numgpt.get_config("laptop", dropout=0.1)  # (without dropout: the fused step)
+    assert parallel.worth_sharding(laptop)
+    assert not parallel.worth_sharding(numgpt.get_config("laptop"))         # fused
+    assert parallel.worth_sharding(numgpt.get_config("laptop", batch_size=32))  # above the fused
     assert not parallel.worth_sharding(numgpt.get_config("residual"))       # tiny: Python-bound
     assert not parallel.worth_sharding(numgpt.get_config("scaled"))         # big: BLAS threads
     assert parallel.worth_sharding(numgpt.get_config("scaled", batch_size=8))  # the bench's mid
-    assert not parallel.worth_sharding(numgpt.get_config("laptop", kernels=False))
-    assert not parallel.worth_sharding(numgpt.get_config("laptop", batch_size=1))
+    assert not parallel.worth_sharding(laptop.replace(kernels=False))
+    assert not parallel.worth_sharding(laptop.replace(batch_size=1))
+    monkeypatch.setenv("NUMGPT_FUSED", "0")
+    assert parallel.worth_sharding(numgpt.get_config("laptop"))             # fused step off
+    monkeypatch.delenv("NUMGPT_FUSED")
     monkeypatch.setenv("NUMGPT_DATA_PARALLEL", "0")
-    assert not parallel.worth_sharding(numgpt.get_config("laptop"))
+    assert not parallel.worth_sharding(laptop)
     monkeypatch.setattr(parallel, "cores", lambda: 1)
     monkeypatch.delenv("NUMGPT_DATA_PARALLEL")
-    assert not parallel.worth_sharding(numgpt.get_config("laptop"))
+    assert not parallel.worth_sharding(laptop)
 
 
 def test_small_models_step_with_one_blas_thread(monkeypatch):

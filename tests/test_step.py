@@ -145,6 +145,12 @@ def test_step_function_picks_the_fused_step_for_small_models(monkeypatch):
     step, close = parallel.step_function(numgpt.GPT(tiny), tiny)
     assert isinstance(step, parallel.FusedStep)
     close()
+    laptop = numgpt.get_config("laptop")  # train.py's default: fused up to FUSED_MAX_WORK
+    assert isinstance(parallel.step_function(numgpt.GPT(laptop), laptop)[0], parallel.FusedStep)
+    bigger = laptop.replace(batch_size=32)
+    step, close = parallel.step_function(numgpt.GPT(bigger), bigger)
+    assert isinstance(step, parallel.ShardedStep)
+    close()
     for cfg in (tiny.replace(dropout=0.1), tiny.replace(kernels=False)):
         assert not isinstance(parallel.step_function(numgpt.GPT(cfg), cfg)[0], parallel.FusedStep)
     monkeypatch.setenv("NUMGPT_FUSED", "0")
