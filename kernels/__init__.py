@@ -52,13 +52,22 @@ def _announced(cold, what, say):
         say(f"compiled in {time.time() - t0:.0f} s")
 
 
+def _fused_suffix():
+    """The build of the fused step this process runs and compiles: "" (parallel) or "_serial"."""
+    from numgpt.parallel import fused_in_parallel
+    return "" if fused_in_parallel() else "_serial"
+
+
 def cache_is_warm(fused=True):
     """True when numba's on-disk cache holds every kernel (with its serial twin) and the decoder,
-    and, with fused, the fused training step of small models (where SciPy is there to run it)."""
+    and, with fused, the build of the fused training step of small models that this machine
+    runs (where SciPy is there to run it)."""
     fused = fused and _fused_possible()
     return (all(_cached(mod, name + suffix)
-                for mod, names in {**KERNEL_NAMES, **(FUSED_NAMES if fused else {})}.items()
+                for mod, names in KERNEL_NAMES.items()
                 for name in names for suffix in ("", "_serial"))
+            and (not fused or all(_cached(mod, name + _fused_suffix())
+                                  for mod, names in FUSED_NAMES.items() for name in names))
             and (not fused or all(_cached(mod, name) for mod, names in SINGLE_NAMES.items()
                                   for name in names))
             and decode_cache_is_warm())
@@ -103,6 +112,7 @@ def warmup(dtype="float32", say=None, fused=True):
     from . import _jit, ops
     dt = np.dtype(dtype)
     min_work, store = _jit.PARALLEL_MIN_WORK, ops.STORE_PROBS_BYTES
+    fused_build = _fused_suffix()  # judged before FORCE_SERIAL is set below
     with _announced(not cache_is_warm(fused), "", say):
         try:
             for serial in (True, False):  # the serial twins, then the parallel kernels
@@ -118,7 +128,10 @@ def warmup(dtype="float32", say=None, fused=True):
                     loss, grads = m.loss_and_grads(x, x, rng=rng)
                     m.loss(x, x)
                     AdamW(m.params, use_kernels=True).step(grads)
-                    if fused and stored and fused_applies(cfg.replace(dropout=0.0)):
+                    # the fused step: only the build that will run (_fused_suffix; its two
+                    # builds would take ~60 s of a small model's cold compile)
+                    if (fused and stored and fused_applies(cfg.replace(dropout=0.0))
+                            and serial == (fused_build == "_serial")):
                         m = GPT(cfg.replace(dropout=0.0), dtype=dt)
                         loss, grads = FusedStep(m, shards=2)(x, x)
                         clip_grad_norm(grads, 1e-3)

@@ -416,8 +416,10 @@ def train_step(idx, tgt, P, G, slots, top, flags, n_shards, wqkv, sums):
         b1 = ((s + 1) * B) // n_shards
         w = np.empty(1, dtype=dt)
         w[0] = (b1 - b0) / B     # this shard's share of the mean
-        sums[s] = _shard(idx[b0:b1].copy(), tgt[b0:b1].copy(), P, G, s, slots, top, flags, wqkv,
-                         w[0])
+        # s as int64: numba types a prange index as uint64 in the parallel build, and a second
+        # signature of _shard would be compiled for it (~15 s of a cold compile)
+        sums[s] = _shard(idx[b0:b1].copy(), tgt[b0:b1].copy(), P, G, np.int64(s), slots, top,
+                         flags, wqkv, w[0])
     _add_shards(G, n_shards)
     tot = 0.0
     for s in range(n_shards):

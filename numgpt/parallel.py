@@ -185,7 +185,6 @@ class FusedStep:
         self._key = key
 
     def __call__(self, x, y, train=True, rng=None):
-        from kernels import _jit
         from kernels import step as ks
         from .model import _check_ids
         m = self.model
@@ -197,7 +196,9 @@ class FusedStep:
             raise ValueError(f"sequence length {x.shape[1]} exceeds block_size {m.cfg.block_size}")
         self._bind()
         shards = min(self.shards, x.shape[0])
-        kernel = ks.train_step if shards > 1 and _jit.threads_allowed() else ks.train_step.serial
+        # the build kernels.warmup compiles (a batch of one row takes the parallel one too, on
+        # one thread: compiling the other build would cost half a minute)
+        kernel = ks.train_step if fused_in_parallel(self.shards) else ks.train_step.serial
         # OpenBLAS on one thread for the call, set directly (threadpoolctl's limit() took 17 us)
         libs = self.blas.lib_controllers
         before = [lib.num_threads for lib in libs]
@@ -221,6 +222,13 @@ class FusedStep:
 # 12 with block 128 (197k) even (78.0 against 76.2); at batch 32 (262k) 7% slower, with n_embd
 # 256 (393k) 5% slower, and the scaled preset at batch 8 without dropout (786k) 9% slower.
 FUSED_MAX_WORK = 1 << 17
+
+
+def fused_in_parallel(shards=None):
+    """Whether the fused step runs the parallel build of kernels/step.train_step (more than one
+    shard, and numba's threads allowed) rather than its serial twin."""
+    from kernels import _jit
+    return (shards or cores()) > 1 and _jit.threads_allowed()
 
 
 def uses_fused_step(cfg):

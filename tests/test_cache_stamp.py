@@ -41,3 +41,37 @@ def test_cache_folder_is_the_same_in_every_process():
                            env=dict(os.environ, PYTHONHASHSEED=str(seed))).stdout
             for seed in (1, 2, 3)}
     assert len(dirs) == 1
+
+
+def test_typed_list_helpers_are_cached_with_the_kernels(tmp_path):
+    """numba compiles the helpers behind numba.typed.List per element type and keeps them in
+    memory only (1.3 s at the start of a fused-step run); kernels/_jit.py caches them with the
+    kernels, so a second process loads them instead of compiling."""
+    code = ("import numgpt, kernels._jit as j, numpy as np\n"
+            "from numba.typed import List, typedlist\n"
+            "for shape in ((3,), (2, 3), (2, 2, 3)):\n"
+            "    List([np.zeros(shape, np.float32)] * 3)\n"
+            "print(j.CACHE_DIR)\n"
+            "print(sum(typedlist._make_list.stats.cache_hits.values()))\n")
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           check=True, env=env).stdout.split() for _ in range(2)]
+    cache_dir = runs[0][0]
+    assert cache_dir.startswith(str(tmp_path))
+    assert any(f.startswith("typedlist._make_list") for f in os.listdir(cache_dir))
+    assert int(runs[0][1]) == 0 and int(runs[1][1]) >= 3  # compiled once, then loaded
+
+
+def test_warm_cache_asks_only_for_the_fused_build_this_machine_runs(monkeypatch):
+    """kernels.warmup compiles one build of the fused step (the parallel one where numba's
+    threads may run, else the serial twin), and cache_is_warm looks for that one only."""
+    import kernels
+    from numgpt import parallel
+    asked = []
+    monkeypatch.setattr(kernels, "_cached", lambda mod, name: asked.append(name) or True)
+    monkeypatch.setattr(kernels, "_fused_possible", lambda: True)
+    for threads, build in ((True, "train_step"), (False, "train_step_serial")):
+        monkeypatch.setattr(parallel, "fused_in_parallel", lambda shards=None: threads)
+        asked.clear()
+        assert kernels.cache_is_warm(fused=True)
+        assert [n for n in asked if n.startswith("train_step")] == [build]
