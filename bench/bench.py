@@ -12,7 +12,9 @@ random token ids. The workers take turns: each warms up alone, then in every rou
 few timed steps while the others wait, never two at once, in an order that rotates from round to
 round. The speed of this shared machine drifts by tens of percent over minutes; timed one after
 the other, one side could get a fast spell and the other a slow one, and the ratio moved with it.
-Taking turns spreads the drift over both. A training step is forward + backward + AdamW; the
+Taking turns spreads the drift over both. All of a config's workers stay alive through its
+rounds, so the machine needs memory for all of them at once (full config: ~2.6 GB for numgpt,
+~6.2 GB for each PyTorch side, measured here). A training step is forward + backward + AdamW; the
 figure is the median over all timed steps (the first step of a turn, after the others ran, is
 not timed for the short configs). Sampling speed is the median of whole generate runs, taken in
 turns the same way. Where torch cannot be imported, its columns say so.
@@ -251,8 +253,9 @@ class Worker:
                 self.err.seek(0)
                 last = (self.err.read().strip().splitlines() or ["no output"])[-1]
                 raise WorkerError(f"exited ({self.proc.returncode}): {last}")
-            if line.startswith(tag):
-                return line[len(tag):].strip()
+            at = line.find(tag)  # (found after output the worker printed without a newline)
+            if at >= 0:
+                return line[at + len(tag):].strip()
 
     def send(self, command):
         try:
@@ -273,7 +276,7 @@ def run_worker(python, spec, threads):
     w = Worker(python, spec, threads)
     try:
         return json.loads(w.expect("RESULT ")), None
-    except WorkerError as e:
+    except (WorkerError, ValueError) as e:  # (a garbled answer: json's ValueError)
         return None, str(e)
     finally:
         w.close()
@@ -303,7 +306,7 @@ def run_in_turns(jobs, threads, rounds, per_turn, skip):
                 w.send(f"RUN {per_turn + skip} {skip}")
                 try:
                     out[name]["values"] += json.loads(w.expect("TURN "))
-                except WorkerError as e:
+                except (WorkerError, ValueError) as e:
                     w.close()
                     del workers[name]
                     out[name] = {"error": str(e)}
@@ -311,8 +314,8 @@ def run_in_turns(jobs, threads, rounds, per_turn, skip):
             w.send("END")
             try:
                 out[name]["peak_rss_mb"] = json.loads(w.expect("RESULT "))["peak_rss_mb"]
-            except WorkerError as e:
-                out[name] = {"error": str(e)}
+            except (WorkerError, ValueError, KeyError, TypeError):
+                out[name]["peak_rss_mb"] = float("nan")  # its timings stand; its peak is unknown
     finally:
         for w in workers.values():
             w.close()

@@ -9,6 +9,7 @@ numgpt/layers; tests/test_kernels.py holds the two equal, and the gradient check
     dropout.py      dropout masks drawn on all cores (the reference's bits)
     adamw.py        the AdamW update in one pass (also over a list of tensors in one call)
     step.py         a small model's whole training step in one call, the batch split over cores
+    blas.py         BLAS's matrix product on strided views, from compiled code (for step.py)
     ops.py          the kernel set with the same API as numgpt.ops.REFERENCE
 """
 import contextlib
@@ -52,22 +53,13 @@ def _announced(cold, what, say):
         say(f"compiled in {time.time() - t0:.0f} s")
 
 
-def _fused_suffix():
-    """The build of the fused step this process runs and compiles: "" (parallel) or "_serial"."""
-    from numgpt.parallel import fused_in_parallel
-    return "" if fused_in_parallel() else "_serial"
-
-
 def cache_is_warm(fused=True):
     """True when numba's on-disk cache holds every kernel (with its serial twin) and the decoder,
-    and, with fused, the build of the fused training step of small models that this machine
-    runs (where SciPy is there to run it)."""
+    and, with fused, the fused training step of small models (where SciPy is there to run it)."""
     fused = fused and _fused_possible()
     return (all(_cached(mod, name + suffix)
-                for mod, names in KERNEL_NAMES.items()
+                for mod, names in {**KERNEL_NAMES, **(FUSED_NAMES if fused else {})}.items()
                 for name in names for suffix in ("", "_serial"))
-            and (not fused or all(_cached(mod, name + _fused_suffix())
-                                  for mod, names in FUSED_NAMES.items() for name in names))
             and (not fused or all(_cached(mod, name) for mod, names in SINGLE_NAMES.items()
                                   for name in names))
             and decode_cache_is_warm())
@@ -100,8 +92,8 @@ def warmup_decode(dtype="float32", say=None):
 
 def warmup(dtype="float32", say=None, fused=True):
     """Compile (or load from cache) every kernel for dtype, telling the user when it compiles.
-    fused=False leaves out the fused step of small models (kernels/step.py: a small model's
-    cold compile took 100 s here, the default run's 40 s), for a run that will not use it."""
+    fused=False leaves out the fused step of small models (kernels/step.py: with it a cold
+    compile took 88-104 s here on 2026-11-30, without it 44 s), for a run that will not use it."""
     import numpy as np
 
     from numgpt.config import get_config
@@ -112,7 +104,6 @@ def warmup(dtype="float32", say=None, fused=True):
     from . import _jit, ops
     dt = np.dtype(dtype)
     min_work, store = _jit.PARALLEL_MIN_WORK, ops.STORE_PROBS_BYTES
-    fused_build = _fused_suffix()  # judged before FORCE_SERIAL is set below
     with _announced(not cache_is_warm(fused), "", say):
         try:
             for serial in (True, False):  # the serial twins, then the parallel kernels
@@ -128,10 +119,7 @@ def warmup(dtype="float32", say=None, fused=True):
                     loss, grads = m.loss_and_grads(x, x, rng=rng)
                     m.loss(x, x)
                     AdamW(m.params, use_kernels=True).step(grads)
-                    # the fused step: only the build that will run (_fused_suffix; its two
-                    # builds would take ~60 s of a small model's cold compile)
-                    if (fused and stored and fused_applies(cfg.replace(dropout=0.0))
-                            and serial == (fused_build == "_serial")):
+                    if fused and stored and fused_applies(cfg.replace(dropout=0.0)):
                         m = GPT(cfg.replace(dropout=0.0), dtype=dt)
                         loss, grads = FusedStep(m, shards=2)(x, x)
                         clip_grad_norm(grads, 1e-3)

@@ -92,8 +92,12 @@ NO, YES = 78, 84  # BLAS's 'N' and 'T'
 
 @jit()
 def _rows_ok(X, size):
-    """Whether BLAS can read X as it lies: adjacent elements within a row, rows in order."""
-    return (X.shape[1] <= 1 or X.strides[1] == size) and X.strides[0] >= 0
+    """Whether BLAS can read X as it lies: adjacent elements within a row, rows in order and
+    apart by at least a row (not broadcast, not overlapping), sizes in BLAS's 32-bit ints."""
+    return ((X.shape[1] <= 1 or X.strides[1] == size)
+            and (X.shape[0] <= 1 or X.strides[0] >= X.shape[1] * size)
+            and X.strides[0] >= 0 and X.strides[0] // size < 2 ** 31
+            and X.shape[0] < 2 ** 31 and X.shape[1] < 2 ** 31)
 
 
 @jit()
@@ -117,7 +121,8 @@ def gemm(A, transA, B, transB, C, beta):
         return
     size = C.itemsize
     if not (_rows_ok(A, size) and _rows_ok(B, size) and _rows_ok(C, size)):
-        raise ValueError("gemm: the elements of a row must be adjacent, rows in order")
+        raise ValueError("gemm: the elements of a row must be adjacent, rows in order and "
+                         "apart, sizes below 2^31")
     # a row-major X with row stride ld is the column-major X^T with leading dimension ld, so
     # row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T
     lda = max(A.strides[0] // size, A.shape[1], 1)

@@ -2,14 +2,15 @@
 
 For mid-sized models the step is a long chain of medium-sized operations; OpenBLAS and the
 numba kernels split each of them over the two cores, and the splitting (waking threads, small
-pieces, waiting for the slower half) costs a good share of the second core. Measured here
-(laptop preset, batch 12): 48.6 ms per step that way, 36 ms for half the batch on one thread.
-So for such models each core takes half of the batch instead, with single-threaded BLAS and the
-kernels' serial builds; each shard weights its gradients by its share of the batch, and the
-two are added: 39.9 ms then, 29 ms with the later kernels. Both threads run while
+pieces, waiting for the slower half) costs a good share of the second core. Measured here on
+the layer path (laptop preset, batch 12): 48.6 ms per step that way, 36 ms for half the batch on
+one thread. So for such models each core takes half of the batch instead, with single-threaded
+BLAS and the kernels' serial builds; each shard weights its gradients by its share of the batch,
+and the two are added: 39.9 ms then, 29 ms with the later kernels. Both threads run while
 the other is inside BLAS or a kernel, since those release the GIL; the Python between them
-does not, which is why small models without dropout (the laptop preset included) take the fused
-step of kernels/step.py instead, which runs the halves without Python (FUSED_MAX_WORK).
+does not. So small models without dropout, the laptop preset included, take the fused step of
+kernels/step.py instead, whose halves run without Python (FUSED_MAX_WORK), and tiny ones with
+dropout stay on the plain path with BLAS on one thread (OneBlasThreadStep).
 
 The result is the gradient of the same mean loss, up to float rounding; dropout masks come from
 two generators seeded from the caller's. A run is reproducible from its seed and checkpoint to
@@ -185,6 +186,7 @@ class FusedStep:
         self._key = key
 
     def __call__(self, x, y, train=True, rng=None):
+        from kernels import _jit
         from kernels import step as ks
         from .model import _check_ids
         m = self.model
@@ -196,9 +198,7 @@ class FusedStep:
             raise ValueError(f"sequence length {x.shape[1]} exceeds block_size {m.cfg.block_size}")
         self._bind()
         shards = min(self.shards, x.shape[0])
-        # the build kernels.warmup compiles (a batch of one row takes the parallel one too, on
-        # one thread: compiling the other build would cost half a minute)
-        kernel = ks.train_step if fused_in_parallel(self.shards) else ks.train_step.serial
+        kernel = ks.train_step if shards > 1 and _jit.threads_allowed() else ks.train_step.serial
         # OpenBLAS on one thread for the call, set directly (threadpoolctl's limit() took 17 us)
         libs = self.blas.lib_controllers
         before = [lib.num_threads for lib in libs]
@@ -222,13 +222,6 @@ class FusedStep:
 # 12 with block 128 (197k) even (78.0 against 76.2); at batch 32 (262k) 7% slower, with n_embd
 # 256 (393k) 5% slower, and the scaled preset at batch 8 without dropout (786k) 9% slower.
 FUSED_MAX_WORK = 1 << 17
-
-
-def fused_in_parallel(shards=None):
-    """Whether the fused step runs the parallel build of kernels/step.train_step (more than one
-    shard, and numba's threads allowed) rather than its serial twin."""
-    from kernels import _jit
-    return (shards or cores()) > 1 and _jit.threads_allowed()
 
 
 def uses_fused_step(cfg):

@@ -93,11 +93,14 @@ def _kernels_recompute(cfg):
 
 
 def _kernels_store_probs(cfg):
-    """Whether the kernels keep the T x T attention probabilities (see kernels/ops.py): decided
-    per call, on the batch the call sees, which is half of it in data-parallel steps."""
+    """Whether the kernels keep the T x T attention probabilities (see kernels/ops.py): the fused
+    step (kernels/step.py) always does; the layer path decides per call, on the batch the call
+    sees, which is half of it in data-parallel steps."""
     from kernels.ops import stores_probs
 
-    from .parallel import worth_sharding
+    from .parallel import uses_fused_step, worth_sharding
+    if uses_fused_step(cfg):
+        return True
     B = cfg.batch_size
     if worth_sharding(cfg):
         B = -(-B // 2)

@@ -61,17 +61,3 @@ def test_typed_list_helpers_are_cached_with_the_kernels(tmp_path):
     assert any(f.startswith("typedlist._make_list") for f in os.listdir(cache_dir))
     assert int(runs[0][1]) == 0 and int(runs[1][1]) >= 3  # compiled once, then loaded
 
-
-def test_warm_cache_asks_only_for_the_fused_build_this_machine_runs(monkeypatch):
-    """kernels.warmup compiles one build of the fused step (the parallel one where numba's
-    threads may run, else the serial twin), and cache_is_warm looks for that one only."""
-    import kernels
-    from numgpt import parallel
-    asked = []
-    monkeypatch.setattr(kernels, "_cached", lambda mod, name: asked.append(name) or True)
-    monkeypatch.setattr(kernels, "_fused_possible", lambda: True)
-    for threads, build in ((True, "train_step"), (False, "train_step_serial")):
-        monkeypatch.setattr(parallel, "fused_in_parallel", lambda shards=None: threads)
-        asked.clear()
-        assert kernels.cache_is_warm(fused=True)
-        assert [n for n in asked if n.startswith("train_step")] == [build]

@@ -340,11 +340,19 @@ def test_gemm_on_column_slices_equals_matmul(dtype):
             C[:] = 1.0
             gemm(A, ta, B, tb, C, 1.0)
             close(C, want + 1, dtype)
+    for A, B in ((host[:1, :5], host[:5, 5:12]), (host[:, :1], host[:1, 5:12]),  # one row,
+                 (host[:, :5], host[:5, 7:8]), (host[:0, :5], host[:5, 5:12])):    # column, none
+        C = np.full((A.shape[0], B.shape[1]), np.nan, dtype=dtype)
+        gemm(A, False, B, False, C, 0.0)
+        close(C, A @ B, dtype)
     C = np.full((3, 4), 5.0, dtype=dtype)
     gemm(np.empty((3, 0), dtype), False, np.empty((0, 4), dtype), False, C, 0.0)
     assert (C == 0).all()
     with pytest.raises(ValueError, match="adjacent"):
         gemm(host[:, ::2][:, :5], False, host[:5, :7], False, np.empty((9, 7), dtype), 0.0)
+    overlapping = np.lib.stride_tricks.as_strided(host, (3, 5), (host.itemsize, host.itemsize))
+    with pytest.raises(ValueError, match="apart"):
+        gemm(overlapping, False, host[:5, :7], False, np.empty((3, 7), dtype), 0.0)
     with pytest.raises(ValueError, match="shapes"):
         gemm(host[:, :5], False, host[:4, :7], False, np.empty((9, 7), dtype), 0.0)
 

@@ -39,6 +39,8 @@ def test_sharded_dropout_is_reproducible_and_follows_the_rng():
 
 def test_which_configs_are_sharded(monkeypatch):
     monkeypatch.setattr(parallel, "cores", lambda: 2)
+    monkeypatch.delenv("NUMGPT_FUSED", raising=False)
+    monkeypatch.delenv("NUMGPT_DATA_PARALLEL", raising=False)
     laptop = numgpt.get_config("laptop", dropout=0.1)  # (without dropout: the fused step)
     assert parallel.worth_sharding(laptop)
     assert not parallel.worth_sharding(numgpt.get_config("laptop"))         # fused

@@ -141,6 +141,8 @@ def test_listed_clip_and_adamw_equal_the_per_tensor_path():
 
 def test_step_function_picks_the_fused_step_for_small_models(monkeypatch):
     monkeypatch.setattr(parallel, "cores", lambda: 2)
+    monkeypatch.delenv("NUMGPT_FUSED", raising=False)
+    monkeypatch.delenv("NUMGPT_DATA_PARALLEL", raising=False)
     tiny = numgpt.get_config("residual")
     step, close = parallel.step_function(numgpt.GPT(tiny), tiny)
     assert isinstance(step, parallel.FusedStep)
