@@ -17,7 +17,8 @@ rounds, so the machine needs memory for all of them at once (full config: ~2.6 G
 ~6.2 GB for each PyTorch side, measured here). A training step is forward + backward + AdamW; the
 figure is the median over all timed steps (the first step of a turn, after the others ran, is
 not timed for the short configs). Sampling speed is the median of whole generate runs, taken in
-turns the same way. Where torch cannot be imported, its columns say so.
+turns the same way. Where torch cannot be imported, its columns say so. numgpt's kernels are
+compiled (or loaded from their cache) by a process of their own before anything is timed.
 
 Model FLOP utilisation (MFU) = model FLOPs per second / the float32 matmul peak measured here with
 NumPy at the same thread count (the best of a measurement before and one after the training
@@ -175,6 +176,11 @@ def worker_main(spec):
     if spec["kind"] == "peak":
         out = {"flops": worker_matmul_peak(), "peak_rss_mb": _peak_rss_mb()}
         print("RESULT " + json.dumps(out), flush=True)
+        return
+    if spec["kind"] == "warm":  # compile (or load) every kernel once, before anything is timed
+        import kernels
+        kernels.warmup(say=lambda msg: None)
+        print("RESULT {}", flush=True)
         return
     cfg = numgpt.get_config(spec["preset"], **spec["overrides"])
     if spec["impl"].startswith("torch"):
@@ -370,6 +376,14 @@ def main(argv=None):
     if not torch_ok:
         print(f"note: torch is not importable by {args.torch_python}; PyTorch columns are skipped "
               "(pip install torch==2.13.0, or pass --torch-python)")
+    # numgpt's kernels first, in a process of their own: on a fresh clone they compile here, so
+    # that no timed worker compiles during its warm-up (its peak memory would include numba's)
+    import kernels
+    if not kernels.cache_is_warm():
+        print("compiling numgpt's numba kernels first (once; 1-2 minutes here) ...", flush=True)
+    warm, err = run_worker(sys.executable, {"kind": "warm"}, args.threads)
+    if err:
+        print(f"note: compiling the kernels failed ({err}); the numgpt workers will try again")
     peak, err = run_worker(sys.executable, {"kind": "peak"}, args.threads)
     peak_flops = peak["flops"] if peak else float("nan")
     print(f"float32 matmul peak (NumPy, 2048^3, {args.threads} threads): {peak_flops / 1e9:.1f} GFLOP/s")
