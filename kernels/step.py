@@ -8,9 +8,10 @@ Why: a small model's step is a few hundred small operations, and from Python eac
 call (microseconds) that can be longer than its work: the tiny bench config spent more than half
 its step between kernels. Here the batch is split in one piece per core (prange over shards),
 and each piece runs the model's whole forward and backward without returning to Python: the
-matrix products through BLAS (numba's np.dot, and blas.gemm where the operands are column slices,
-both SciPy's OpenBLAS on one thread per shard), everything between them through the serial builds of the other kernels of this folder. Each
-shard writes its own gradient slots; they are summed at the end.
+matrix products through BLAS (numba's np.dot, and blas.gemm where the operands are column
+slices; both SciPy's OpenBLAS, on one thread per shard), everything between them through the
+serial builds of the other kernels of this folder. Each shard writes its own gradient slots;
+they are summed at the end.
 
 Parameters come in a numba typed List of 2-D arrays in the order of numgpt.model.param_shapes
 (vectors as [1, n] rows); `slots` and `top` say which entry is which. Dropout is not done
@@ -416,8 +417,9 @@ def train_step(idx, tgt, P, G, slots, top, flags, n_shards, wqkv, sums):
         b1 = ((s + 1) * B) // n_shards
         w = np.empty(1, dtype=dt)
         w[0] = (b1 - b0) / B     # this shard's share of the mean
-        # s as int64: numba types a prange index as uint64 in the parallel build, and a second
-        # signature of _shard would be compiled for it (~15 s of a cold compile)
+        # s as int64: numba types a prange index as uint64 in the parallel build, and _shard was
+        # compiled a second time for it; with one signature the serial build, which shares it,
+        # compiles in 7 s after the parallel one
         sums[s] = _shard(idx[b0:b1].copy(), tgt[b0:b1].copy(), P, G, np.int64(s), slots, top,
                          flags, wqkv, w[0])
     _add_shards(G, n_shards)
