@@ -110,7 +110,10 @@ def _cache_typed_lists():
     from numba.typed import typedlist
     for obj in vars(typedlist).values():
         if isinstance(obj, CPUDispatcher) and obj._cache.__class__.__name__ == "NullCache":
-            obj.enable_caching()
+            try:
+                obj.enable_caching()
+            except RuntimeError:  # no writable cache anywhere: they compile in memory, as before
+                return
 
 
 try:
