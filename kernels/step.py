@@ -9,7 +9,7 @@ call (microseconds) that can be longer than its work: the tiny bench config spen
 its step between kernels. Here the batch is split in one piece per core (prange over shards),
 and each piece runs the model's whole forward and backward without returning to Python: the
 matrix products through BLAS (numba's np.dot, and blas.gemm where the operands are column
-slices; both SciPy's OpenBLAS, on one thread per shard), everything between them through the
+slices or transposed; both SciPy's OpenBLAS, on one thread per shard), everything between them through the
 serial builds of the other kernels of this folder. Each shard writes its own gradient slots;
 they are summed at the end.
 
@@ -17,12 +17,10 @@ Parameters come in a numba typed List of 2-D arrays in the order of numgpt.model
 (vectors as [1, n] rows); `slots` and `top` say which entry is which. Dropout is not done
 here: a model with dropout trains on the layer-by-layer path.
 """
-import math
-
 import numpy as np
 from numba import prange
 
-from ._jit import jit
+from ._jit import fast_exp, jit
 from .activations import bias_act_bwd, bias_act_fwd
 from .attention import softmax_causal_bwd, softmax_causal_fwd
 from .blas import gemm
@@ -67,101 +65,125 @@ def _col_sums(d, out):
 
 
 @jit()
-def _attention_fwd(qkv, nb, T, H, scale, y, p):
-    """Causal attention of short blocks, the probabilities kept: qkv [nb*T, 3C] (q, k, v side by
-    side, head h in columns h*hs:(h+1)*hs of each) -> y [nb*T, C], p [nb, H, T, T] (j <= i only).
+def _attention_fwd(X, T, M, H, scale, valid, Y, P):
+    """Causal attention in lanes (short blocks of small heads), the probabilities kept.
 
-    NumPy reference: numgpt/layers/attention.attention_forward. For a few positions of a few
-    channels per head the loops of attention.py run mostly loop overhead; here each query row
-    takes all heads at once, so the inner loops run over the C channels of a row (contiguous,
-    vectorised), and a head's sums are the pieces of that row."""
-    C = y.shape[1]
+    X [3C, T + M + T]: q, k and v transposed (channel c of q in row c, of k in row C + c, of v
+    in row 2C + c; head h has channels h*hs:(h+1)*hs), row r of the shard (= b*T + i) in lane
+    column T + r, zero pads of T columns on both sides. Y [C, M] = the output, transposed.
+    P [H, T, M + T]: P[h, o, r] = the probability with which row r attends to row r - o (o, the
+    offset, from 0 to T - 1; 0 where i < o, and in the right pad). valid [T, M]: 1 where
+    i >= o, else 0.
+
+    NumPy reference: numgpt/layers/attention.attention_forward. Why this layout: with 8
+    positions of 8 channels a head, the loops of a row-by-row kernel are 8 long, mostly loop
+    overhead and horizontal sums. Here every offset o is one sweep over all M rows of the shard
+    at once: the score of (r, r - o) sums q[c, r] k[c, r - o] over the head's channels, a
+    product of two contiguous rows of X, one shifted by o. A row whose position i < o reads the
+    previous sequence (or the pad) there, finite, and is masked out of the softmax."""
+    C = Y.shape[0]
     hs = C // H
-    zero = np.zeros(1, dtype=y.dtype)[0]
-    one = np.ones(1, dtype=y.dtype)[0]
-    prod = np.empty(C, dtype=y.dtype)
-    coef = np.empty(C, dtype=y.dtype)
-    s = np.empty((H, T), dtype=y.dtype)
-    for b in range(nb):
-        for i in range(T):
-            r = b * T + i
-            qi = qkv[r, :C]  # row slices, indexed by the loop variable alone (_jit.py)
-            for j in range(i + 1):             # s[h, j] = scale q_i . k_j over head h's columns
-                kj = qkv[b * T + j, C:2 * C]
-                for c in range(C):
-                    prod[c] = qi[c] * kj[c]
-                for h in range(H):
-                    acc = zero
-                    for d in range(hs):
-                        acc += prod[h * hs + d]
-                    s[h, j] = acc * scale
-            for h in range(H):                 # softmax over j <= i
-                m = s[h, 0]
-                for j in range(1, i + 1):
-                    m = max(m, s[h, j])
-                tot = zero
-                for j in range(i + 1):
-                    e = math.exp(s[h, j] - m)  # (short loops: libm's beats a scalar polynomial)
-                    s[h, j] = e
-                    tot += e
-                inv = one / tot
-                for j in range(i + 1):
-                    s[h, j] *= inv
-                    p[b, h, i, j] = s[h, j]
-            yi = y[r]
-            yi[:] = zero
-            for j in range(i + 1):             # y_i = sum_j p_ij v_j, head by head
-                for h in range(H):
-                    coef[h * hs:(h + 1) * hs] = s[h, j]
-                vj = qkv[b * T + j, 2 * C:]
-                for c in range(C):
-                    yi[c] += coef[c] * vj[c]
+    dt = Y.dtype
+    zero = np.zeros(1, dtype=dt)[0]
+    one = np.ones(1, dtype=dt)[0]
+    mx = np.empty(M, dtype=dt)
+    tot = np.empty(M, dtype=dt)
+    for h in range(H):
+        c0 = h * hs
+        for o in range(T):                     # raw scores s = q_r . k_(r-o), in P
+            s = P[h, o, :M]
+            s[:] = zero
+            for d in range(hs):
+                q, k = X[c0 + d, T:T + M], X[C + c0 + d, T - o:T - o + M]
+                for r in range(M):
+                    s[r] += q[r] * k[r]
+        mx[:] = P[h, 0, :M]                    # offset 0 is always in range
+        for o in range(1, T):
+            s, ok = P[h, o, :M], valid[o]
+            for r in range(M):
+                mx[r] = max(mx[r], s[r]) if ok[r] > zero else mx[r]
+        tot[:] = zero
+        for o in range(T):                     # exp(scale (s - max)), 0 out of range
+            s, ok = P[h, o, :M], valid[o]
+            for r in range(M):                 # (min: an out-of-range score may exceed the max)
+                e = fast_exp(min(scale * (s[r] - mx[r]), zero)) * ok[r]
+                s[r] = e
+                tot[r] += e
+        for r in range(M):
+            tot[r] = one / tot[r]
+        for o in range(T):
+            s = P[h, o, :M]
+            for r in range(M):
+                s[r] *= tot[r]
+        for d in range(hs):                    # y_r = sum_o p(r, r-o) v_(r-o)
+            y = Y[c0 + d]
+            y[:] = zero
+            for o in range(T):
+                p, v = P[h, o, :M], X[2 * C + c0 + d, T - o:T - o + M]
+                for r in range(M):
+                    y[r] += p[r] * v[r]
 
 
 @jit()
-def _attention_bwd(qkv, p, dy, nb, T, H, scale, dqkv):
-    """The backward of _attention_fwd: dy [nb*T, C] -> dqkv [nb*T, 3C]. With dp_ij = dy_i . v_j
-    and D_i = sum_j p_ij dp_ij: ds_ij = scale p_ij (dp_ij - D_i), dq_i += ds_ij k_j,
-    dk_j += ds_ij q_i, dv_j += p_ij dy_i (docs/derivations.md#attention), all heads of a row at once."""
-    C = dy.shape[1]
+def _attention_bwd(X, P, dY, T, M, H, scale, dS, dX):
+    """The backward of _attention_fwd: dY [C, M + T] (the output's gradient, transposed, zero
+    right pad) -> dX [3C, M]; dS [T, M + T] is scratch whose right pad is zero. Per head, with
+    dp(r, o) = dy_r . v_(r-o) and D_r = sum_o p dp: ds = scale p (dp - D) (0 where p is),
+    dq_r = sum_o ds(r, o) k_(r-o), dk_r = sum_o ds(r+o, o) q_(r+o), dv_r = sum_o p(r+o, o)
+    dy_(r+o) (docs/derivations.md#attention): the keys' and values' sums read the rows o ahead,
+    where the right pads give 0 past the shard's end."""
+    C = dX.shape[0] // 3
     hs = C // H
-    zero = np.zeros(1, dtype=dy.dtype)[0]
-    prod = np.empty(C, dtype=dy.dtype)
-    cp = np.empty(C, dtype=dy.dtype)
-    cs = np.empty(C, dtype=dy.dtype)
-    dp = np.empty((H, T), dtype=dy.dtype)
-    D = np.empty(H, dtype=dy.dtype)
-    dqkv[:] = 0
-    for b in range(nb):
-        for i in range(T):
-            r = b * T + i
-            dyi = dy[r]
-            D[:] = zero
-            for j in range(i + 1):
-                vj = qkv[b * T + j, 2 * C:]
-                for c in range(C):
-                    prod[c] = dyi[c] * vj[c]
-                for h in range(H):
-                    acc = zero
-                    for d in range(hs):
-                        acc += prod[h * hs + d]
-                    dp[h, j] = acc
-                    D[h] += acc * p[b, h, i, j]
-            qi, dqi = qkv[r, :C], dqkv[r, :C]
-            for j in range(i + 1):
-                rj = b * T + j
-                for h in range(H):
-                    pij = p[b, h, i, j]
-                    cp[h * hs:(h + 1) * hs] = pij
-                    cs[h * hs:(h + 1) * hs] = pij * (dp[h, j] - D[h]) * scale
-                kj, dkj, dvj = qkv[rj, C:2 * C], dqkv[rj, C:2 * C], dqkv[rj, 2 * C:]
-                for c in range(C):
-                    dqi[c] += cs[c] * kj[c]
-                    dkj[c] += cs[c] * qi[c]
-                    dvj[c] += cp[c] * dyi[c]
+    dt = dX.dtype
+    zero = np.zeros(1, dtype=dt)[0]
+    D = np.empty(M, dtype=dt)
+    for h in range(H):
+        c0 = h * hs
+        D[:] = zero
+        for o in range(T):
+            g, p = dS[o, :M], P[h, o, :M]
+            g[:] = zero
+            for d in range(hs):
+                a, v = dY[c0 + d, :M], X[2 * C + c0 + d, T - o:T - o + M]
+                for r in range(M):
+                    g[r] += a[r] * v[r]
+            for r in range(M):
+                D[r] += p[r] * g[r]
+        for o in range(T):
+            g, p = dS[o, :M], P[h, o, :M]
+            for r in range(M):
+                g[r] = scale * p[r] * (g[r] - D[r])
+        for d in range(hs):
+            dq, dk, dv = dX[c0 + d], dX[C + c0 + d], dX[2 * C + c0 + d]
+            dq[:] = zero
+            dk[:] = zero
+            dv[:] = zero
+            for o in range(T):
+                g, k = dS[o, :M], X[C + c0 + d, T - o:T - o + M]
+                for r in range(M):
+                    dq[r] += g[r] * k[r]
+                g, q = dS[o, o:o + M], X[c0 + d, T + o:T + o + M]
+                for r in range(M):
+                    dk[r] += g[r] * q[r]
+                p, a = P[h, o, o:o + M], dY[c0 + d, o:o + M]
+                for r in range(M):
+                    dv[r] += p[r] * a[r]
 
 
-SHORT_BLOCK = 16  # blocks up to this many positions take the loops above; longer ones BLAS
+# Attention takes the lanes kernels above where block x head size is at most this, BLAS per
+# (sequence, head) below where it is more. Measured here, a layer's forward and backward on one
+# thread (16 sequences unless said): head size 8, blocks of 8 to 32: lanes 39 against 122 us,
+# 89 against 181 (16), 197 against 260 (24), 431 against 537 (32); head size 16: lanes 28
+# against 43 us at block 8, 87 against 78 at block 16; head size 32 at block 8: 25 against 20
+# (one head), 100 against 77 (4 heads); 6 sequences of 4 heads of 32, block 8 to 64: lanes
+# 80 against 46 us up to 2375 against 931.
+LANES_MAX = 128
+
+
+@jit()
+def attention_in_lanes(T, head_size):
+    """Whether the step's attention of blocks of T positions takes the lanes kernels."""
+    return T * head_size <= LANES_MAX
 
 
 @jit()
@@ -176,10 +198,11 @@ def _linear_bwd(x, dy, W, gW, gb, row, dx):
 
 @jit()
 def _attention_blas_fwd(qkv, nb, T, H, scale, y, p):
-    """As _attention_fwd, for longer blocks: per (sequence, head) the scores q k^T and the
-    weighted sum p v as BLAS products straight on the head's columns of qkv and y (blas.gemm;
-    the masked upper half is computed and ignored), with the causal softmax of the
-    stored-probabilities path (attention.softmax_causal_fwd) between them."""
+    """As _attention_fwd, for longer blocks or larger heads (LANES_MAX), in rows: qkv [nb*T, 3C]
+    -> y [nb*T, C], p [nb, H, T, T]. Per (sequence, head) the scores q k^T and the weighted sum
+    p v as BLAS products straight on the head's columns of qkv and y (blas.gemm; the masked
+    upper half is computed and ignored), with the causal softmax of the stored-probabilities
+    path (attention.softmax_causal_fwd) between them."""
     C = y.shape[1]
     hs = C // H
     dt = y.dtype
@@ -246,15 +269,34 @@ def _shard(idx, tgt, P, G, s, slots, top, flags, wqkv, weight):
     scale, eps = sc[0], sc[1]
     n_sub = 2 if has_ffn else 1
 
+    # attention of short blocks of small heads works on its operands transposed, in lanes
+    # (_attention_fwd): q, k, v as [3C, T + M + T] with zero pads, the output as [C, M]; the
+    # others in rows, through BLAS (_attention_blas_fwd)
+    lanes = attention_in_lanes(T, C // H)
+    W = M + 2 * T                 # a lane row with its pads
+    valid = np.zeros((T, M), dtype=dt)
+    if lanes:
+        for o in range(T):
+            for r in range(M):
+                if r % T >= o:
+                    valid[o, r] = 1
+
     # ---- forward; kept for the backward: every sublayer's LayerNorm input and statistics, the
     # input of its first product, and the attention and feed-forward intermediates
     lnx = np.empty((L, 2, M, C), dtype=dt)
     mean = np.empty((L, 2, M), dtype=dt)
     rstd = np.empty((L, 2, M), dtype=dt)
     hin = np.empty((L, 2, M, C), dtype=dt)
-    qkv = np.empty((L, M, 3 * C), dtype=dt)
-    att = np.empty((L, M, C), dtype=dt)
-    probs = np.empty((L, nb, H, T, T), dtype=dt)
+    if lanes:
+        qkv = np.empty((L, 3 * C, W), dtype=dt)
+        qkv[:, :, :T] = 0
+        qkv[:, :, T + M:] = 0
+        att = np.empty((L, C, M), dtype=dt)
+        probs = np.zeros((L, H * T * (M + T)), dtype=dt)   # [H, T, M + T] a layer
+    else:
+        qkv = np.empty((L, M, 3 * C), dtype=dt)
+        att = np.empty((L, M, C), dtype=dt)
+        probs = np.empty((L, nb * H * T * T), dtype=dt)     # [nb, H, T, T] a layer
     pre = np.empty((L, M, F), dtype=dt)
     hid = np.empty((L, M, F), dtype=dt)
     x = np.empty((M, C), dtype=dt)   # the residual stream
@@ -269,12 +311,19 @@ def _shard(idx, tgt, P, G, s, slots, top, flags, wqkv, weight):
                 _ln_fwd(x, P[g_slot][0], P[b_slot][0], eps, hin[l, j], mean[l, j], rstd[l, j])
             else:
                 hin[l, j] = x
-            if j == 0:
-                np.dot(hin[l, j], wqkv[l], qkv[l])
-                if T <= SHORT_BLOCK:
-                    _attention_fwd(qkv[l], nb, T, H, scale, att[l], probs[l])
+            if j == 0 and lanes:
+                gemm(wqkv[l], True, hin[l, j], True, qkv[l][:, T:T + M], 0.0)
+                _attention_fwd(qkv[l], T, M, H, scale, valid, att[l],
+                               probs[l].reshape(H, T, M + T))
+                if has_proj:
+                    gemm(att[l], True, P[slots[l, W_PROJ]], False, f, 0.0)
+                    _add_bias(f, P[slots[l, B_PROJ]])
                 else:
-                    _attention_blas_fwd(qkv[l], nb, T, H, scale, att[l], probs[l])
+                    f[:] = att[l].T
+            elif j == 0:
+                np.dot(hin[l, j], wqkv[l], qkv[l])
+                _attention_blas_fwd(qkv[l], nb, T, H, scale, att[l],
+                                    probs[l].reshape(nb, H, T, T))
                 if has_proj:
                     np.dot(att[l], P[slots[l, W_PROJ]], f)
                     _add_bias(f, P[slots[l, B_PROJ]])
@@ -324,8 +373,14 @@ def _shard(idx, tgt, P, G, s, slots, top, flags, wqkv, weight):
         G[top[LNF_B]][s][:] = gb
         ds, dh = dh, ds
     df = np.empty((M, C), dtype=dt)
-    datt = np.empty((M, C), dtype=dt)
-    dqkv = np.empty((M, 3 * C), dtype=dt)
+    if lanes:   # transposed, as in the forward; the right pads of datt and dS stay zero
+        datt = np.zeros((C, M + T), dtype=dt)
+        dqkv = np.empty((3 * C, M), dtype=dt)
+        dS = np.zeros((T, M + T), dtype=dt)
+    else:
+        datt = np.empty((M, C), dtype=dt)
+        dqkv = np.empty((M, 3 * C), dtype=dt)
+        dS = np.empty((0, 0), dtype=dt)
     dhid = np.empty((M, F), dtype=dt)
     dpre = np.empty((M, F), dtype=dt)
     for l in range(L - 1, -1, -1):
@@ -339,16 +394,29 @@ def _shard(idx, tgt, P, G, s, slots, top, flags, wqkv, weight):
             else:
                 df[:] = ds
             # df: gradient of the sublayer's output (and, with residual, of the skip)
-            if j == 0:
+            if j == 0 and lanes:   # the transposed forward's products, transposed back
+                dy = datt[:, :M]
+                if has_proj:
+                    gemm(att[l], False, df, False, G[slots[l, W_PROJ]][s], 0.0)
+                    _col_sums(df, gb)
+                    G[slots[l, B_PROJ]][s][:] = gb
+                    gemm(P[slots[l, W_PROJ]], False, df, True, dy, 0.0)
+                else:
+                    dy[:] = df.T
+                _attention_bwd(qkv[l], probs[l].reshape(H, T, M + T), datt, T, M, H, scale, dS,
+                               dqkv)
+                for part, slot in ((0, W_Q), (1, W_K), (2, W_V)):  # each its own gradient
+                    gemm(hin[l, j], True, dqkv[part * C:(part + 1) * C], True,
+                         G[slots[l, slot]][s], 0.0)
+                gemm(dqkv, True, wqkv[l], True, dh, 0.0)
+            elif j == 0:
                 if has_proj:
                     _linear_bwd(att[l], df, P[slots[l, W_PROJ]], G[slots[l, W_PROJ]][s],
                                 G[slots[l, B_PROJ]][s], gb, datt)
                 else:
                     datt[:] = df
-                if T <= SHORT_BLOCK:
-                    _attention_bwd(qkv[l], probs[l], datt, nb, T, H, scale, dqkv)
-                else:
-                    _attention_blas_bwd(qkv[l], probs[l], att[l], datt, nb, T, H, scale, dqkv)
+                _attention_blas_bwd(qkv[l], probs[l].reshape(nb, H, T, T), att[l], datt, nb, T,
+                                    H, scale, dqkv)
                 for part, slot in ((0, W_Q), (1, W_K), (2, W_V)):  # each its own gradient
                     gemm(hin[l, j], True, dqkv[:, part * C:(part + 1) * C], False,
                          G[slots[l, slot]][s], 0.0)

@@ -18,9 +18,19 @@ CASES = [
     ("preln", {"activation": "gelu", "n_head": 2}),            # pre-norm
     ("preln", {"residual": False, "attn_proj": False}),
     ("laptop", {"n_layer": 2, "n_embd": 16, "block_size": 12, "batch_size": 3}),
-    # blocks longer than kernels/step.SHORT_BLOCK: attention through BLAS per (sequence, head)
     ("laptop", {"n_layer": 2, "n_embd": 16, "block_size": 21, "batch_size": 3}),
+    # block x head size over kernels/step.LANES_MAX: attention in BLAS per (sequence, head)
+    ("laptop", {"n_layer": 2, "n_embd": 16, "block_size": 40, "batch_size": 3}),
 ]
+
+
+def test_the_cases_take_both_attention_kernels():
+    from kernels.step import attention_in_lanes
+    kinds = set()
+    for preset, kw in CASES:
+        cfg = numgpt.get_config(preset, **kw)
+        kinds.add(attention_in_lanes(cfg.block_size, cfg.n_embd // cfg.n_head))
+    assert kinds == {True, False}
 
 
 def _model(preset, kw, dtype, seed=0):
@@ -69,9 +79,10 @@ def test_fused_step_gradient_check_float64(preset, kw):
     assert abs(loss - m.loss(x, y)) < 1e-12
 
 
-def test_short_sequences_odd_batches_and_one_row():
-    m = _model("preln", {}, np.float64)
-    for B, T in ((1, 8), (5, 3), (7, 1)):  # (and a long block's short batch, below)
+@pytest.mark.parametrize("preset", ["preln", "single_head"])  # single_head at T 8: BLAS
+def test_short_sequences_odd_batches_and_one_row(preset):
+    m = _model(preset, {}, np.float64)
+    for B, T in ((1, 8), (5, 3), (7, 1)):
         x, y = _batch(m.cfg.replace(batch_size=B), seed=B, T=T)
         loss, grads = parallel.FusedStep(m, shards=2)(x, y)
         ref_loss, ref = m.loss_and_grads(x, y)
