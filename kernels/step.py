@@ -9,9 +9,9 @@ call (microseconds) that can be longer than its work: the tiny bench config spen
 its step between kernels. Here the batch is split in one piece per core (prange over shards),
 and each piece runs the model's whole forward and backward without returning to Python: the
 matrix products through BLAS (numba's np.dot, and blas.gemm where the operands are column
-slices or transposed; both SciPy's OpenBLAS, on one thread per shard), everything between them through the
-serial builds of the other kernels of this folder. Each shard writes its own gradient slots;
-they are summed at the end.
+slices or transposed; both SciPy's OpenBLAS, one thread per shard), everything between them
+through the serial builds of the other kernels of this folder. Each shard writes its own
+gradient slots; they are summed at the end.
 
 Parameters come in a numba typed List of 2-D arrays in the order of numgpt.model.param_shapes
 (vectors as [1, n] rows); `slots` and `top` say which entry is which. Dropout is not done
@@ -126,8 +126,9 @@ def _attention_fwd(X, T, M, H, scale, valid, Y, P):
 
 @jit()
 def _attention_bwd(X, P, dY, T, M, H, scale, dS, dX):
-    """The backward of _attention_fwd: dY [C, M + T] (the output's gradient, transposed, zero
-    right pad) -> dX [3C, M]; dS [T, M + T] is scratch whose right pad is zero. Per head, with
+    """The backward of _attention_fwd: dY [C, M + T] (the output's gradient, transposed) -> dX
+    [3C, M]; dS [T, M + T] is scratch. The right pads (the last T columns) of dY, dS and P
+    must be zero: the sums below read them. Per head, with
     dp(r, o) = dy_r . v_(r-o) and D_r = sum_o p dp: ds = scale p (dp - D) (0 where p is),
     dq_r = sum_o ds(r, o) k_(r-o), dk_r = sum_o ds(r+o, o) q_(r+o), dv_r = sum_o p(r+o, o)
     dy_(r+o) (docs/derivations.md#attention): the keys' and values' sums read the rows o ahead,
@@ -170,20 +171,23 @@ def _attention_bwd(X, P, dY, T, M, H, scale, dS, dX):
                     dv[r] += p[r] * a[r]
 
 
-# Attention takes the lanes kernels above where block x head size is at most this, BLAS per
-# (sequence, head) below where it is more. Measured here, a layer's forward and backward on one
-# thread (16 sequences unless said): head size 8, blocks of 8 to 32: lanes 39 against 122 us,
-# 89 against 181 (16), 197 against 260 (24), 431 against 537 (32); head size 16: lanes 28
-# against 43 us at block 8, 87 against 78 at block 16; head size 32 at block 8: 25 against 20
-# (one head), 100 against 77 (4 heads); 6 sequences of 4 heads of 32, block 8 to 64: lanes
-# 80 against 46 us up to 2375 against 931.
-LANES_MAX = 128
+# Attention takes the lanes kernels (_attention_fwd/_bwd) where block x head size^2 is at most
+# this, and BLAS per (sequence, head) (_attention_blas_fwd/_bwd) where it is more: each lane
+# sweep is one channel of one offset, so lanes cost grows with the head size where BLAS's
+# products get efficient. Measured here, a layer's forward and backward on one thread (16
+# sequences unless said), lanes against BLAS: head size 4: 110 against 266 us at block 16, 508
+# against 969 at 32, 1834 against 2241 at 64 (6 sequences: 616 against 786); head size 8: 39
+# against 122 at block 8, 89 against 181 at 16, 197 against 260 at 24, 364-431 against 391-537
+# at 32, 824 against 780 at 48; head size 16: 26-28 against 41-43 at block 8, 87 against 78 at
+# 16; head size 32 at block 8: 25 against 20 (one head), 100 against 77 (4 heads); 6 sequences
+# of 4 heads of 32, block 8 to 64: 80 against 46 up to 2375 against 931.
+LANES_MAX = 2048
 
 
 @jit()
 def attention_in_lanes(T, head_size):
     """Whether the step's attention of blocks of T positions takes the lanes kernels."""
-    return T * head_size <= LANES_MAX
+    return T * head_size * head_size <= LANES_MAX
 
 
 @jit()
@@ -273,8 +277,7 @@ def _shard(idx, tgt, P, G, s, slots, top, flags, wqkv, weight):
     # (_attention_fwd): q, k, v as [3C, T + M + T] with zero pads, the output as [C, M]; the
     # others in rows, through BLAS (_attention_blas_fwd)
     lanes = attention_in_lanes(T, C // H)
-    W = M + 2 * T                 # a lane row with its pads
-    valid = np.zeros((T, M), dtype=dt)
+    valid = np.zeros((T, M) if lanes else (0, 0), dtype=dt)
     if lanes:
         for o in range(T):
             for r in range(M):
@@ -288,7 +291,7 @@ def _shard(idx, tgt, P, G, s, slots, top, flags, wqkv, weight):
     rstd = np.empty((L, 2, M), dtype=dt)
     hin = np.empty((L, 2, M, C), dtype=dt)
     if lanes:
-        qkv = np.empty((L, 3 * C, W), dtype=dt)
+        qkv = np.empty((L, 3 * C, T + M + T), dtype=dt)
         qkv[:, :, :T] = 0
         qkv[:, :, T + M:] = 0
         att = np.empty((L, C, M), dtype=dt)

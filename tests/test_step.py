@@ -13,14 +13,16 @@ from numgpt.optim import ListedGrads
 CASES = [
     ("residual", {}),                                          # the bench's tiny config
     ("single_head", {}),                                       # one head, no projection, no ffn
+    ("multi_head", {}),                                        # the same with 4 heads
+    ("layernorm", {"n_head": 1}),                              # post-norm, attention in BLAS
     ("ffn", {}),                                               # ffn without its output layer
     ("layernorm", {"activation": "gelu"}),                     # post-norm
     ("preln", {"activation": "gelu", "n_head": 2}),            # pre-norm
     ("preln", {"residual": False, "attn_proj": False}),
     ("laptop", {"n_layer": 2, "n_embd": 16, "block_size": 12, "batch_size": 3}),
     ("laptop", {"n_layer": 2, "n_embd": 16, "block_size": 21, "batch_size": 3}),
-    # block x head size over kernels/step.LANES_MAX: attention in BLAS per (sequence, head)
-    ("laptop", {"n_layer": 2, "n_embd": 16, "block_size": 40, "batch_size": 3}),
+    # block x head size^2 over kernels/step.LANES_MAX: attention in BLAS per (sequence, head)
+    ("laptop", {"n_layer": 2, "n_embd": 32, "block_size": 40, "batch_size": 3}),
 ]
 
 
@@ -79,7 +81,8 @@ def test_fused_step_gradient_check_float64(preset, kw):
     assert abs(loss - m.loss(x, y)) < 1e-12
 
 
-@pytest.mark.parametrize("preset", ["preln", "single_head"])  # single_head at T 8: BLAS
+# single_head's head of 32 takes BLAS at T 8 and 3, lanes at T 1
+@pytest.mark.parametrize("preset", ["preln", "single_head"])
 def test_short_sequences_odd_batches_and_one_row(preset):
     m = _model(preset, {}, np.float64)
     for B, T in ((1, 8), (5, 3), (7, 1)):
