@@ -72,8 +72,8 @@ def _attention_fwd(X, T, M, H, scale, valid, Y, P):
     in row 2C + c; head h has channels h*hs:(h+1)*hs), row r of the shard (= b*T + i) in lane
     column T + r, zero pads of T columns on both sides. Y [C, M] = the output, transposed.
     P [H, T, M + T]: P[h, o, r] = the probability with which row r attends to row r - o (o, the
-    offset, from 0 to T - 1; 0 where i < o, and in the right pad). valid [T, M]: 1 where
-    i >= o, else 0.
+    offset, from 0 to T - 1; 0 where i < o); its right pad (the last T columns) is not written
+    here and must be zero for _attention_bwd. valid [T, M]: 1 where i >= o, else 0.
 
     NumPy reference: numgpt/layers/attention.attention_forward. Why this layout: with 8
     positions of 8 channels a head, the loops of a row-by-row kernel are 8 long, mostly loop
