@@ -60,4 +60,3 @@ def test_typed_list_helpers_are_cached_with_the_kernels(tmp_path):
     assert cache_dir.startswith(str(tmp_path))
     assert any(f.startswith("typedlist._make_list") for f in os.listdir(cache_dir))
     assert int(runs[0][1]) == 0 and int(runs[1][1]) >= 3  # compiled once, then loaded
-
