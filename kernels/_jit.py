@@ -16,7 +16,7 @@ import types
 
 import numba
 
-from numgpt import _threads
+from numgpt import _threads, env
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -53,7 +53,7 @@ def _stamp():
     return h.hexdigest()[:16]
 
 
-CACHE_BASE = os.environ.get("NUMBA_CACHE_DIR") or os.path.join(HERE, "__pycache__")
+CACHE_BASE = env.path("NUMBA_CACHE_DIR") or os.path.join(HERE, "__pycache__")
 CACHE_DIR = os.path.join(CACHE_BASE, "numba-" + _stamp())
 
 

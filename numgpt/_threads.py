@@ -52,7 +52,11 @@ def keep_freed_memory():
 
 
 def _opted_out():
-    return os.environ.get("NUMGPT_NO_MALLOPT", "").strip().lower() in ("1", "true", "yes", "on")
+    from .env import EnvError, switch
+    try:
+        return switch("NUMGPT_NO_MALLOPT")
+    except EnvError:  # unreadable: leave malloc alone; the commands report it (env.check_all)
+        return True
 
 
 PARALLEL_KERNELS = apply()

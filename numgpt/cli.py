@@ -8,9 +8,10 @@ import numpy as np
 from .checkpoint import CheckpointError, read_model_checkpoint
 from .config import FIELDS, PRESETS, ConfigError, get_config
 from .data import DataError, Vocab, load_dataset
+from .env import EnvError, check_all
 from .trainer import TrainingError
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, EnvError)
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP")
                      if hasattr(signal, name))
 
@@ -62,6 +63,7 @@ def run(main):
     except ValueError:  # not the main thread
         pass
     try:
+        check_all()
         return main(sys.argv[1:]) or 0
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)

@@ -13,11 +13,13 @@ import urllib.request
 
 import numpy as np
 
+from . import env
+
 SHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
                    "tinyshakespeare/input.txt")
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATA_DIR = os.environ.get("NUMGPT_DATA_DIR") or os.path.join(REPO_DIR, "data")
+DATA_DIR = env.path("NUMGPT_DATA_DIR") or os.path.join(REPO_DIR, "data")
 SHAKESPEARE_DIR = os.path.join(DATA_DIR, "shakespeare_char")
 
 
@@ -76,9 +78,9 @@ def download(url, dest, sha256=None, timeout=30):
 def local_shakespeare_candidates():
     """Where an existing copy of Tiny Shakespeare is looked for before downloading it."""
     cands = [os.path.join(SHAKESPEARE_DIR, "input.txt")]
-    env = os.environ.get("NUMGPT_SHAKESPEARE")
-    if env:
-        cands.insert(0, env)
+    given = env.path("NUMGPT_SHAKESPEARE")
+    if given:
+        cands.insert(0, given)
     # a shared data folder beside the clone, as on the project's own machines
     cands.append(os.path.join(os.path.dirname(REPO_DIR), "shared", "data", "tinyshakespeare",
                               "input.txt"))
@@ -91,7 +93,7 @@ def find_or_fetch_shakespeare(url=SHAKESPEARE_URL):
         if os.path.isfile(path):
             if sha256_file(path) == SHAKESPEARE_SHA256:
                 return path
-            if path == os.environ.get("NUMGPT_SHAKESPEARE"):
+            if path == env.path("NUMGPT_SHAKESPEARE"):
                 raise DataError(f"{path} (NUMGPT_SHAKESPEARE) is not Tiny Shakespeare "
                                 "(sha256 differs); pass it as --data=PATH to train on it anyway")
     return download(url, os.path.join(SHAKESPEARE_DIR, "input.txt"), SHAKESPEARE_SHA256)

@@ -26,6 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from .env import switch
+
 MIN_WORK = 1 << 16  # batch * block * n_embd below which the plain path is faster (tiny models)
 # and above which BLAS's and the kernels' own threads do better. Measured: the scaled preset at
 # batch 8 (786k) steps in 886 ms sharded against 939 ms not (measured when its dropout masks were
@@ -51,7 +53,7 @@ def worth_sharding(cfg, batch_size=None):
     """Whether a training step of cfg goes faster as this module's layer-by-layer halves on two
     threads (see the module notes); False where the fused step is faster still."""
     B = batch_size or cfg.batch_size
-    if os.environ.get("NUMGPT_DATA_PARALLEL", "").strip() in ("0", "false", "no", "off"):
+    if not switch("NUMGPT_DATA_PARALLEL"):
         return False
     return (cfg.kernels and cfg.model == "gpt" and B >= 2 and cores() >= 2
             and MIN_WORK <= B * cfg.block_size * cfg.n_embd < MAX_WORK
@@ -227,7 +229,7 @@ FUSED_MAX_WORK = 1 << 17
 def uses_fused_step(cfg):
     """Whether step_function gives training cfg the fused step (small GPTs without dropout)."""
     return (cfg.batch_size * cfg.block_size * cfg.n_embd < FUSED_MAX_WORK and fused_applies(cfg)
-            and os.environ.get("NUMGPT_FUSED", "").strip() not in ("0", "false", "no", "off"))
+            and switch("NUMGPT_FUSED"))
 
 
 def step_function(model, cfg=None):

@@ -30,9 +30,9 @@ within 10% (before the stored-probabilities path); the NumPy path with 16 heads 
 2.57 GB; sampling a block-4096 model with a long prompt, 3.4 GB for 3.46 GB.
 """
 import dataclasses
-import os
 
 from .config import ConfigError
+from .env import switch
 
 BASE_BYTES = 150 << 20
 
@@ -134,7 +134,7 @@ def _gb(n):
 
 def check_memory(cfg, what="train", available=None):
     """Raise ConfigError when cfg needs more memory than is available (what: train | sample)."""
-    if os.environ.get("NUMGPT_NO_MEMORY_CHECK"):
+    if switch("NUMGPT_NO_MEMORY_CHECK"):
         return
     need = training_bytes(cfg) if what == "train" else sampling_bytes(cfg)
     have = available_bytes() if available is None else available

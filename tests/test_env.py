@@ -1,0 +1,60 @@
+"""Environment switches: one parse rule for all (numgpt/env.py), and a bad value is one line."""
+import subprocess
+import sys
+
+import pytest
+
+from numgpt import env
+
+
+@pytest.mark.parametrize("name", sorted(env.SWITCHES))
+@pytest.mark.parametrize("raw,want", [("1", True), ("TRUE", True), (" yes ", True), ("On", True),
+                                      ("0", False), ("False", False), ("NO", False), ("off", False)])
+def test_every_switch_reads_every_spelling(monkeypatch, name, raw, want):
+    monkeypatch.setenv(name, raw)
+    assert env.switch(name) is want
+
+
+@pytest.mark.parametrize("name", sorted(env.SWITCHES))
+def test_unset_or_empty_is_the_default(monkeypatch, name):
+    monkeypatch.delenv(name, raising=False)
+    assert env.switch(name) is env.SWITCHES[name]
+    monkeypatch.setenv(name, "  ")
+    assert env.switch(name) is env.SWITCHES[name]
+
+
+def test_no_memory_check_0_keeps_the_check(monkeypatch):
+    """NUMGPT_NO_MEMORY_CHECK=0 once turned the check off (any non-empty value did)."""
+    from numgpt import get_config
+    from numgpt.config import ConfigError
+    from numgpt.resources import check_memory
+    cfg = get_config("laptop", vocab_size=65)
+    monkeypatch.setenv("NUMGPT_NO_MEMORY_CHECK", "0")
+    with pytest.raises(ConfigError):
+        check_memory(cfg, "train", available=1)
+    monkeypatch.setenv("NUMGPT_NO_MEMORY_CHECK", "TRUE")
+    check_memory(cfg, "train", available=1)
+
+
+def test_fused_upper_case_false_turns_it_off(monkeypatch):
+    """NUMGPT_FUSED=FALSE was ignored (only lower case was read)."""
+    from numgpt import get_config
+    from numgpt.parallel import uses_fused_step
+    cfg = get_config("laptop", vocab_size=65)
+    monkeypatch.delenv("NUMGPT_FUSED", raising=False)
+    on = uses_fused_step(cfg)
+    monkeypatch.setenv("NUMGPT_FUSED", "FALSE")
+    assert uses_fused_step(cfg) is False
+    assert on or not uses_fused_step(cfg)
+
+
+@pytest.mark.parametrize("script", ["train.py", "sample.py"])
+def test_a_bad_switch_value_is_one_line(tmp_path, script):
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(root, script), "--out_dir", str(tmp_path)],
+                       capture_output=True, text=True, cwd=tmp_path,
+                       env=dict(os.environ, NUMGPT_FUSED="maybe"), timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        "error: NUMGPT_FUSED='maybe' is not a switch value; use 1/true/yes/on or 0/false/no/off"]
