@@ -220,10 +220,6 @@ class Worker:
         env = dict(os.environ)
         for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
             env[k] = str(threads)
-        if spec.get("impl", "numgpt") != "numgpt":
-            # the worker imports numgpt (for its thread settings) before torch; PyTorch keeps
-            # glibc's own malloc settings, not the ones numgpt asks for (numgpt/_threads.py)
-            env["NUMGPT_NO_MALLOPT"] = "1"
         self.err = tempfile.TemporaryFile(mode="w+")
         self.lines = queue.Queue()
         try:

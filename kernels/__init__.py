@@ -18,7 +18,7 @@ import os
 import sys
 import time
 
-import numgpt  # noqa: F401  (its thread settings must come before NumPy loads OpenBLAS)
+from . import _jit  # noqa: F401  (first: the thread settings, numgpt/_threads.py)
 
 KERNEL_NAMES = {"attention": ["attention_fwd", "attention_bwd", "softmax_causal_fwd",
                               "softmax_causal_bwd"],

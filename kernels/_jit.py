@@ -20,6 +20,8 @@ from numgpt import _threads, env
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
+_threads.short_spins()  # before numba's OpenMP pool first starts (numgpt/_threads.py)
+
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 # error_model="numpy": a division by zero gives inf or nan, as in NumPy, instead of raising
 # ZeroDivisionError. The Python model tests every divisor, and that branch keeps a loop with a

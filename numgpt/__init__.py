@@ -6,9 +6,7 @@
     opt = numgpt.AdamW(model.params, lr=1e-3, weight_decay=0.01)
     opt.step(grads)
 """
-from . import _threads  # noqa: F401  (before NumPy loads OpenBLAS)
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 from .config import LADDER, LADDER_TARGETS, PRESETS, Config, ConfigError, get_config
 from .model import GPT, param_shapes

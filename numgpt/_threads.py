@@ -1,54 +1,101 @@
-"""Thread settings that must be in place before NumPy's OpenBLAS and numba's OpenMP start.
+"""Thread and malloc settings for training, applied when the kernels first load, never on import.
 
 numgpt alternates BLAS calls (OpenBLAS's threads) with numba kernels (OpenMP's threads) on the
 same cores. Both pools busy-wait after their work by default, so each steals the cores from the
 other: on a 2-core machine a laptop-sized step took 5x longer. A short spin for both
-(OPENBLAS_THREAD_TIMEOUT=4, i.e. 2^4 cycles, and GOMP_SPINCOUNT) removes the fight. The user's
-own settings win; they are only applied when NumPy has not been imported yet. When NumPy was
-imported first without them, OpenBLAS's threads keep spinning, so the kernels stay on the calling
-thread (PARALLEL_KERNELS = False): slower than they could be, but never the 5x slowdown.
+(OPENBLAS_THREAD_TIMEOUT=4, i.e. 2^4 cycles, and GOMP_SPINCOUNT) removes the fight.
+
+OpenBLAS reads its timeout when it loads, and NumPy loads it on import, so the setting cannot
+simply be put in the environment by `import numgpt` (which would be a process-wide side effect of
+an import anyway). Instead short_spins(), called when the kernels are first imported (the first
+GPT built with kernels, or train.py), puts both settings in the environment (for libraries that
+load later) and restarts the thread pool of each OpenBLAS already loaded that was started without
+a timeout: it re-reads the environment (openblas_read_env) and stops its threads
+(blas_thread_shutdown_, the call OpenBLAS itself makes around fork), and OpenBLAS starts them again,
+with the short spin, at its next threaded call. So `import numpy; import numgpt` trains as fast as
+train.py. The user's own settings win: a variable already set is left as it is.
 """
+import ctypes
+import ctypes.util
 import os
-import sys
 
-DEFAULTS = {"OPENBLAS_THREAD_TIMEOUT": "4", "GOMP_SPINCOUNT": "10000"}
+SHORT_SPINS = {"OPENBLAS_THREAD_TIMEOUT": "4", "GOMP_SPINCOUNT": "10000"}
+
+# Whether the kernels may use numba's threads: false only where an OpenBLAS is loaded whose
+# threads keep spinning and could not be restarted (then the kernels stay on the calling thread:
+# slower than they could be, but never the 5x slowdown). Set by short_spins().
+PARALLEL_KERNELS = True
+MALLOC_TUNED = False
 
 
-def apply():
-    """Set the defaults if NumPy is not loaded yet; returns whether numba may use its threads."""
-    if "numpy" not in sys.modules:
-        for k, v in DEFAULTS.items():
-            os.environ.setdefault(k, v)
-    return "OPENBLAS_THREAD_TIMEOUT" in os.environ
+def _openblas_libraries():
+    """ctypes handles of every OpenBLAS loaded in this process (NumPy's, SciPy's, a system one)."""
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return []
+    return [c.dynlib for c in ThreadpoolController().lib_controllers
+            if c.internal_api == "openblas"]
+
+
+def _restart_with_env(lib):
+    """Make one OpenBLAS take the timeout now in the environment; returns whether it spins short."""
+    try:
+        timeout = lib.openblas_thread_timeout
+    except AttributeError:  # an OpenBLAS too old to say: assume its own default (long)
+        return False
+    if timeout() > 0:  # started with a timeout (the user's, or ours)
+        return True
+    try:
+        lib.openblas_read_env()
+        lib.blas_thread_shutdown_()
+    except AttributeError:
+        return False
+    return timeout() > 0
+
+
+def short_spins():
+    """Set both pools' spin short where the user has not chosen otherwise; returns (and stores in
+    PARALLEL_KERNELS) whether numba's threads may run beside BLAS's."""
+    global PARALLEL_KERNELS
+    user_set = "OPENBLAS_THREAD_TIMEOUT" in os.environ
+    for k, v in SHORT_SPINS.items():
+        os.environ.setdefault(k, v)
+    ok = True
+    if not user_set:
+        ok = all(_restart_with_env(lib) for lib in _openblas_libraries())
+    PARALLEL_KERNELS = ok
+    return ok
 
 
 def keep_freed_memory():
     """Ask glibc's malloc to keep freed memory for reuse instead of handing it back to the kernel;
-    returns whether it took all three settings (False where malloc is not glibc's).
+    returns whether it took all three settings (False where malloc is not glibc's, or
+    NUMGPT_NO_MALLOPT is on). The trainer and the bench call it when training starts.
 
     A training step allocates the same large temporaries every time. By default glibc serves
     big ones from fresh pages (mmap) and unmaps them on free, and gives every thread an arena of
     its own whose heaps it gives back when they empty; either way the next step faults the same
     pages in again. So: blocks up to 1 GB from the heap, no trimming, and one arena for all
-    threads. The last was the one that mattered for the data-parallel step (two threads):
-    measured here at the scaled preset, batch 8, 15-24k page faults and 35-240 ms of system time
-    a step with the first two settings alone, none after the second step with all three.
+    threads (the data-parallel step's two threads otherwise fault their pages in at every step).
 
     The costs: the threads share one malloc lock (numgpt's threads allocate a few hundred arrays
     a step, so it is not contended), and freed memory is not returned to the system until the
     process ends (the resident size stays at the largest it has been: for training, the peak
-    every step reaches anyway). NUMGPT_NO_MALLOPT=1 leaves malloc alone.
+    every step reaches anyway). That is why it is not done on import.
     """
-    import ctypes
-    import ctypes.util
+    global MALLOC_TUNED
+    if _opted_out():
+        return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
         took = [libc.mallopt(M_MMAP_THRESHOLD, 1 << 30), libc.mallopt(M_TRIM_THRESHOLD, 1 << 30),
                 libc.mallopt(M_ARENA_MAX, 1)]
-        return all(took)
+        MALLOC_TUNED = all(took)
     except (OSError, AttributeError):  # not glibc: nothing to tune
-        return False
+        MALLOC_TUNED = False
+    return MALLOC_TUNED
 
 
 def _opted_out():
@@ -57,8 +104,3 @@ def _opted_out():
         return switch("NUMGPT_NO_MALLOPT")
     except EnvError:  # unreadable: leave malloc alone; the commands report it (env.check_all)
         return True
-
-
-PARALLEL_KERNELS = apply()
-# before any thread has made an arena of its own
-MALLOC_TUNED = not _opted_out() and keep_freed_memory()

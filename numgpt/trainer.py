@@ -10,6 +10,7 @@ import time
 import numpy as np
 
 from . import make_optimizer
+from ._threads import keep_freed_memory
 from .checkpoint import CheckpointError, read_model_checkpoint, save_checkpoint
 from .config import Config
 from .data import Dataset, atomic_write_bytes
@@ -194,6 +195,7 @@ def train(cfg: Config, ds: Dataset, out_dir, resume=False, stop_at=None, quiet=F
     except OSError as e:
         raise TrainingError(f"cannot write to out_dir {out_dir}: {e.strerror}") from None
     with _OutDirLock(out_dir):
+        keep_freed_memory()
         return _train(cfg, ds, out_dir, resume, stop_at, quiet, sample_chars, progress)
 
 

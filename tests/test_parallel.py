@@ -1,5 +1,10 @@
 """Data-parallel training steps (numgpt/parallel.py): the same loss and gradients as one pass over
 the whole batch, reproducible dropout, and a resumed sharded run identical to an unbroken one."""
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -126,19 +131,20 @@ def test_grad_scale_scales_the_gradients_not_the_loss():
 
 
 def test_malloc_keeps_freed_memory():
-    """numgpt asks glibc's malloc, on import, to keep freed memory (numgpt._threads.
-    keep_freed_memory): every setting took, and a 64 MB block then comes from the heap, not from
-    a fresh mapping (glibc's default threshold is at most 32 MB). Off glibc it says it did
-    nothing; NUMGPT_NO_MALLOPT=1 skips it."""
+    """When training starts, numgpt asks glibc's malloc to keep freed memory
+    (numgpt._threads.keep_freed_memory): every setting took, and a 64 MB block then comes from the
+    heap, not from a fresh mapping (glibc's default threshold is at most 32 MB). Off glibc it says
+    it did nothing; NUMGPT_NO_MALLOPT=1 skips it."""
     import ctypes
     import platform
 
     from numgpt import _threads
     glibc = platform.libc_ver()[0] == "glibc"
+    tuned = _threads.keep_freed_memory()
     if _threads._opted_out():
-        assert _threads.MALLOC_TUNED is False
+        assert tuned is False
         return
-    assert _threads.MALLOC_TUNED is glibc
+    assert tuned is glibc
     if not glibc:
         return
 
@@ -157,3 +163,37 @@ def test_malloc_keeps_freed_memory():
         assert block and libc.mallinfo2().hblkhd == mapped
     finally:
         libc.free(ctypes.c_void_p(block))
+
+
+IMPORT_ORDER = """
+import os, sys, json
+env = dict(os.environ)
+if sys.argv[1] == "numpy-first":
+    import numpy
+import numgpt
+from numgpt import _threads
+same_env = dict(os.environ) == env
+tuned_on_import = _threads.MALLOC_TUNED
+m = numgpt.build_model("laptop", n_layer=1, vocab_size=5)  # kernels on: they load here
+from threadpoolctl import ThreadpoolController
+timeouts = [c.dynlib.openblas_thread_timeout() for c in ThreadpoolController().lib_controllers
+            if c.internal_api == "openblas"]
+print(json.dumps([same_env, tuned_on_import, _threads.PARALLEL_KERNELS, timeouts]))
+"""
+
+
+@pytest.mark.parametrize("order", ["numpy-first", "numgpt-first"])
+def test_import_order_changes_nothing(order):
+    """`import numpy; import numgpt` once left OpenBLAS's threads spinning, so the kernels ran on
+    one thread (half the speed). Now importing numgpt changes neither the environment nor malloc,
+    and when the kernels load, every OpenBLAS in the process spins short (restarted if it had
+    started without the setting) and the kernels may use their threads, in either order."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OPENBLAS_THREAD_TIMEOUT", "GOMP_SPINCOUNT")}
+    r = subprocess.run([sys.executable, "-c", IMPORT_ORDER, order], capture_output=True,
+                       text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    same_env, tuned_on_import, parallel, timeouts = json.loads(r.stdout.strip().splitlines()[-1])
+    assert same_env and tuned_on_import is False
+    assert parallel is True
+    assert timeouts and all(t == 4 for t in timeouts)
