@@ -18,7 +18,7 @@ from .resources import check_memory
 from .generate import generate
 from .model import GPT
 from .optim import clip_grad_norm, get_lr
-from .parallel import step_function, uses_fused_step
+from .parallel import candidates, planned_step, step_function
 
 CKPT = "ckpt.npz"
 LOG = "log.jsonl"
@@ -171,6 +171,16 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
+def _resumed_step(ckpt_path):
+    """The training step a checkpoint's run used (numgpt.parallel.STEPS), or None."""
+    try:
+        with np.load(ckpt_path, allow_pickle=False) as z:
+            name = json.loads(str(z["meta"][()])).get("train_step")
+    except Exception:  # noqa: BLE001  (damage is reported by read_model_checkpoint, not here)
+        return None
+    return name if isinstance(name, str) else None
+
+
 def _config_mismatch(a: Config, b: Config, allowed=("max_iters", "eval_interval", "eval_iters",
                                                        "learning_rate", "min_lr", "warmup_iters",
                                                        "decay_lr", "grad_clip", "kernels")):
@@ -209,8 +219,9 @@ def _train(cfg, ds, out_dir, resume, stop_at, quiet, sample_chars, progress):
 
     if cfg.kernels:
         import kernels
+        plan = planned_step(cfg, prefer=_resumed_step(ckpt_path) if resume else None)
         kernels.warmup("float32", say=None if not quiet else (lambda msg: None),
-                       fused=uses_fused_step(cfg))
+                       fused=plan == "fused" or (plan is None and "fused" in candidates(cfg)))
     model = GPT(cfg, seed=cfg.seed, dtype=np.float32)
     opt = make_optimizer(model, cfg)
     rng = np.random.default_rng(cfg.seed)
@@ -256,7 +267,7 @@ def _train(cfg, ds, out_dir, resume, stop_at, quiet, sample_chars, progress):
     def save(at_step):
         meta = {"step": at_step, "config": cfg.to_dict(), "vocab": ds.vocab.chars,
                 "rng_state": rng.bit_generator.state, "best_val": best_val,
-                "data": ds.meta.get("source")}
+                "data": ds.meta.get("source"), "train_step": step_name}
         bad = [k for k, v in model.params.items() if not np.isfinite(v).all()]
         if bad:
             raise TrainingError(f"parameter {bad[0]} is not finite at step {at_step}; not saving "
@@ -302,7 +313,9 @@ def _train(cfg, ds, out_dir, resume, stop_at, quiet, sample_chars, progress):
     interrupted = False
     losses = None
     t_last, tok_rate = time.time(), 0.0
-    step_fn, close_step = step_function(model, cfg)  # data-parallel on threads where it pays
+    step_fn, close_step, step_name = step_function(  # the fastest here, measured or cached
+        model, cfg, prefer=_resumed_step(ckpt_path) if resume else None,
+        say=None if quiet else (lambda msg: (bar.write(msg) if bar else say(msg))))
     try:
         with _StopFlag() as flag:
             while step < cfg.max_iters:

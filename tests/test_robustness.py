@@ -717,11 +717,11 @@ def test_kernel_memory_estimate_counts_kept_probabilities_per_shard(monkeypatch)
     from numgpt import parallel
     monkeypatch.setattr(parallel, "cores", lambda: 2)
     cfg = get_config("scaled", batch_size=16, n_head=12, vocab_size=65)
-    assert parallel.worth_sharding(cfg)
+    assert "sharded" in parallel.candidates(cfg)
     assert not kernels.ops.stores_probs(16, 12, 256, "float32")
     assert kernels.ops.stores_probs(8, 12, 256, "float32")
-    stored = training_bytes(cfg)
-    monkeypatch.setattr(kernels.ops, "STORE_PROBS_BYTES", -1)  # as if fused
-    fused = training_bytes(cfg)
+    stored = training_bytes(cfg, "sharded")
+    fused = training_bytes(cfg, "plain")  # the whole batch: the fused kernels, no probabilities
+    assert training_bytes(cfg) == max(training_bytes(cfg, s) for s in parallel.candidates(cfg))
     N, L, H, T = 16 * 256, 6, 12, 256
     assert stored - fused == pytest.approx(4 * N * H * T * (L * 1.25 + 3 - L * 0.25), rel=1e-6)
