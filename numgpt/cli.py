@@ -208,7 +208,8 @@ def sample_main(argv):
         raise OutputError("cannot write the output (stdout): it is closed; run sample.py with "
                           "its output going to a terminal, a file or a pipe")
     n = _num(opts, "num_samples", int, lambda v: v >= 1, "a whole number >= 1")
-    max_new = _num(opts, "max_new_tokens", int, lambda v: v >= 0, "a whole number >= 0, such as 500")
+    max_new = _num(opts, "max_new_tokens", int, lambda v: v >= 0,
+                   "a whole number >= 0, such as 500")
     temperature = _num(opts, "temperature", float, lambda v: 0 <= v < float("inf"),
                        "a number >= 0")
     top_k = _num(opts, "top_k", int, lambda v: v >= 0, "a whole number >= 0 (0 = off)")

@@ -13,7 +13,7 @@ import sys
 
 
 def fill_closed_fds():
-    """Open os.devnull on each of the descriptors 0, 1, 2 that is closed; return the set of those."""
+    """Open os.devnull on each of the descriptors 0, 1, 2 that is closed; return those."""
     filled = set()
     for fd in (0, 1, 2):
         try:

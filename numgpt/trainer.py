@@ -146,7 +146,7 @@ class _OutDirLock:
                 return None
             raise TrainingError(f"cannot open the lock file {self.path} ({e.strerror})") from None
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
             os.close(fd)
             self._refuse("is not a regular file" if not stat.S_ISREG(st.st_mode)
                          else "has other hard links")
