@@ -229,10 +229,13 @@ def test_train_refuses_impossible_numbers(python, repo, text_file, tmp_path, arg
 
 
 def test_whole_numbers_may_be_written_in_exponent_form():
+    """One rule for train.py and sample.py (config.parse_whole_number): 1e3 and 20.0 are whole."""
+    assert get_config("bigram", max_iters="1000").max_iters == 1000
     assert get_config("bigram", max_iters="1e3").max_iters == 1000
     assert get_config("bigram", max_iters="20.0").max_iters == 20
-    with pytest.raises(ConfigError, match="whole number"):
-        get_config("bigram", max_iters="1e-3")
+    for text in ("1e-3", "20.5", "1e400"):
+        with pytest.raises(ConfigError, match="whole number such as 1000"):
+            get_config("bigram", max_iters=text)
 
 
 def test_memory_estimate_is_checked_before_allocating():
