@@ -7,7 +7,7 @@ import numpy as np
 
 from .checkpoint import CheckpointError, read_model_checkpoint
 from .config import FIELDS, PRESETS, ConfigError, get_config
-from .data import DataError, Vocab, load_dataset
+from .data import DataError, Vocab, load_dataset, strip_bom
 from .env import EnvError, check_all
 from .trainer import TrainingError
 
@@ -168,7 +168,7 @@ def sample_main(argv):
                             "the model sees only its last block_size characters anyway")
         try:
             with open(path, encoding="utf-8") as f:
-                start = f.read()
+                start = strip_bom(f.read())
         except (OSError, UnicodeDecodeError) as e:
             raise DataError(f"cannot read the prompt file {path}: {e}") from None
     ckpt = os.path.join(opts["out_dir"], "ckpt.npz")
