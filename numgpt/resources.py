@@ -251,7 +251,8 @@ def _read_int_text(text):
 
 
 def _gb(n):
-    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.0f} MB"
+    """n bytes for a message, precise enough that a need and a smaller amount available differ."""
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
 
 
 def check_memory(cfg, what="train", available=None):

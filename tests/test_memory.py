@@ -147,14 +147,25 @@ def test_the_check_names_the_cgroup_limit(tmp_path, monkeypatch):
     monkeypatch.setattr(res, "available_memory", lambda root_="/": real(root))
     cfg = get_config("scaled", vocab_size=65, batch_size=16)
     assert training_bytes(cfg) > 300 * MB
-    with pytest.raises(ConfigError, match=r"only 0\.3 GB is available \(the cgroup's memory "
-                                          r"limit\); lower --batch_size"):
+    with pytest.raises(ConfigError, match=r"needs about [\d.]+ GB of memory to train, but only "
+                                          r"315 MB is available \(the cgroup's memory limit\); "
+                                          r"lower --batch_size"):
         check_memory(cfg)
     # checkpoint.py asks available_bytes for the size an archive claims to unpack to
     path = str(tmp_path / "big.npz")
     np.savez(path, a=np.zeros(40 * MB, np.float64))  # claims 320 MB, compressed or not
     with pytest.raises(CheckpointError, match="unpacks to"):
         load_checkpoint(path)
+
+
+def test_need_and_available_are_told_apart():
+    """A need of 0.22 GB and 0.16 GB available were both written "0.2 GB"."""
+    cfg = get_config("laptop", vocab_size=65)
+    need = training_bytes(cfg)
+    with pytest.raises(ConfigError) as e:
+        check_memory(cfg, available=need - 40_000_000)
+    said = [w for w in str(e.value).split() if w.replace(".", "").isdigit()]
+    assert len(said) == 2 and said[0] != said[1], str(e.value)
 
 
 def _own_memory_cgroup():
@@ -211,8 +222,8 @@ def test_train_refuses_cleanly_in_a_real_500mb_cgroup(python, repo, text_file, t
             pytest.skip(f"cannot run a process in the cgroup ({e})")
         assert r.returncode == 2, (r.returncode, r.stderr)
         assert "Traceback" not in r.stderr
-        assert r.stderr.strip().splitlines()[-1].startswith("error: this model needs about 1.5 GB")
-        assert f"GB is available ({CGROUP})" in r.stderr
+        assert r.stderr.strip().splitlines()[-1].startswith("error: this model needs about ")
+        assert f"MB is available ({CGROUP})" in r.stderr
         assert not os.path.exists(tmp_path / "o" / "ckpt.npz")
     finally:
         try:
