@@ -133,14 +133,18 @@ def text_prepare_bytes(n_chars):
 
 
 def check_text_file(path):
-    """One-line errors for a data path that is missing, a folder, or not a regular file (a
-    device, a pipe or a socket could block or never end)."""
+    """One-line errors for a data path that is missing, a folder, not a regular file (a device,
+    a pipe or a socket could block or never end) or not readable."""
     if not os.path.exists(path):
         raise DataError(f"data file not found: {path}")
     if os.path.isdir(path):
         raise DataError(f"--data must be a text file, {path} is a folder")
     if not os.path.isfile(path):
         raise DataError(f"--data must be a regular text file, {path} is not")
+    try:
+        open(path, "rb").close()
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror}") from None
 
 
 def _check_text_memory(path, need):

@@ -152,6 +152,20 @@ def test_a_text_that_changes_while_it_is_prepared(tmp_path, monkeypatch):
         prepare(str(path), str(tmp_path / "o"))
 
 
+def test_a_data_file_that_cannot_be_read(text_file, monkeypatch):
+    """Its sha256 (which names the prepared folder) is read before the text: an unreadable file
+    must be a one-line error there too, not a PermissionError (root can read any file, so the
+    refusal is simulated)."""
+    real = open
+
+    def refuse(path, *args, **kwargs):
+        if os.fspath(path) == text_file:
+            raise PermissionError(13, "Permission denied", path)
+        return real(path, *args, **kwargs)
+    monkeypatch.setattr(data, "open", refuse, raising=False)
+    with pytest.raises(DataError, match="cannot read .*: Permission denied"):
+        data.load_dataset(text_file)
+
 # ---- byte-order marks ----
 
 def test_strip_bom():
