@@ -59,7 +59,7 @@ def test_preparing_a_text_peaks_within_its_estimate(python, repo, tmp_path, kind
     ru_maxrss, which a child inherits from pytest at fork, VmHWM starts afresh at exec)
     is at most its estimate, and for the kinds that take most a byte (ASCII, and ASCII whose str
     is 4 bytes a character) not 10% below it; it was 23 to 26 bytes a byte, for 16 estimated."""
-    path = write_kind(tmp_path / f"{kind}.txt", kind, 30 * MB)
+    path = write_kind(tmp_path / f"{kind}.txt", kind, 60 * MB)  # the fixed 10 MB under 10%
     out = tmp_path / "prep"
     r = subprocess.run([python, "-c", PEAK_SCRIPT, path, str(out)], capture_output=True,
                        text=True, timeout=300, cwd=repo, env=dict(os.environ, PYTHONPATH=repo))
@@ -68,7 +68,7 @@ def test_preparing_a_text_peaks_within_its_estimate(python, repo, tmp_path, kind
     n_chars = len(Dataset(str(out)).train) + len(Dataset(str(out)).val)
     estimate = text_prepare_bytes(n_chars)
     assert 2 * n_chars <= peak <= estimate, (peak, estimate)
-    if kind != "cjk":  # 3 bytes a character: the fixed buffers weigh more than 10% at 30 MB
+    if kind != "cjk":  # 3 bytes a character: the fixed buffers weigh more than 10% at 60 MB
         assert peak >= estimate / 1.1, (peak, estimate)
 
 
