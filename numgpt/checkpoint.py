@@ -199,7 +199,7 @@ def _whole(x, lo, hi):
 
 
 def _check_rng_state(state):
-    """Why state is not the state of a NumPy PCG64 generator, as train.py saves it; None if it is."""
+    """Why state is not the state of a NumPy PCG64 generator as train.py saves it; None if it is."""
     if not isinstance(state, dict) or set(state) != {"bit_generator", "state", "has_uint32",
                                                      "uinteger"}:
         return "the random-generator state is not a PCG64 state"
@@ -256,10 +256,11 @@ def read_model_checkpoint(path):
     from .config import ConfigError, config_from_dict
     from .resources import check_memory, num_params
     params, opt, meta = load_checkpoint(path)
+    if not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"{path} has no config in its header" if "config" not in meta
+                              else f"{path} holds an invalid config (not a JSON object)")
     try:
         cfg = config_from_dict(meta["config"])
-    except KeyError:
-        raise CheckpointError(f"{path} has no config in its header") from None
     except (ConfigError, TypeError, AttributeError, OverflowError) as e:
         raise CheckpointError(f"{path} holds an invalid config ({_short(e)})") from None
     vocab = meta.get("vocab")

@@ -160,7 +160,7 @@ class GPT:
             a = np.asarray(params[name])
             if a.shape != tuple(shape):
                 raise ValueError(f"parameter {name} has shape {a.shape}, the config needs {shape}")
-            if a.dtype.kind not in "fiu":  # complex would lose its imaginary part, bool is no weight
+            if a.dtype.kind not in "fiu":  # complex would lose its imaginary part; bools, text no
                 raise ValueError(f"parameter {name} must hold real numbers (a float or integer "
                                  f"dtype), got dtype {a.dtype}")
             with np.errstate(over="ignore"):  # float64 beyond float32's range: checked next

@@ -140,6 +140,8 @@ BROKEN_META = {
     "best_val -Infinity": (lambda m: m.__setitem__("best_val", -math.inf), "best val loss"),
     "best_val text": (lambda m: m.__setitem__("best_val", "x"), "best val loss"),
     "best_val true": (lambda m: m.__setitem__("best_val", True), "best val loss"),
+    "config a list": (lambda m: m.__setitem__("config", [["n_layer", 1]]),
+                      "invalid config .not a JSON object"),
     "rng_state list": (lambda m: m.__setitem__("rng_state", [1, 2]), "random-generator"),
     "rng another generator": (lambda m: m["rng_state"].__setitem__("bit_generator", "MT19937"),
                               "not PCG64"),
@@ -208,8 +210,9 @@ def test_float64_weights_beyond_float32_are_refused(small, tmp_path):
 
 def test_config_number_too_large_for_a_float(small, tmp_path):
     blob, _ = small
-    refused(tmp_path, change_meta(blob, lambda m: m["config"].__setitem__("learning_rate",
-                                                                           10 ** 400)),
+    def huge(m):
+        m["config"]["learning_rate"] = 10 ** 400
+    refused(tmp_path, change_meta(blob, huge),
             "invalid config .learning_rate must be a finite number")
     with pytest.raises(ConfigError, match="learning_rate"):
         get_config("bigram", learning_rate=10 ** 400)

@@ -72,8 +72,9 @@ def near(value):
     if isinstance(value, bool):
         return st.sampled_from([not value, 0, 1, "true", None])
     if isinstance(value, int):
+        as_float = float(max(min(value, 2 ** 1000), -2 ** 1000))
         return st.sampled_from([0, -1, 1, value + 1, value - 1, 2 ** 32, 2 ** 63, 2 ** 64, 2 ** 128,
-                                2 ** 128 - 1, 10 ** 400, float(value), str(value), True]) \
+                                2 ** 128 - 1, 10 ** 400, as_float, str(value), True]) \
             | st.integers(-2 * abs(value) - 2, 2 * abs(value) + 2)
     if isinstance(value, float):
         return st.sampled_from([0.0, -0.0, 1.0, -value, value * 1e30, 1e-50, 1e308, math.inf,
@@ -81,7 +82,8 @@ def near(value):
     if isinstance(value, str):
         return st.sampled_from(["", value + "x", value.upper(), value[:-1]]) | st.text(max_size=3)
     if isinstance(value, list):
-        return st.sampled_from([value[:-1], value + value[:1], value[::-1], [], value[:1] * len(value)])
+        return st.sampled_from([value[:-1], value + value[:1], value[::-1], [],
+                                value[:1] * len(value)])
     return json_values
 
 
