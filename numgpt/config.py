@@ -192,10 +192,10 @@ def validate(cfg):
     need(all(0.0 <= b and np.float32(b) < 1.0 for b in (cfg.beta1, cfg.beta2)),
          f"beta1 and beta2 must be in [0, 1) (in float32: at most 0.99999994), got {cfg.beta1} "
          f"and {cfg.beta2}")
-    # the update divides by sqrt(v) + eps, and v is 0 where a gradient is: below float32's
+    # the update divides m by sqrt(v) + eps, and both are 0 where a gradient is 0: below float32's
     # smallest normal number (1.2e-38) eps is denormal or 0, and 0 / 0 is NaN at the first step
-    need(EPS_MIN <= cfg.eps < 1, f"eps must be in [{EPS_MIN:g}, 1) (float32 holds smaller values "
-         f"as 0 or with lost precision), got {cfg.eps}")
+    need(EPS_MIN <= cfg.eps < 1, f"eps must be in [{EPS_MIN:g}, 1) (the optimizer runs in float32, "
+         f"where a much smaller eps is 0 or denormal), got {cfg.eps}")
     need(cfg.grad_clip >= 0 and math.isfinite(cfg.grad_clip),
          f"grad_clip must be >= 0 (0 = off), got {cfg.grad_clip}")
     need(0 < cfg.init_std < 10, f"init_std must be in (0, 10), got {cfg.init_std}")
