@@ -3,6 +3,7 @@ import io
 import json
 import os
 import pickle
+import warnings
 import zipfile
 
 import numpy as np
@@ -39,7 +40,8 @@ def members(blob):
 def rezip(items):
     """A zip archive (stored, like np.savez) of [(name, bytes)]."""
     buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
+    with zipfile.ZipFile(buf, "w") as zf, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Duplicate name": some forgeries repeat a member
         for name, data in items:
             zf.writestr(name, data)
     return buf.getvalue()
