@@ -13,6 +13,8 @@ from numgpt.layers import (attention_backward, attention_forward, cross_entropy_
                            relu_forward, residual_backward, residual_forward)
 from numgpt.layers.attention import causal_mask
 
+pytestmark = pytest.mark.gradcheck  # pytest -m gradcheck runs these
+
 TOL = 1e-6
 B, T, C = 2, 5, 6
 
