@@ -4,7 +4,7 @@ rel_error(a, n) = ||a - n|| / max(||a|| + ||n||, tiny), the norms taken over a w
 the sampled entries of it), so an entry whose true gradient is ~0 cannot blow the ratio up.
 See docs/derivations.md#gradient-checking.
 
-    python -m numgpt.gradcheck [--layer NAME ...] [--preset NAME ...] [--break BUG] [--list-bugs]
+    python -m numgpt.gradcheck [--preset NAME ...] [--layer NAME ...] [--break BUG] [--list-bugs]
 
 prints one line per layer (or preset) and parameter tensor: its shape, the analytic gradient's
 norm, the relative error against central differences and pass or fail, then the seconds taken.
@@ -462,18 +462,18 @@ class _Parser(argparse.ArgumentParser):
     """argparse with a one-line error (no usage block) and exit status 2."""
 
     def error(self, message):
-        print(f"error: {message} (see python -m {self.prog.split()[-1]} --help)", file=sys.stderr)
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(2)
 
 
 def main(argv=None):
     from . import bugs
-    ap = _Parser(prog="numgpt.gradcheck",
+    ap = _Parser(prog="python -m numgpt.gradcheck",
                  description="Gradient checks of every layer, AdamW and every preset, in float64.")
-    ap.add_argument("--layer", action="append", default=[], metavar="NAME",
-                    help="a layer to check (repeatable): " + ", ".join(list(LAYERS) + OPTIMIZERS))
-    ap.add_argument("--preset", action="append", default=[], metavar="NAME",
-                    help="a preset whose whole model to check (repeatable): " + ", ".join(presets()))
+    ap.add_argument("--layer", action="extend", nargs="+", default=[], metavar="NAME",
+                    help="layers to check: " + ", ".join(list(LAYERS) + OPTIMIZERS))
+    ap.add_argument("--preset", action="extend", nargs="+", default=[], metavar="NAME",
+                    help="presets whose whole model to check: " + ", ".join(presets()))
     ap.add_argument("--break", dest="bug", metavar="BUG", default=None,
                     help="plant one bug from the catalogue for this run (see --list-bugs)")
     ap.add_argument("--list-bugs", action="store_true", help="list the catalogue of bugs and exit")

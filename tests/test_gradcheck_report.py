@@ -90,7 +90,7 @@ def test_numeric_grad_refuses_a_view_it_cannot_perturb():
 
 
 def test_report_command_prints_every_tensor_and_exits_0(capsys):
-    assert main(["--layer", "linear", "--layer", "adamw", "--preset", "bigram"]) == 0
+    assert main(["--layer", "linear", "adamw", "--preset", "bigram"]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
     assert lines[0].split()[:3] == ["check", "tensor", "shape"]

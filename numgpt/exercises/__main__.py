@@ -8,7 +8,7 @@ from . import FILES, ExerciseError, check, reference_backward_names, write_exerc
 def main(argv=None):
     from .. import gradcheck
     from ..data import DataError
-    ap = _Parser(prog="numgpt.exercises",
+    ap = _Parser(prog="python -m numgpt.exercises",
                  description="Write numgpt's backward passes yourself and check them.")
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="init|check")
     ini = sub.add_parser("init", help="write a copy of numgpt/layers with the backward passes blank")
@@ -16,7 +16,7 @@ def main(argv=None):
     ini.add_argument("--force", action="store_true", help="overwrite exercises already there")
     chk = sub.add_parser("check", help="check your backward passes, then train on them")
     chk.add_argument("folder", nargs="?", default="exercises")
-    chk.add_argument("--preset", action="append", default=None, metavar="NAME",
+    chk.add_argument("--preset", action="extend", nargs="+", default=None, metavar="NAME",
                      help="check only these presets' whole models (default: all)")
     chk.add_argument("--data", default=None, help="a UTF-8 text to train on (default: Tiny Shakespeare)")
     chk.add_argument("--steps", type=int, default=300, help="training steps of each short run")
