@@ -14,6 +14,7 @@ catch it. Exit status: 0 when every check passes (with --break: when the planted
 1 otherwise, 2 for bad arguments.
 """
 import argparse
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -466,6 +467,20 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def stdout_closed_quietly(fn):
+    """fn(argv) with a reader that stops early (| head) ending the command without a traceback."""
+    def run(argv=None):
+        try:
+            return fn(argv)
+        except BrokenPipeError:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush goes nowhere
+            return 1
+    run.__doc__ = fn.__doc__
+    return run
+
+
+@stdout_closed_quietly
 def main(argv=None):
     from . import bugs
     ap = _Parser(prog="python -m numgpt.gradcheck",

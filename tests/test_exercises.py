@@ -145,8 +145,6 @@ def test_check_of_the_reference_passes_the_model_and_trains_like_it(tmp_path, te
 def test_learner_code_that_does_not_import_is_one_line_and_exit_2(tmp_path, capsys):
     folder = str(tmp_path / "ex")
     write_exercises(folder)
-    with open(os.path.join(folder, "relu_typo.py"), "w") as f:
-        f.write("")
     with open(os.path.join(folder, "activations.py"), "a", encoding="utf-8") as f:
         f.write("def oops(:\n")
     with pytest.raises(ExerciseError, match=r"activations\.py:\d+"):

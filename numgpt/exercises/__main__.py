@@ -1,10 +1,11 @@
 """python -m numgpt.exercises init [DIR] [--force] | check [DIR] [--data FILE] [--steps N] ..."""
 import sys
 
-from ..gradcheck import _Parser
+from ..gradcheck import _Parser, stdout_closed_quietly
 from . import FILES, ExerciseError, check, reference_backward_names, write_exercises
 
 
+@stdout_closed_quietly
 def main(argv=None):
     from .. import gradcheck
     from ..data import DataError
