@@ -73,7 +73,8 @@ def check_model_grads(model, x, y, train=True, seed=0, per_tensor=20, h=1e-6, sa
     """Relative error of model.loss_and_grads against central differences of model.loss, per tensor.
 
     Dropout masks are replayed by handing every evaluation a Generator with the same seed.
-    Returns dict name -> relative error over `per_tensor` sampled entries of that tensor.
+    Returns dict name -> relative error over `per_tensor` sampled entries of that tensor (inf for
+    a gradient whose shape is not its parameter's).
     tiny: the smallest gradient norm errors are measured against. Central differences carry a
     rounding error of about 1e-16 * |loss| / h per entry, so sampled entries whose true gradient
     is smaller than ~1e-8 cannot be checked to 1e-4 relative; tiny=1e-4 turns the check of such
