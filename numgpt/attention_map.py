@@ -135,6 +135,10 @@ def main(argv):
     out_dir = opts.get("out_dir", "out")
     text = opts.get("text", DEFAULT_TEXT)
     png = opts.get("png") or os.path.join(out_dir, "attention.png")
+    ckpt = os.path.join(out_dir, "ckpt.npz")
+    if not os.path.isfile(ckpt):
+        raise CheckpointError(f"no checkpoint at {ckpt}; train one first with python train.py "
+                              "(or pass --out_dir)")
     if not text:
         raise DataError("--text is empty; give at least one character")
     if not png.lower().endswith(".png"):
@@ -147,10 +151,6 @@ def main(argv):
     folder = os.path.dirname(os.path.abspath(png))
     if not os.path.isdir(folder):
         raise ConfigError(f"the folder of --png ({folder}) does not exist")
-    ckpt = os.path.join(out_dir, "ckpt.npz")
-    if not os.path.isfile(ckpt):
-        raise CheckpointError(f"no checkpoint at {ckpt}; train one first with python train.py "
-                              "(or pass --out_dir)")
     cfg, chars, params, _, meta = read_model_checkpoint(ckpt)
     if cfg.model != "gpt":
         raise ConfigError(f"the model in {ckpt} is a bigram table; it has no attention to draw")
