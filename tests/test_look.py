@@ -142,3 +142,59 @@ def test_why_command_prints_the_tables():
         assert heading in r.stdout
     r = run_module("numgpt.why", "--seeds=0")
     assert r.returncode == 2 and r.stderr.startswith("error: --seeds")
+
+
+# ---- the worked example at T = 3 and the shape table (docs/shapes.md) ----
+
+def doc_block(path, first_line):
+    """The fenced block of a doc that starts with first_line (without the fences)."""
+    with open(os.path.join(REPO, path), encoding="utf-8") as f:
+        text = f.read()
+    start = text.index(first_line)
+    return text[start:text.index("```", start)]
+
+
+def test_worked_example_numbers_and_checks():
+    from numgpt import worked_example as we
+    r = we.steps()
+    P = r["P = softmax(S masked) by rows"]
+    assert np.allclose(P[0], [1, 0, 0]) and np.all(P[np.triu_indices(3, 1)] == 0)
+    assert np.isclose(P[1, 0], 1 / (1 + np.exp(2 ** -0.5)))  # softmax of [0, 1/sqrt(2)]
+    ds = r["dS = P * (dP - rowsum(dP * P))"]
+    assert np.all(ds[np.triu_indices(3, 1)] == 0) and np.allclose(ds.sum(1), 0)
+    assert r["dP = dO v^T"][0, 2] != 0  # ... while dP there is not 0
+    lib, fd = we.checks(r)
+    assert lib < 1e-12 and fd < 1e-8
+    # the check catches a wrong backward: a dQ without the scale is far from finite differences
+    bad = dict(r, **{"dQ = alpha dS k": ds @ we.K})
+    assert we.checks(bad)[1] > 1e-3
+
+
+def test_worked_example_output_is_the_one_in_the_doc():
+    r = run_module("numgpt.worked_example")
+    assert r.returncode == 0, r.stderr
+    assert "agrees to below 1e-12; finite differences (h = 1e-6) to below 1e-08" in r.stdout
+    assert doc_block("docs/shapes.md", "Causal attention, one head, T = 3") == r.stdout
+    r = run_module("numgpt.worked_example", "--T=4")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_shape_walk_checks_every_symbol():
+    from numgpt import shapes
+    # every symbol a different number, T < block_size, so a wrong letter in the table is caught
+    cfg = get_config("preln", n_embd=12, n_head=3, block_size=7, ffn_mult=2.0)
+    tb = shapes.walk(cfg, B=2, T=5)
+    rows = [row for _, _, rs in tb.sections for row in rs]
+    assert len(rows) > 60 and ("`pos_emb`", "[Tmax, C]", "7×12", rows[1][3]) == rows[1]
+    tb.section("x", ("a", "b"))
+    with pytest.raises(AssertionError):
+        tb.add("wrong", "B, C, T", np.zeros((2, 5, 12)))
+    r = run_module("numgpt.shapes", "--preset=ffn")
+    assert r.returncode == 2 and "pre-norm" in r.stderr
+
+
+def test_shape_table_in_the_doc_is_the_commands_output():
+    r = run_module("numgpt.shapes")
+    assert r.returncode == 0, r.stderr
+    with open(os.path.join(REPO, "docs/shapes.md"), encoding="utf-8") as f:
+        assert r.stdout.strip() in f.read()
