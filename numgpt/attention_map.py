@@ -94,7 +94,7 @@ def draw_attention(probs, chars, path, title=""):
     fig.tight_layout()
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6, label="attention probability")
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
+    fig.savefig(buf, format="png", bbox_inches="tight", pad_inches=0.15)
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
     return path
@@ -122,8 +122,13 @@ def ladder_map(ds, run_dir, rung):
         text = ds.vocab.decode(ds.val[:cfg.block_size])
     path = os.path.join(run_dir, "attention.png")
     attention_map(cfg, chars, params, text, path,
-                  f"{rung} after {meta['step']} steps: {cfg.n_layer} layers x {cfg.n_head} heads")
+                  f"{rung} after {meta['step']} steps: {_grid(cfg)}")
     return path
+
+
+def _grid(cfg):
+    return (f"{cfg.n_layer} layer{'s' * (cfg.n_layer > 1)} x "
+            f"{cfg.n_head} head{'s' * (cfg.n_head > 1)}")
 
 
 def main(argv):
@@ -157,10 +162,9 @@ def main(argv):
     if len(text) > cfg.block_size:
         print(f"the text has {len(text)} characters, more than block_size {cfg.block_size}; "
               f"using its last {cfg.block_size}")
-    title = (f"{ckpt} (step {meta['step']}): {cfg.n_layer} layers x {cfg.n_head} heads, "
-             f"{min(len(text), cfg.block_size)} characters")
+    title = f"{ckpt} (step {meta['step']}): {_grid(cfg)}, {min(len(text), cfg.block_size)} characters"
     _, used = attention_map(cfg, chars, params, text, png, title)
-    print(f"wrote {png}: {cfg.n_layer} layers x {cfg.n_head} heads on {used!r}")
+    print(f"wrote {png}: {_grid(cfg)} on {used!r}")
     return 0
 
 
