@@ -198,3 +198,26 @@ def test_shape_table_in_the_doc_is_the_commands_output():
     assert r.returncode == 0, r.stderr
     with open(os.path.join(REPO, "docs/shapes.md"), encoding="utf-8") as f:
         assert r.stdout.strip() in f.read()
+
+
+def test_ladder_doc_quotes_what_why_prints():
+    """docs/ladder.md's tables of numgpt.why, recomputed at full size (all but the scaled rung's
+    saturation, which takes minutes), must be in the doc line for line."""
+    import io
+    seeds = range(5)
+    cfg = get_config("preln")
+    res = {"unit": [(hs, T, why.unit_qk_saturation(hs, T, n_rows=64))
+                    for hs, T in [(8, 8), (16, 64), (64, 256)]],
+           "models": [("preln", cfg, why.model_saturation(cfg, 4, seeds))],
+           "grads": why.grad_norm_table("preln", [3, 12], 32, seeds),
+           "grad_setup": ([3, 12], 32, list(seeds))}
+    buf = io.StringIO()
+    why.report(res, buf)
+    rows = [line for line in buf.getvalue().splitlines() if line.startswith("| ")
+            and not line.startswith("| hs") and not line.startswith("| norm")
+            and not line.startswith("| block")]
+    assert len(rows) == 3 + 3 + 4 + 4
+    with open(os.path.join(REPO, "docs/ladder.md"), encoding="utf-8") as f:
+        doc = f.read().splitlines()
+    for row in rows:
+        assert row in doc, row
