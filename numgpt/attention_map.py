@@ -86,12 +86,14 @@ def draw_attention(probs, chars, path, title=""):
             ax.set_yticklabels(labels, fontsize=fontsize, fontfamily="monospace")
             ax.tick_params(length=0, pad=1)
             ax.set_title(f"layer {l} head {h}", fontsize=9)
+            every = "" if step == 1 else f", every {step}{'nd' if step == 2 else 'th'} labelled"
             if l == L - 1:
-                ax.set_xlabel("key (attended to)", fontsize=8)
+                ax.set_xlabel(f"key (attended to{every})", fontsize=8)
             if h == 0:
-                ax.set_ylabel("query (attending)", fontsize=8)
+                ax.set_ylabel(f"query (attending{every})", fontsize=8)
     fig.suptitle(title or "causal attention", fontsize=10)
-    fig.tight_layout()
+    if T > 16:  # long tick rows need the spacing worked out; short ones fit the default (faster)
+        fig.tight_layout()
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6, label="attention probability")
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight", pad_inches=0.15)
