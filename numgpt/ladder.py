@@ -2,7 +2,8 @@
 
 Trains bigram, single_head, multi_head, ffn, residual, layernorm and preln (and scaled with
 --include-scaled) with their presets on Tiny Shakespeare, prints their final train/val losses beside
-the published ones, and draws every validation curve into one PNG.
+the published ones, and draws every validation curve into one PNG; each rung with attention also
+gets its attention map (attention.png in its run folder; docs/ladder.md).
 """
 import argparse
 import os
