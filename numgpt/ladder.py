@@ -2,7 +2,8 @@
 
 Trains bigram, single_head, multi_head, ffn, residual, layernorm and preln (and scaled with
 --include-scaled) with their presets on Tiny Shakespeare, prints their final train/val losses beside
-the published ones, and draws every validation curve into one PNG.
+the published ones, and draws every validation curve into one PNG; each rung with attention also
+gets its attention map (attention.png in its run folder; docs/ladder.md).
 """
 import argparse
 import os
@@ -11,6 +12,7 @@ import time
 
 import numpy as np
 
+from .attention_map import ladder_map
 from .cli import USER_ERRORS
 from .config import LADDER, LADDER_TARGETS, get_config
 from .data import load_dataset
@@ -96,7 +98,7 @@ def _run(args):
     est = {s: expected_seconds(c, ds) * args.seeds for s, c in cfgs.items()}
     print("expected time on this machine: " + ", ".join(f"{s} {t / 60:.1f} min" for s, t in est.items())
           + f"; total {sum(est.values()) / 60:.1f} min", flush=True)
-    results, curves = {}, {}
+    results, curves, maps = {}, {}, []
     t0 = time.time()
     for s, cfg in cfgs.items():
         vals, trains = [], []
@@ -118,6 +120,8 @@ def _run(args):
             trains.append(r["train_loss"])
             if k == 0:
                 curves[s] = read_log(r["log"])
+                if cfg.model == "gpt":  # a rung with attention: its map (docs/ladder.md)
+                    maps.append(ladder_map(ds, out, s))
             print(f"  {s:<12} seed {run_cfg.seed}: train {r['train_loss']:.4f} "
                   f"val {r['val_loss']:.4f}  ({time.time() - ts:.0f} s)", flush=True)
         results[s] = (float(np.mean(trains)), float(np.mean(vals)),
@@ -137,6 +141,8 @@ def _run(args):
         sd_s = f" ±{sd:.3f}" if sd is not None else ""
         print(f"{s:<12} {n:>10,} {tr:>7.4f} {va:>7.4f}{sd_s} {target:>9.2f} {diff:>+6.3f}{mark}")
     print(f"\n{len(results)} rungs in {(time.time() - t0) / 60:.1f} min; validation curves: {png}")
+    if maps:
+        print("attention maps: " + ", ".join(maps))
     if args.check and failed:
         print(f"error: {', '.join(failed)} off the published loss by more than {args.tolerance}",
               file=sys.stderr)
