@@ -76,7 +76,7 @@ class ShardedStep:
         self.blas = ThreadpoolController().select(user_api="blas")
 
     def __call__(self, x, y, train=True, rng=None):
-        from kernels import _jit
+        from numgpt.kernels import _jit
         B = x.shape[0]
         cuts = np.linspace(0, B, self.shards + 1).round().astype(int)
         parts = [(x[a:b], y[a:b]) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
@@ -156,7 +156,7 @@ class FusedStep:
         when the model's parameter arrays were replaced (set_params)."""
         from numba.typed import List
 
-        from kernels import step as ks
+        from numgpt.kernels import step as ks
         from .model import param_shapes
         params = self.model.params
         key = tuple(map(id, params.values()))
@@ -188,8 +188,8 @@ class FusedStep:
         self._key = key
 
     def __call__(self, x, y, train=True, rng=None):
-        from kernels import _jit
-        from kernels import step as ks
+        from numgpt.kernels import _jit
+        from numgpt.kernels import step as ks
         from .model import _check_ids
         m = self.model
         x = np.ascontiguousarray(_check_ids(x, m.cfg.vocab_size, "idx"), dtype=np.int64)

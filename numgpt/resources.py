@@ -82,7 +82,7 @@ def _kernels_recompute(cfg):
     """Activations per token and layer that the kernels do not keep (kernels/ops.py): the two
     dropout masks (they keep the seed), and the feed-forward activation where a call's is above
     kernels/ops.RECOMPUTE_BYTES (computed again in the backward)."""
-    from kernels.ops import RECOMPUTE_BYTES
+    from numgpt.kernels.ops import RECOMPUTE_BYTES
 
     from .parallel import worth_sharding
     n = 2 * cfg.n_embd if cfg.dropout > 0 else 0
@@ -96,7 +96,7 @@ def _kernels_store_probs(cfg):
     """Whether the kernels keep the T x T attention probabilities (see kernels/ops.py): the fused
     step (kernels/step.py) always does; the layer path decides per call, on the batch the call
     sees, which is half of it in data-parallel steps."""
-    from kernels.ops import stores_probs
+    from numgpt.kernels.ops import stores_probs
 
     from .parallel import uses_fused_step, worth_sharding
     if uses_fused_step(cfg):

@@ -208,7 +208,7 @@ def _train(cfg, ds, out_dir, resume, stop_at, quiet, sample_chars, progress):
     plot_path = os.path.join(out_dir, PLOT)
 
     if cfg.kernels:
-        import kernels
+        from numgpt import kernels
         kernels.warmup("float32", say=None if not quiet else (lambda msg: None),
                        fused=uses_fused_step(cfg))
     model = GPT(cfg, seed=cfg.seed, dtype=np.float32)
