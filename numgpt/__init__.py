@@ -15,7 +15,7 @@ from .optim import AdamW, clip_grad_norm, get_lr
 
 __version__ = "0.1.0"
 
-_paths.run_from_clone()  # in a clone, numgpt.kernels is the clone's kernels/ folder
+_paths.find_kernels_in_clone()  # in a clone, numgpt.kernels is the clone's kernels/ folder
 
 
 def build_model(preset="laptop", seed=0, dtype=np.float32, **overrides):

@@ -13,7 +13,7 @@ NUMGPT_DATA_DIR and NUMBA_CACHE_DIR override these (kernels in $NUMBA_CACHE_DIR/
 out_dir is relative to the working folder in both cases.
 
 The kernels are the package numgpt.kernels. Installed, setuptools puts the clone's top-level
-kernels/ folder at numgpt/kernels (setup.cfg, package_dir); in a clone, run_from_clone() below
+kernels/ folder at numgpt/kernels (setup.cfg, package_dir); in a clone, find_kernels_in_clone() below
 makes the name numgpt.kernels find that folder.
 """
 import importlib.util
@@ -86,7 +86,7 @@ class _CloneKernels:
             name, os.path.join(folder, "__init__.py"), submodule_search_locations=[folder])
 
 
-def run_from_clone():
+def find_kernels_in_clone():
     """In a clone (also without any install, numgpt imported from the working folder) the kernels
     are <clone>/kernels, not numgpt/kernels: let the import system find them as numgpt.kernels."""
     if (IN_CLONE and not os.path.isdir(os.path.join(PACKAGE_DIR, "kernels"))
