@@ -13,8 +13,8 @@ NUMGPT_DATA_DIR and NUMBA_CACHE_DIR override these (kernels in $NUMBA_CACHE_DIR/
 out_dir is relative to the working folder in both cases.
 
 The kernels are the package numgpt.kernels. Installed, setuptools puts the clone's top-level
-kernels/ folder at numgpt/kernels (setup.cfg, package_dir); in a clone, find_kernels_in_clone() below
-makes the name numgpt.kernels find that folder.
+kernels/ folder at numgpt/kernels (setup.cfg, package_dir); in a clone, find_kernels_in_clone()
+below makes the name numgpt.kernels find that folder.
 """
 import importlib.util
 import os
