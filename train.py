@@ -4,4 +4,4 @@ import sys
 from numgpt.cli import run, train_main
 
 if __name__ == "__main__":
-    sys.exit(run(train_main))
+    sys.exit(run(train_main, keep_going=True))

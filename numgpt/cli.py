@@ -1,4 +1,5 @@
 """Command lines of train.py and sample.py: --key=value parsing and one-line errors."""
+import errno
 import os
 import signal
 import sys
@@ -6,10 +7,17 @@ import sys
 import numpy as np
 
 from .checkpoint import CheckpointError, read_model_checkpoint
-from .config import FIELDS, PRESETS, ConfigError, get_config
+from . import streams
+from .config import FIELDS, PRESETS, ConfigError, get_config, parse_whole_number
 from .data import DataError, Vocab, load_dataset
 from .env import EnvError, check_all
 from .trainer import TrainingError
+
+
+
+class OutputError(Exception):
+    """The output stream (stdout) cannot be written; the message is one line naming it."""
+
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, EnvError)
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP")
@@ -42,14 +50,37 @@ def parse_flags(argv, known, flags=()):
     return out
 
 
-def run(main, argv=None):
-    """Run main(argv) (argv: sys.argv[1:] unless given), turning the user's errors into one line
-    on stderr and exit status 2/1."""
+def guard_streams(keep_going):
+    """Make the standard streams safe to use whatever the caller did with them.
+
+    Descriptors 0-2 that are closed get os.devnull (so no file opened later takes their place).
+    stderr, and with keep_going also stdout, becomes a streams.Guarded: a write that fails (the
+    stream was closed at start, the reader of a pipe left, the disk is full, the terminal went
+    away) drops that stream's output from then on and the program goes on. Without keep_going a
+    stdout closed at start stays None, for the command to refuse to run."""
+    streams.fill_closed_fds()
     for stream in (sys.stdout, sys.stderr):  # a character the terminal cannot show is escaped
         try:
             stream.reconfigure(errors="backslashreplace")
         except (AttributeError, ValueError):
             pass
+    if keep_going:
+        if sys.stdout is None:
+            sys.stdout = streams.open_devnull_text()
+        sys.stdout = streams.Guarded(sys.stdout, "stdout", on_error=streams.warn_lost)
+    if sys.stderr is None:
+        sys.stderr = streams.open_devnull_text()
+    sys.stderr = streams.Guarded(sys.stderr, "stderr")
+
+
+def run(main, keep_going=False, argv=None):
+    """Run main(argv) (argv: sys.argv[1:] unless given), turning the user's errors into one line
+    on stderr and exit status 2/1.
+
+    keep_going: output that cannot be written (closed or broken stdout or stderr) is dropped and
+    main goes on (train.py: the checkpoint is the product). Without it, a stdout that cannot be
+    written ends main with a one-line error, or quietly when the reader of a pipe left."""
+    guard_streams(keep_going)
 
     fired = []
 
@@ -76,10 +107,11 @@ def run(main, argv=None):
         print("interrupted (any checkpoint already written is intact)", file=sys.stderr)
         return 130
     except BrokenPipeError:  # e.g. python sample.py | head: the reader left, nothing to say
-        try:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        except OSError:
-            pass
+        streams.discard(sys.stdout)
+        return 1
+    except OutputError as e:
+        streams.discard(sys.stdout)  # what is still buffered must not fail again at exit
+        print(f"error: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # an I/O failure the code above did not foresee: still one line
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
@@ -109,6 +141,20 @@ def _usage(text, script, prog):
     return text.replace(old, new, 1).replace("\n" + " " * len(old), "\n" + " " * len(new))
 
 
+def check_data_path(data):
+    """Refuse an empty --data and a path that is a loop of symbolic links (which would otherwise
+    read as "not found")."""
+    if not data:
+        raise DataError("--data is empty; give a UTF-8 text file, or leave --data out to train "
+                        "on Tiny Shakespeare")
+    try:
+        os.stat(data)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise DataError(f"--data {data} is a loop of symbolic links (ELOOP: too many levels "
+                            "of symbolic links); point --data at the text file itself") from None
+
+
 def train_main(argv, prog="python train.py"):
     if any(a in ("-h", "--help") for a in argv):
         print(_usage(TRAIN_HELP, "python train.py", prog))
@@ -122,6 +168,10 @@ def train_main(argv, prog="python train.py"):
     data = opts.pop("data", None)
     out_dir = opts.pop("out_dir", "out")
     resume = bool(opts.pop("resume", False))
+    if not out_dir:
+        raise ConfigError("--out_dir is empty; give the folder for the run, e.g. --out_dir=out")
+    if data is not None:
+        check_data_path(data)
     cfg = get_config(preset, **opts)
     ds = load_dataset(data)
     train(cfg, ds, out_dir, resume=resume)
@@ -142,8 +192,9 @@ MAX_PROMPT_BYTES = 16 << 20
 
 
 def _num(opts, key, typ, ok, what):
+    """opts[key] read as typ (int: config.parse_whole_number, the rule train.py follows too)."""
     try:
-        v = typ(opts[key])
+        v = parse_whole_number(opts[key]) if typ is int else typ(opts[key])
     except ValueError:
         raise ConfigError(f"--{key} must be {what}, got {opts[key]!r}") from None
     if not ok(v):
@@ -159,8 +210,14 @@ def sample_main(argv, prog="python sample.py"):
     from .model import GPT
     opts = dict(SAMPLE_DEFAULTS)
     opts.update(parse_flags(argv, set(SAMPLE_DEFAULTS)))
+    if not opts["out_dir"]:
+        raise ConfigError("--out_dir is empty; give the folder of the run, e.g. --out_dir=out")
+    if streams.is_closed(sys.stdout):
+        raise OutputError("cannot write the output (stdout): it is closed; run sample.py with "
+                          "its output going to a terminal, a file or a pipe")
     n = _num(opts, "num_samples", int, lambda v: v >= 1, "a whole number >= 1")
-    max_new = _num(opts, "max_new_tokens", int, lambda v: v >= 0, "a whole number >= 0")
+    max_new = _num(opts, "max_new_tokens", int, lambda v: v >= 0,
+                   "a whole number >= 0, such as 500")
     temperature = _num(opts, "temperature", float, lambda v: 0 <= v < float("inf"),
                        "a number >= 0")
     top_k = _num(opts, "top_k", int, lambda v: v >= 0, "a whole number >= 0 (0 = off)")
@@ -194,15 +251,18 @@ def sample_main(argv, prog="python sample.py"):
     ids = vocab.encode(start)
     rng = np.random.default_rng(seed)
     out = sys.stdout
-    for i in range(n):
-        out.write(start)
-        out.flush()
 
-        def emit(tok):
-            out.write(vocab.decode(tok))
+    def put(text):
+        try:
+            out.write(text)
             out.flush()
+        except OSError as e:
+            if e.errno == errno.EPIPE:  # the reader left (| head): quiet, as run() handles it
+                raise BrokenPipeError(e.errno, e.strerror) from None
+            raise OutputError(f"cannot write the output (stdout): {e.strerror or e}") from None
+    for i in range(n):
+        put(start)
         generate(model, ids[None, :], max_new, temperature, top_k or None,
-                 top_p if top_p < 1 else None, rng, on_token=emit)
-        out.write("\n" + ("---------------\n" if i < n - 1 else ""))
-        out.flush()
+                 top_p if top_p < 1 else None, rng, on_token=lambda tok: put(vocab.decode(tok)))
+        put("\n" + ("---------------\n" if i < n - 1 else ""))
     return 0

@@ -49,12 +49,12 @@ def main(argv=None, prog=None):
 
 def train(argv=None, prog="numgpt-train"):
     from .cli import run, train_main
-    return run(lambda args: train_main(args, prog=prog), argv)
+    return run(lambda args: train_main(args, prog=prog), keep_going=True, argv=argv)
 
 
 def sample(argv=None, prog="numgpt-sample"):
     from .cli import run, sample_main
-    return run(lambda args: sample_main(args, prog=prog), argv)
+    return run(lambda args: sample_main(args, prog=prog), argv=argv)
 
 
 def ladder(argv=None, prog="numgpt-ladder"):

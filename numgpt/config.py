@@ -5,6 +5,7 @@ defaults below; `laptop` is the default preset of train.py.
 """
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -100,6 +101,21 @@ LADDER_TARGETS = {"bigram": 2.49, "single_head": 2.40, "multi_head": 2.28, "ffn"
                   "residual": 2.09, "layernorm": 2.08, "preln": 2.08, "scaled": 1.48}
 
 
+def parse_whole_number(text):
+    """The whole number written in text: as an integer (1000, +20), or in a float's notation when
+    its value is whole (1e3, 2000.0; below 2^53, where floats hold every integer). Anything else
+    (1.5, 1e-3, nan, inf, 0x10, 1_000, non-ASCII digits) raises ValueError. train.py and
+    sample.py read whole numbers with this one rule."""
+    s = text.strip()
+    if re.fullmatch(r"[+-]?[0-9]+", s, flags=re.ASCII):
+        return int(s)
+    if re.fullmatch(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?", s, flags=re.ASCII):
+        f = float(s)
+        if math.isfinite(f) and f.is_integer() and abs(f) < 2 ** 53:
+            return int(f)
+    raise ValueError(f"not a whole number: {text!r}")
+
+
 def _coerce(name, value):
     """Turn a string (from the command line) into the type of field `name`."""
     f = FIELDS[name]
@@ -122,16 +138,10 @@ def _coerce(name, value):
         raise ConfigError(f"{name} must be true or false, got {value!r}")
     if typ is int:
         try:
-            return int(s)
+            return parse_whole_number(s)
         except ValueError:
-            pass
-        try:  # 1e4 or 2000.0 are whole numbers too; 1.5, nan and inf are not
-            f = float(s)
-        except ValueError:
-            f = math.nan
-        if math.isfinite(f) and f.is_integer() and abs(f) < 2 ** 53:
-            return int(f)
-        raise ConfigError(f"{name} must be a whole number, got {value!r}")
+            raise ConfigError(f"{name} must be a whole number such as 1000 or 1e3, got "
+                              f"{value!r}") from None
     if typ is float:
         try:
             return float(s)

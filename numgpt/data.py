@@ -40,12 +40,14 @@ def sha256_file(path):
 
 
 def atomic_write_bytes(path, data):
-    """Write data to path via a temporary file in the same folder and os.replace: never half-written."""
+    """Write data to path via a temporary file in the same folder and os.replace: never
+    half-written. The temporary file is new (O_EXCL) and the rename replaces whatever entry has
+    the name, so a symbolic link at path is replaced, and the file it points to never written."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_UMASK)  # mkstemp makes 0600; the usual permissions
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

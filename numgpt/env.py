@@ -8,6 +8,7 @@ silent guess. Paths are used as given; unset or empty means the default.
     NUMGPT_DATA_PARALLEL    switch, default on: the two-thread step of mid-sized models
     NUMGPT_NO_MEMORY_CHECK  switch, default off: skip the memory check before a run
     NUMGPT_NO_MALLOPT       switch, default off: leave glibc's malloc settings alone
+    NUMGPT_STEP             one of fused, sharded, one_blas, plain: force that training step
     NUMGPT_DATA_DIR         path: where prepared data sets go (default: numgpt/paths.py)
     NUMGPT_SHAKESPEARE      path: an existing copy of Tiny Shakespeare's input.txt
     NUMBA_CACHE_DIR         path (numba's own): where compiled kernels are cached
@@ -20,6 +21,7 @@ FALSE = ("0", "false", "no", "off")
 
 SWITCHES = {"NUMGPT_FUSED": True, "NUMGPT_DATA_PARALLEL": True,
             "NUMGPT_NO_MEMORY_CHECK": False, "NUMGPT_NO_MALLOPT": False}
+CHOICES = {"NUMGPT_STEP": ("fused", "sharded", "one_blas", "plain")}
 PATHS = ("NUMGPT_DATA_DIR", "NUMGPT_SHAKESPEARE", "NUMBA_CACHE_DIR", "XDG_CACHE_HOME")
 
 
@@ -41,11 +43,24 @@ def switch(name):
     raise EnvError(f"{name}={raw!r} is not a switch value; use 1/true/yes/on or 0/false/no/off")
 
 
+def choice(name):
+    """The value of the variable `name` (one of CHOICES), lower case, or None when unset or empty."""
+    raw = os.environ.get(name, "")
+    v = raw.strip().lower()
+    if not v:
+        return None
+    if v not in CHOICES[name]:
+        raise EnvError(f"{name}={raw!r} is not one of {', '.join(CHOICES[name])}")
+    return v
+
+
 def check_all():
-    """Raise EnvError for the first switch that holds an unreadable value (the commands call this
+    """Raise EnvError for the first variable that holds an unreadable value (the commands call this
     first, so a typo is one line at the start, not a traceback or a silent default later)."""
     for name in SWITCHES:
         switch(name)
+    for name in CHOICES:
+        choice(name)
 
 
 def path(name):

@@ -1,40 +1,35 @@
-"""Data-parallel training steps on threads: the batch split in halves, one per core.
+"""The training steps, and the choice among them by measurement on this machine.
 
-For mid-sized models the step is a long chain of medium-sized operations; OpenBLAS and the
-numba kernels split each of them over the two cores, and the splitting (waking threads, small
-pieces, waiting for the slower half) costs a good share of the second core. Measured here on
-the layer path (laptop preset, batch 12): 48.6 ms per step that way, 36 ms for half the batch on
-one thread. So for such models each core takes half of the batch instead, with single-threaded
-BLAS and the kernels' serial builds; each shard weights its gradients by its share of the batch,
-and the two are added: 39.9 ms then, 29 ms with the later kernels. Both threads run while
-the other is inside BLAS or a kernel, since those release the GIL; the Python between them
-does not. So small models without dropout, the laptop preset included, take the fused step of
-kernels/step.py instead, whose halves run without Python (FUSED_MAX_WORK), and tiny ones with
-dropout stay on the plain path with BLAS on one thread (OneBlasThreadStep).
+Four ways to compute a step's loss and gradients, all of the same mean loss up to float rounding:
 
-The result is the gradient of the same mean loss, up to float rounding; dropout masks come from
-two generators seeded from the caller's. A run is reproducible from its seed and checkpoint to
-float32 rounding, but not always bit for bit: now and then (3 steps in 600 in one test, in the
-attention gradients of w_q and w_k) a step comes out one unit in the last place apart when the
-two threads compute at once. Where is not found yet: not BLAS, not the attention kernels alone,
-not the alignment of inputs, not fresh threads; kernels/ops._chunks no longer depends on the
-calling thread, which was one candidate. NUMGPT_DATA_PARALLEL=0 turns sharding off; the plain path is
-bit-exact, resume included.
+    fused      kernels/step.py: the whole forward and backward in one compiled call, the batch
+               split over the cores (GPTs with the kernels and no dropout)
+    sharded    the layer-by-layer path on two threads, half the batch each, BLAS on one thread
+               and the kernels' serial builds in each (ShardedStep)
+    one_blas   the layer-by-layer path with BLAS on one thread (small products do not pay for
+               waking a second BLAS thread)
+    plain      the layer-by-layer path, BLAS and the kernels on their own threads
+
+Which is fastest depends on the model's size and on the CPU (its matrix-product speed, caches,
+how fast threads wake). So step_function times the candidates on a few batches of random ids
+before training (the model's parameters and the run's random stream are left untouched), takes
+the fastest, and caches the choice for this machine and model shape, so later runs start at
+once. NUMGPT_STEP=fused|sharded|one_blas|plain forces one (tests use it);
+NUMGPT_FUSED=0 and NUMGPT_DATA_PARALLEL=0 take the fused and the sharded steps out of the running.
+
+Sharded steps: dropout masks come from two generators seeded from the caller's. A run is
+reproducible from its seed and checkpoint to float32 rounding, but not always bit for bit: now and
+then (3 steps in 600 in one test, in the attention gradients of w_q and w_k) a step comes out one
+unit in the last place apart when the two threads compute at once. The cause is not found yet.
+The other steps are bit-exact, resume included.
 """
+import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from .env import switch
-
-MIN_WORK = 1 << 16  # batch * block * n_embd below which the plain path is faster (tiny models)
-# and above which BLAS's and the kernels' own threads do better. Measured: the scaled preset at
-# batch 8 (786k) steps in 886 ms sharded against 939 ms not (measured when its dropout masks were
-# drawn by NumPy on one core, which sharding spread over both); at batch 64 (6.3M) in 8.37 s
-# against 8.0 s.
-MAX_WORK = 1 << 21
-
+from .env import EnvError, choice, switch
 
 def cores():
     """The cores this process may use, capped by the usual thread-count variables when set."""
@@ -47,17 +42,6 @@ def cores():
         if v.isdigit() and int(v) >= 1:
             n = min(n, int(v))
     return n
-
-
-def worth_sharding(cfg, batch_size=None):
-    """Whether a training step of cfg goes faster as this module's layer-by-layer halves on two
-    threads (see the module notes); False where the fused step is faster still."""
-    B = batch_size or cfg.batch_size
-    if not switch("NUMGPT_DATA_PARALLEL"):
-        return False
-    return (cfg.kernels and cfg.model == "gpt" and B >= 2 and cores() >= 2
-            and MIN_WORK <= B * cfg.block_size * cfg.n_embd < MAX_WORK
-            and not uses_fused_step(cfg.replace(batch_size=B)))
 
 
 class ShardedStep:
@@ -112,7 +96,7 @@ class ShardedStep:
 class OneBlasThreadStep:
     """step(x, y, rng) -> model.loss_and_grads with BLAS on one thread: for small models, whose
     matrix products are too small to split (waking OpenBLAS's second thread costs more than it
-    saves). Tiny preset here: 1.9 ms per step against 2.3 ms."""
+    saves)."""
 
     def __init__(self, model):
         from threadpoolctl import ThreadpoolController
@@ -217,33 +201,199 @@ class FusedStep:
         return float(loss), self._grads
 
 
-# batch * block * n_embd below which the fused step beats the sharded one (for a GPT without
-# dropout). Measured here, alternating the two in one process after kernels/blas.py let the fused
-# step run its attention products on the heads' columns in place: the laptop preset (batch 12,
-# 98k) 3-6% faster fused (32.1 against 33.2 ms, 32.5 against 34.2, 35.8 against 38.7); at batch
-# 12 with block 128 (197k) even (78.0 against 76.2); at batch 32 (262k) 7% slower, with n_embd
-# 256 (393k) 5% slower, and the scaled preset at batch 8 without dropout (786k) 9% slower.
-FUSED_MAX_WORK = 1 << 17
+class PlainStep:
+    """step(x, y, rng) -> model.loss_and_grads, BLAS and the kernels on their own threads."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, x, y, train=True, rng=None):
+        return self.model.loss_and_grads(x, y, train=train, rng=rng)
 
 
-def uses_fused_step(cfg):
-    """Whether step_function gives training cfg the fused step (small GPTs without dropout)."""
-    return (cfg.batch_size * cfg.block_size * cfg.n_embd < FUSED_MAX_WORK and fused_applies(cfg)
-            and switch("NUMGPT_FUSED"))
+STEPS = ("fused", "sharded", "one_blas", "plain")
 
 
-def step_function(model, cfg=None):
-    """The fastest loss_and_grads for training cfg here: the fused compiled step for small GPTs
-    without dropout (up to the laptop preset), a ShardedStep for mid-sized models, the model's
-    own with one BLAS thread for small ones the fused step cannot run, else the model's own.
-    Returns (function, closer)."""
-    cfg = cfg or model.cfg
-    if worth_sharding(cfg):
+def candidates(cfg):
+    """The steps that can train cfg here, in STEPS order (NUMGPT_STEP forces one: then only it,
+    or a one-line EnvError where it cannot run cfg)."""
+    ok = []
+    if fused_applies(cfg) and switch("NUMGPT_FUSED"):
+        ok.append("fused")
+    if (cfg.kernels and cfg.model == "gpt" and cfg.batch_size >= 2 and cores() >= 2
+            and switch("NUMGPT_DATA_PARALLEL")):
+        ok.append("sharded")
+    if cores() >= 2:
+        ok.append("one_blas")
+    ok.append("plain")
+    forced = choice("NUMGPT_STEP")
+    if forced:
+        if forced not in ok:
+            raise EnvError(f"NUMGPT_STEP={forced} cannot train this model here (it can: "
+                           f"{', '.join(ok)})")
+        return [forced]
+    return ok
+
+
+def make_step(name, model):
+    """(step, closer) for one of STEPS."""
+    if name == "fused":
+        return FusedStep(model), (lambda: None)
+    if name == "sharded":
         s = ShardedStep(model, 2)
         return s, s.close
-    if uses_fused_step(cfg) and fused_applies(model.cfg):
-        return FusedStep(model), (lambda: None)
-    if cfg.batch_size * cfg.block_size * cfg.n_embd < MIN_WORK and cores() >= 2:
+    if name == "one_blas":
         return OneBlasThreadStep(model), (lambda: None)
-    return (lambda x, y, train=True, rng=None: model.loss_and_grads(x, y, train=train, rng=rng)), \
-        (lambda: None)
+    return PlainStep(model), (lambda: None)
+
+
+# the measurement: every candidate warms up with one untimed step, then all take turns, a timed
+# step each per round, until the rounds have taken MEASURE_SECONDS in all (at least one round, at
+# most MAX_ROUNDS); a candidate over SLOW_FACTOR times the best so far drops out after a round,
+# and one whose warm-up took over WARM_FACTOR times the quickest and over WARM_SECONDS does not
+# take turns. The choices file keeps at most MAX_CHOICES entries, the newest.
+MEASURE_SECONDS = 0.6
+MAX_ROUNDS = 25
+SLOW_FACTOR = 1.5
+WARM_FACTOR = 3.0
+WARM_SECONDS = 0.5
+MAX_CHOICES = 200
+
+
+def measure_steps(model, cfg, names, clock=None, seed=0):
+    """{name: median seconds of a step} for the candidate steps names, timed in turns on batches
+    of random ids (the model's parameters and the caller's random streams are not touched)."""
+    import time
+    clock = clock or time.perf_counter
+    rng = np.random.default_rng(seed)
+    shape = (cfg.batch_size, cfg.block_size)
+    x = rng.integers(0, cfg.vocab_size, shape)
+    y = rng.integers(0, cfg.vocab_size, shape)
+    steps = {n: make_step(n, model) for n in names}
+    times = {n: [] for n in names}
+    try:
+        warm = {}
+        for n in names:  # warm-up: first-call costs (typed lists, thread pools, page faults)
+            t0 = clock()
+            steps[n][0](x, y, train=True, rng=np.random.default_rng(seed))
+            warm[n] = clock() - t0
+        # far behind already, on a long step (a first call's own costs, typed lists and thread
+        # pools, are milliseconds, so a short one says little): out
+        quickest = min(warm.values())
+        live = [n for n in names if warm[n] <= max(WARM_FACTOR * quickest, WARM_SECONDS)]
+        spent = 0.0
+        for r in range(MAX_ROUNDS):
+            for n in live[r % len(live):] + live[:r % len(live)]:  # the order rotates
+                t0 = clock()
+                steps[n][0](x, y, train=True, rng=np.random.default_rng(seed))
+                dt = clock() - t0
+                times[n].append(dt)
+                spent += dt
+            best = min(float(np.median(times[n])) for n in live)
+            live = [n for n in live if float(np.median(times[n])) <= SLOW_FACTOR * best]
+            if spent >= MEASURE_SECONDS:
+                break
+    finally:
+        for _, close in steps.values():
+            close()
+    return {n: float(np.median(t)) for n, t in times.items() if t}
+
+
+SHAPE_FIELDS = ("model", "vocab_size", "block_size", "n_embd", "n_head", "n_layer", "attn_proj",
+                "ffn_mult", "ffn_proj", "activation", "residual", "norm", "dropout", "kernels",
+                "batch_size")
+
+
+def _choice_key(cfg, names):
+    """What a cached choice is valid for: this machine (CPU model, cores, NumPy and numba), the
+    model's shape and the candidates."""
+    import platform
+
+    import numba
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    shape = {k: getattr(cfg, k) for k in SHAPE_FIELDS}
+    return json.dumps([cpu, cores(), np.__version__, numba.__version__, shape, list(names)],
+                      sort_keys=True)
+
+
+def _choices_path():
+    """The file of cached choices: beside the compiled kernels (their folder is named by a hash of
+    the kernels' sources, so new kernels measure again)."""
+    from numgpt.kernels._jit import CACHE_DIR
+    return os.path.join(CACHE_DIR, "step-choices.json")
+
+
+def _read_choices(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+        return d if isinstance(d, dict) else {}
+    except (OSError, ValueError, RecursionError):  # missing, unreadable or damaged: measure again
+        return {}
+
+
+def _write_choice(path, key, row):
+    from .data import atomic_write_bytes
+    d = _read_choices(path)
+    d.pop(key, None)
+    d[key] = row  # last: the newest
+    d = dict(list(d.items())[-MAX_CHOICES:])
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        atomic_write_bytes(path, json.dumps(d, indent=0, sort_keys=True).encode("utf-8"))
+    except OSError:  # a read-only cache: the next run measures again
+        pass
+
+
+def planned_step(cfg, prefer=None):
+    """The step choose_step will take without measuring (forced, the only one, prefer, or cached),
+    or None where it will measure."""
+    names = candidates(cfg)
+    if len(names) == 1:
+        return names[0]
+    if prefer in names:
+        return prefer
+    if not cfg.kernels:
+        return None
+    cached = _read_choices(_choices_path()).get(_choice_key(cfg, names))
+    return cached["step"] if isinstance(cached, dict) and cached.get("step") in names else None
+
+
+def choose_step(model, cfg, prefer=None, say=None, clock=None):
+    """The name of the fastest step for training cfg here, and says which in one line:
+    prefer (a resumed run's step) where it can still run, else a cached choice for this machine
+    and shape, else measured now (and cached)."""
+    say = say or (lambda msg: None)
+    names = candidates(cfg)
+    if len(names) == 1:
+        return names[0]
+    if prefer in names:
+        say(f"step: {prefer} (the step this run trained with)")
+        return prefer
+    path = _choices_path() if cfg.kernels else None
+    key = _choice_key(cfg, names)
+    cached = _read_choices(path).get(key) if path else None
+    if isinstance(cached, dict) and cached.get("step") in names:
+        say(f"step: {cached['step']} (measured on this machine before; cached in {path})")
+        return cached["step"]
+    times = measure_steps(model, cfg, names, clock=clock)
+    best = min(times, key=times.get)
+    shown = ", ".join(f"{n} {1000 * t:.3g} ms" for n, t in sorted(times.items(), key=lambda kv: kv[1]))
+    say(f"step: {best}, the fastest measured here ({shown})")
+    if path:
+        _write_choice(path, key, {"step": best, "ms": {n: round(1000 * t, 4) for n, t in times.items()}})
+    return best
+
+
+def step_function(model, cfg=None, prefer=None, say=None):
+    """(step, closer, name): the fastest step for training cfg on this machine (choose_step)."""
+    cfg = cfg or model.cfg
+    name = choose_step(model, cfg, prefer=prefer, say=say)
+    step, close = make_step(name, model)
+    return step, close, name

@@ -57,7 +57,12 @@ def _prod(shape):
     return n
 
 
-def training_bytes(cfg):
+def training_bytes(cfg, step=None):
+    """Bytes to train cfg with one of numgpt.parallel.STEPS, or (step None) with the hungriest of
+    those that can train it here (the step is chosen by measuring them all)."""
+    if step is None:
+        from .parallel import candidates
+        return max(training_bytes(cfg, s) for s in candidates(cfg))
     P = num_params(cfg)
     N = cfg.batch_size * cfg.block_size
     C, V = cfg.n_embd, cfg.vocab_size
@@ -65,12 +70,12 @@ def training_bytes(cfg):
         return BASE_BYTES + 4 * (4 * P + 4 * N * V)
     per_layer = 12 * C + 3 * cfg.ffn_hidden
     if cfg.kernels:
-        per_layer -= _kernels_recompute(cfg)
+        per_layer -= _kernels_recompute(cfg, step)
     attn = 0
     if not cfg.kernels:
         kept = 3 if cfg.dropout > 0 else 1
         attn = N * (cfg.n_layer * kept + 3) * cfg.n_head * cfg.block_size
-    elif _kernels_store_probs(cfg):
+    elif _kernels_store_probs(cfg, step):
         kept = 1.25 if cfg.dropout > 0 else 1  # the probabilities, and the mask at a byte each
         attn = N * (cfg.n_layer * kept + 3) * cfg.n_head * cfg.block_size
     elif cfg.dropout > 0:  # the fused kernels keep only the dropout mask, a byte an entry
@@ -78,32 +83,26 @@ def training_bytes(cfg):
     return BASE_BYTES + int(4 * (4 * P + N * cfg.n_layer * per_layer + attn + N * (4 * V + 8 * C)))
 
 
-def _kernels_recompute(cfg):
+def _kernels_recompute(cfg, step):
     """Activations per token and layer that the kernels do not keep (kernels/ops.py): the two
     dropout masks (they keep the seed), and the feed-forward activation where a call's is above
     kernels/ops.RECOMPUTE_BYTES (computed again in the backward)."""
     from numgpt.kernels.ops import RECOMPUTE_BYTES
-
-    from .parallel import worth_sharding
     n = 2 * cfg.n_embd if cfg.dropout > 0 else 0
-    B = -(-cfg.batch_size // 2) if worth_sharding(cfg) else cfg.batch_size
+    B = -(-cfg.batch_size // 2) if step == "sharded" else cfg.batch_size
     if cfg.ffn_mult > 0 and 4 * B * cfg.block_size * cfg.ffn_hidden > RECOMPUTE_BYTES:
         n += cfg.ffn_hidden
     return n
 
 
-def _kernels_store_probs(cfg):
+def _kernels_store_probs(cfg, step):
     """Whether the kernels keep the T x T attention probabilities (see kernels/ops.py): the fused
     step (kernels/step.py) always does; the layer path decides per call, on the batch the call
-    sees, which is half of it in data-parallel steps."""
+    sees, which is half of it in the sharded step."""
     from numgpt.kernels.ops import stores_probs
-
-    from .parallel import uses_fused_step, worth_sharding
-    if uses_fused_step(cfg):
+    if step == "fused":
         return True
-    B = cfg.batch_size
-    if worth_sharding(cfg):
-        B = -(-B // 2)
+    B = -(-cfg.batch_size // 2) if step == "sharded" else cfg.batch_size
     return stores_probs(B, cfg.n_head, cfg.block_size, "float32")
 
 

@@ -1,8 +1,11 @@
 """The training loop behind train.py: batches, AdamW steps, evals, logs, plots, checkpoints, resume."""
+import errno
 import json
 import math
 import os
+import re
 import signal
+import stat
 import sys
 import tempfile
 import time
@@ -18,7 +21,7 @@ from .resources import check_memory
 from .generate import generate
 from .model import GPT
 from .optim import clip_grad_norm, get_lr
-from .parallel import step_function, uses_fused_step
+from .parallel import candidates, planned_step, step_function
 
 CKPT = "ckpt.npz"
 LOG = "log.jsonl"
@@ -108,33 +111,81 @@ def plot_losses(rows, path, title):
 
 
 class _OutDirLock:
-    """An exclusive lock on out_dir/.lock for the run's lifetime, so two runs pointed at the same
-    folder never write over each other's checkpoints. The kernel drops it when the process dies,
-    kill -9 included, so a stale lock never blocks a later run."""
+    """An exclusive lock on out_dir/.numgpt.lock for the run's lifetime, so two runs pointed at the
+    same folder never write over each other's checkpoints. The kernel drops it when the process
+    dies, kill -9 included, so a stale lock never blocks a later run.
+
+    The lock file is opened without following a symbolic link (O_NOFOLLOW) and without blocking
+    on a FIFO (O_NONBLOCK), and is used only when it is a regular file with no other hard link
+    that is empty or holds "pid N": anything else (the user's file, a link to one, a device, a
+    FIFO) is refused with a one-line error and left as it was."""
+
+    NAME = ".numgpt.lock"
 
     def __init__(self, out_dir):
-        self.path = os.path.join(out_dir, ".numgpt.lock")
-        self.f = None
+        self.out_dir = out_dir
+        self.path = os.path.join(out_dir, self.NAME)
+        self.fd = None
+
+    @property
+    def held(self):
+        return self.fd is not None
+
+    def _refuse(self, what):
+        raise TrainingError(f"the lock file {self.path} {what}; numgpt writes only its own files "
+                            "in out_dir: remove it or choose another --out_dir")
+
+    def _open(self, create):
+        """The lock file's descriptor, or None when create is False and there is none."""
+        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            fd = os.open(self.path, flags | (os.O_CREAT if create else 0), 0o666)
+        except OSError as e:
+            if os.path.islink(self.path):  # O_NOFOLLOW: ELOOP (a dangling link is not created)
+                self._refuse("is a symbolic link")
+            if not create and e.errno in (errno.ENOENT, errno.ENOTDIR):
+                return None
+            raise TrainingError(f"cannot open the lock file {self.path} ({e.strerror})") from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
+            os.close(fd)
+            self._refuse("is not a regular file" if not stat.S_ISREG(st.st_mode)
+                         else "has other hard links")
+        return fd
+
+    def acquire(self, create):
+        """Take the lock; with create=False only when the lock file already exists (so a refused
+        run creates nothing). Refuses when another run holds it or the file is not numgpt's."""
+        import fcntl
+        fd = self._open(create)
+        if fd is None:
+            return self
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                held = os.pread(fd, 64, 0).strip()
+                owner = held.decode() if re.fullmatch(rb"pid \d+", held) else "another process"
+                raise TrainingError(f"another training run ({owner}) is using {self.out_dir}; "
+                                    "wait for it or choose another --out_dir") from None
+            held = os.pread(fd, 4096, 0).strip()
+            if held and not re.fullmatch(rb"pid \d+", held):
+                self._refuse("holds something else than numgpt's lock")
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+        return self
 
     def __enter__(self):
-        import fcntl
-        self.f = open(self.path, "a+")
-        try:
-            fcntl.flock(self.f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self.f.seek(0)
-            owner = self.f.read().strip() or "another process"
-            self.f.close()
-            raise TrainingError(f"another training run ({owner}) is using {os.path.dirname(self.path)}; "
-                                "wait for it or choose another --out_dir") from None
-        self.f.seek(0)
-        self.f.truncate()
-        self.f.write(f"pid {os.getpid()}")
-        self.f.flush()
         return self
 
     def __exit__(self, *exc):
-        self.f.close()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 class _StopFlag:
@@ -178,15 +229,110 @@ def _config_mismatch(a: Config, b: Config, allowed=("max_iters", "eval_interval"
     return [k for k in da if da[k] != db[k] and k not in allowed]
 
 
-def train(cfg: Config, ds: Dataset, out_dir, resume=False, stop_at=None, quiet=False,
-          sample_chars=500, progress=True):
-    """Train cfg on ds, writing ckpt.npz, log.jsonl and loss.png into out_dir.
+# the temporary files atomic_write_bytes makes for our outputs (tempfile.mkstemp names: 8 of
+# a-z, 0-9, _), and the write probe of train(); a kill -9 at the wrong moment leaves them behind
+_STALE_TEMP = re.compile(r"\.(?:ckpt\.npz|log\.jsonl|loss\.png)\.[a-z0-9_]{8}\.tmp"
+                         r"|\.numgpt-write-test-[a-z0-9_]{8}")
 
-    resume: continue from out_dir/ckpt.npz (its model config and vocabulary must match).
-    stop_at: stop (with a checkpoint) after this many steps, as if interrupted; used by tests.
-    Returns dict with the final losses and paths.
-    """
-    ds.check_block(cfg.block_size)
+
+def remove_stale_temp_files(out_dir):
+    """Delete what a killed run left of its temporary files in out_dir: regular files (never a
+    link or anything else) whose names follow our own temporary naming. Call it holding the lock."""
+    for name in os.listdir(out_dir):
+        if _STALE_TEMP.fullmatch(name):
+            path = os.path.join(out_dir, name)
+            try:
+                if stat.S_ISREG(os.lstat(path).st_mode):
+                    os.unlink(path)
+            except OSError:
+                pass  # gone already, or not ours to remove: left as it is
+
+
+def _file_identity(path):
+    """(inode, size, mtime) of path without following a link, None when there is none; an atomic
+    rewrite gives a new inode, so a changed identity means the file was replaced."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _check_fresh_out_dir(out_dir):
+    """Refuse a new run in an out_dir that holds a checkpoint, a log or a plot (a symbolic link
+    by such a name counts too, dangling or not: the user's, never written through)."""
+    ckpt_path, log_path, plot_path = (os.path.join(out_dir, n) for n in (CKPT, LOG, PLOT))
+    if os.path.lexists(ckpt_path):
+        raise TrainingError(f"{out_dir} already holds a checkpoint; pass --resume to continue it "
+                            "or choose another --out_dir")
+    kept = [os.path.basename(p) for p in (log_path, plot_path)
+            if os.path.lexists(p) and (p != log_path or os.path.islink(p)
+                                       or os.path.getsize(p) > 0)]
+    if kept:  # not ours to overwrite: another run's results, or the user's own files
+        raise TrainingError(f"{out_dir} already holds {' and '.join(kept)} (but no checkpoint); "
+                            "move them away or choose another --out_dir")
+
+
+class _Start:
+    """Where a run starts: a new model at step 0, or the state read back from a checkpoint."""
+
+    def __init__(self, cfg, ds, out_dir, resume):
+        self.model = GPT(cfg, seed=cfg.seed, dtype=np.float32)
+        self.opt = make_optimizer(self.model, cfg)
+        self.rng = np.random.default_rng(cfg.seed)
+        self.step, self.best_val, self.rows = 0, math.inf, []
+        self.ckpt_path = os.path.join(out_dir, CKPT)
+        self.identity = None
+        self.resume = resume
+        self.train_step = None  # the step (numgpt.parallel.STEPS) a resumed run trained with
+        if resume:
+            self._resume(cfg, ds, out_dir)
+        else:
+            _check_fresh_out_dir(out_dir)
+
+    def _resume(self, cfg, ds, out_dir):
+        ckpt_path = self.ckpt_path
+        self.identity = _file_identity(ckpt_path)
+        saved_cfg, chars, params, opt_state, meta = read_model_checkpoint(ckpt_path)
+        src = meta.get("data")
+        hint = f" (--data={src})" if isinstance(src, str) and src.startswith("/") else ""
+        if chars != ds.vocab.chars:
+            raise TrainingError(f"--resume: the checkpoint in {out_dir} has another vocabulary "
+                                f"than this data; resume with the data it was trained on{hint}")
+        saved_sha, sha = meta.get("data_sha256"), ds.meta.get("sha256")
+        if isinstance(saved_sha, str) and isinstance(sha, str) and saved_sha != sha:
+            todo = (f"resume with --data={src}" if hint else "resume with the data it was "
+                    f"trained on ({src})")
+            raise TrainingError(f"--resume: the checkpoint was trained on other data than "
+                                f"{ds.meta.get('source')} (sha256 {saved_sha[:8]}, not "
+                                f"{sha[:8]}); {todo}")
+        bad = _config_mismatch(saved_cfg, cfg)
+        if bad:
+            raise TrainingError(f"--resume: the checkpoint in {out_dir} was trained with other "
+                                f"settings of {', '.join(bad)}; drop those overrides or use a new "
+                                "--out_dir")
+        try:
+            self.model.set_params(params)
+            self.opt = make_optimizer(self.model, cfg)
+            self.opt.load_state_dict(opt_state)
+            self.rng.bit_generator.state = meta["rng_state"]
+            self.best_val = float(meta.get("best_val", math.inf))
+        except (ValueError, KeyError, TypeError, OverflowError) as e:
+            raise CheckpointError(f"{ckpt_path} holds a broken optimizer or random-generator "
+                                  f"state ({type(e).__name__}: {e})") from None
+        self.step = meta["step"]
+        name = meta.get("train_step")
+        self.train_step = name if isinstance(name, str) else None
+        # kept in memory only: the log on disk is rewritten with the first new row
+        self.rows = [r for r in read_log(os.path.join(out_dir, LOG)) if r["step"] <= self.step]
+
+    def changed(self):
+        """True when the checkpoint read at the start was replaced since (by another run that
+        held out_dir while this one read it)."""
+        return self.resume and _file_identity(self.ckpt_path) != self.identity
+
+
+def _make_out_dir(out_dir):
     try:
         os.makedirs(out_dir, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=out_dir, prefix=".numgpt-write-test-")
@@ -194,89 +340,87 @@ def train(cfg: Config, ds: Dataset, out_dir, resume=False, stop_at=None, quiet=F
         os.remove(probe)
     except OSError as e:
         raise TrainingError(f"cannot write to out_dir {out_dir}: {e.strerror}") from None
-    with _OutDirLock(out_dir):
-        keep_freed_memory()
-        return _train(cfg, ds, out_dir, resume, stop_at, quiet, sample_chars, progress)
 
 
-def _train(cfg, ds, out_dir, resume, stop_at, quiet, sample_chars, progress):
-    say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
+def train(cfg: Config, ds: Dataset, out_dir, resume=False, stop_at=None, quiet=False,
+          sample_chars=500, progress=True):
+    """Train cfg on ds, writing ckpt.npz, log.jsonl and loss.png into out_dir.
+
+    resume: continue from out_dir/ckpt.npz (its model config, vocabulary and data must match).
+    stop_at: stop (with a checkpoint) after this many steps, as if interrupted; used by tests.
+    Every check that can refuse the run (data, memory, another run in out_dir, the checkpoint
+    to resume) comes before out_dir or anything in it is created, so a refused run leaves nothing.
+    Returns dict with the final losses and paths.
+    """
+    if not os.fspath(out_dir):
+        raise TrainingError("--out_dir is empty; give the folder for the run, e.g. --out_dir=out")
+    ds.check_block(cfg.block_size)
     cfg = cfg.replace(vocab_size=len(ds.vocab))
     check_memory(cfg, "train")
+    with _OutDirLock(out_dir) as lock:
+        lock.acquire(create=False)  # when out_dir already has a lock file: nothing is created
+        start = _Start(cfg, ds, out_dir, resume)
+        if not lock.held:
+            _make_out_dir(out_dir)
+            lock.acquire(create=True)
+            if not resume:
+                _check_fresh_out_dir(out_dir)  # again, now that no other run can start here
+            elif start.changed():
+                start = _Start(cfg, ds, out_dir, resume)
+        remove_stale_temp_files(out_dir)
+        keep_freed_memory()
+        return _train(cfg, ds, out_dir, start, stop_at, quiet, sample_chars, progress)
+
+
+def _train(cfg, ds, out_dir, start, stop_at, quiet, sample_chars, progress):
+    say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     ckpt_path = os.path.join(out_dir, CKPT)
     log_path = os.path.join(out_dir, LOG)
     plot_path = os.path.join(out_dir, PLOT)
 
     if cfg.kernels:
         from numgpt import kernels
+        plan = planned_step(cfg, prefer=start.train_step)
         kernels.warmup("float32", say=None if not quiet else (lambda msg: None),
-                       fused=uses_fused_step(cfg))
-    model = GPT(cfg, seed=cfg.seed, dtype=np.float32)
-    opt = make_optimizer(model, cfg)
-    rng = np.random.default_rng(cfg.seed)
-    step = 0
-    best_val = math.inf
-    rows = []
-    if resume:
-        saved_cfg, chars, params, opt_state, meta = read_model_checkpoint(ckpt_path)
-        if chars != ds.vocab.chars:
-            src = meta.get("data")
-            hint = f" (--data={src})" if isinstance(src, str) and src.startswith("/") else ""
-            raise TrainingError(f"--resume: the checkpoint in {out_dir} has another vocabulary "
-                                f"than this data; resume with the data it was trained on{hint}")
-        bad = _config_mismatch(saved_cfg, cfg)
-        if bad:
-            raise TrainingError(f"--resume: the checkpoint in {out_dir} was trained with other "
-                                f"settings of {', '.join(bad)}; drop those overrides or use a new "
-                                "--out_dir")
-        try:
-            model.set_params(params)
-            opt = make_optimizer(model, cfg)
-            opt.load_state_dict(opt_state)
-            rng.bit_generator.state = meta["rng_state"]
-            best_val = float(meta.get("best_val", math.inf))
-        except (ValueError, KeyError, TypeError, OverflowError) as e:
-            raise CheckpointError(f"{ckpt_path} holds a broken optimizer or random-generator "
-                                  f"state ({type(e).__name__}: {e})") from None
-        step = meta["step"]
-        rows = [r for r in read_log(log_path) if r["step"] < step]
-        write_log(log_path, rows)
+                       fused=plan == "fused" or (plan is None and "fused" in candidates(cfg)))
+    model, opt, rng = start.model, start.opt, start.rng
+    step, best_val, rows = start.step, start.best_val, start.rows
+    saved = start.resume  # a checkpoint of this run is on disk
+    if start.resume:
         say(f"resuming from step {step} of {cfg.max_iters} in {out_dir}")
-    elif os.path.exists(ckpt_path):
-        raise TrainingError(f"{out_dir} already holds a checkpoint; pass --resume to continue it "
-                            "or choose another --out_dir")
-    else:
-        kept = [os.path.basename(p) for p in (log_path, plot_path)
-                if os.path.exists(p) and (p != log_path or os.path.getsize(p) > 0)]
-        if kept:  # not ours to overwrite: another run's results, or the user's own files
-            raise TrainingError(f"{out_dir} already holds {' and '.join(kept)} (but no checkpoint); "
-                                "move them away or choose another --out_dir")
-        write_log(log_path, [])
+
+    def kept():
+        return (f"the last good checkpoint {ckpt_path} is kept" if saved
+                else "no checkpoint was written")
 
     def save(at_step):
+        nonlocal saved
         meta = {"step": at_step, "config": cfg.to_dict(), "vocab": ds.vocab.chars,
                 "rng_state": rng.bit_generator.state, "best_val": best_val,
-                "data": ds.meta.get("source")}
+                "data": ds.meta.get("source"), "data_sha256": ds.meta.get("sha256"),
+                "train_step": step_name}
         bad = [k for k, v in model.params.items() if not np.isfinite(v).all()]
         if bad:
             raise TrainingError(f"parameter {bad[0]} is not finite at step {at_step}; not saving "
-                                f"it, the last good checkpoint {ckpt_path} is kept; try a lower "
-                                "--learning_rate or --grad_clip=1")
+                                f"it, {kept()}; try a lower --learning_rate or --grad_clip=1")
         try:
             save_checkpoint(ckpt_path, model.params, opt.state_dict(), meta)
         except OSError as e:
             raise TrainingError(f"could not write the checkpoint at step {at_step} "
-                                f"({e.strerror}); the previous checkpoint is intact") from None
+                                f"({e.strerror}); " + ("the previous checkpoint is intact" if saved
+                                                      else "no checkpoint was written")) from None
+        saved = True
 
     def evaluate(at_step, lr):
         nonlocal best_val
         losses = estimate_loss(model, ds, cfg, at_step)
         if not all(math.isfinite(v) for v in losses.values()):
             raise TrainingError(f"the evaluated loss became {losses['train']} (train) / "
-                                f"{losses['val']} (val) at step {at_step}; the last good checkpoint "
-                                f"{ckpt_path} is kept; try a lower --learning_rate or --grad_clip=1")
+                                f"{losses['val']} (val) at step {at_step}; {kept()}; try a lower "
+                                "--learning_rate or --grad_clip=1")
         best_val = min(best_val, losses["val"])
         save(at_step)
+        rows[:] = [r for r in rows if r["step"] < at_step]  # a resumed run evaluates its step again
         rows.append({"step": at_step, "train_loss": losses["train"], "val_loss": losses["val"],
                      "lr": lr, "time": round(time.time() - t_start + t_prev, 3)})
         write_log(log_path, rows)
@@ -302,7 +446,9 @@ def _train(cfg, ds, out_dir, resume, stop_at, quiet, sample_chars, progress):
     interrupted = False
     losses = None
     t_last, tok_rate = time.time(), 0.0
-    step_fn, close_step = step_function(model, cfg)  # data-parallel on threads where it pays
+    step_fn, close_step, step_name = step_function(  # the fastest here, measured or cached
+        model, cfg, prefer=start.train_step,
+        say=None if quiet else (lambda msg: (bar.write(msg) if bar else say(msg))))
     try:
         with _StopFlag() as flag:
             while step < cfg.max_iters:
@@ -319,8 +465,8 @@ def _train(cfg, ds, out_dir, resume, stop_at, quiet, sample_chars, progress):
                 gnorm = clip_grad_norm(grads, cfg.grad_clip)
                 if not (math.isfinite(loss) and math.isfinite(gnorm)):
                     raise TrainingError(f"the loss became {loss} (gradient norm {gnorm}) at step "
-                                        f"{step}; the last good checkpoint {ckpt_path} is kept; try a "
-                                        "lower --learning_rate or --grad_clip=1")
+                                        f"{step}; {kept()}; try a lower --learning_rate or "
+                                        "--grad_clip=1")
                 opt.step(grads, lr)
                 step += 1
                 now = time.time()
@@ -351,7 +497,7 @@ def _train(cfg, ds, out_dir, resume, stop_at, quiet, sample_chars, progress):
               "interrupted": interrupted}
     if not interrupted and sample_chars and not quiet:
         say(f"done in {elapsed / 60:.1f} min; loss curve: {plot_path}\n--- a sample ---")
-        start = np.array([[ds.vocab.stoi.get("\n", 0)]])
-        out = generate(model, start, sample_chars, rng=np.random.default_rng(cfg.seed))
+        prompt = np.array([[ds.vocab.stoi.get("\n", 0)]])
+        out = generate(model, prompt, sample_chars, rng=np.random.default_rng(cfg.seed))
         say(ds.vocab.decode(out[0, 1:]))
     return result

@@ -1,7 +1,6 @@
 import os
 import sys
 
-import numgpt  # noqa: F401  (first: sets the BLAS/OpenMP thread settings before NumPy loads)
 import numpy as np
 import pytest
 

@@ -39,13 +39,21 @@ def test_no_memory_check_0_keeps_the_check(monkeypatch):
 def test_fused_upper_case_false_turns_it_off(monkeypatch):
     """NUMGPT_FUSED=FALSE was ignored (only lower case was read)."""
     from numgpt import get_config
-    from numgpt.parallel import uses_fused_step
+    from numgpt.parallel import candidates
     cfg = get_config("laptop", vocab_size=65)
     monkeypatch.delenv("NUMGPT_FUSED", raising=False)
-    on = uses_fused_step(cfg)
+    monkeypatch.delenv("NUMGPT_STEP", raising=False)
+    assert "fused" in candidates(cfg)
     monkeypatch.setenv("NUMGPT_FUSED", "FALSE")
-    assert uses_fused_step(cfg) is False
-    assert on or not uses_fused_step(cfg)
+    assert "fused" not in candidates(cfg)
+
+
+def test_step_choice_is_checked(monkeypatch):
+    monkeypatch.setenv("NUMGPT_STEP", " Plain ")
+    assert env.choice("NUMGPT_STEP") == "plain"
+    monkeypatch.setenv("NUMGPT_STEP", "fastest")
+    with pytest.raises(env.EnvError, match="NUMGPT_STEP='fastest' is not one of fused, sharded"):
+        env.check_all()
 
 
 @pytest.mark.parametrize("script", ["train.py", "sample.py"])

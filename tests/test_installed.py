@@ -4,8 +4,8 @@ so that another distribution's top-level `kernels` package does not break it (is
 The slow test builds numgpt's wheel, installs it and a dummy distribution owning a top-level
 `kernels` package into one fresh virtual environment (its dependencies are the test's own,
 reached through a .pth file, so nothing is downloaded), and runs the commands there. It is
-skipped, with the reason, where no wheel can be built; with NUMGPT_TEST_REQUIRE_BUILD=1 (as in
-CI) that is a failure instead.
+skipped, with the reason, where no wheel can be built; with NUMGPT_TEST_REQUIRE_BUILD=1 (as
+.ci/run sets it) or CI=true that is a failure instead.
 """
 import os
 import re
@@ -205,7 +205,8 @@ def _pip(python, *args, cwd=None):
 
 
 def _unbuildable(why):
-    if os.environ.get("NUMGPT_TEST_REQUIRE_BUILD", "").strip().lower() in ("1", "true", "yes", "on"):
+    if any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+           for v in ("NUMGPT_TEST_REQUIRE_BUILD", "CI")):
         pytest.fail(f"cannot build or install a wheel here: {why}")
     pytest.skip(f"cannot build or install a wheel here: {why}")
 

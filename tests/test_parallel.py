@@ -42,27 +42,106 @@ def test_sharded_dropout_is_reproducible_and_follows_the_rng():
         np.testing.assert_allclose(a[1][k], b[1][k], rtol=1e-5, atol=1e-8)
 
 
-def test_which_configs_are_sharded(monkeypatch):
+def test_which_configs_may_be_sharded(monkeypatch):
     monkeypatch.setattr(parallel, "cores", lambda: 2)
-    monkeypatch.delenv("NUMGPT_FUSED", raising=False)
-    monkeypatch.delenv("NUMGPT_DATA_PARALLEL", raising=False)
-    laptop = numgpt.get_config("laptop", dropout=0.1)  # (without dropout: the fused step)
-    assert parallel.worth_sharding(laptop)
-    assert not parallel.worth_sharding(numgpt.get_config("laptop"))         # fused
-    assert parallel.worth_sharding(numgpt.get_config("laptop", batch_size=32))  # above the fused
-    assert not parallel.worth_sharding(numgpt.get_config("residual"))       # tiny: Python-bound
-    assert not parallel.worth_sharding(numgpt.get_config("scaled"))         # big: BLAS threads
-    assert parallel.worth_sharding(numgpt.get_config("scaled", batch_size=8))  # the bench's mid
-    assert not parallel.worth_sharding(laptop.replace(kernels=False))
-    assert not parallel.worth_sharding(laptop.replace(batch_size=1))
-    monkeypatch.setenv("NUMGPT_FUSED", "0")
-    assert parallel.worth_sharding(numgpt.get_config("laptop"))             # fused step off
-    monkeypatch.delenv("NUMGPT_FUSED")
+    for var in ("NUMGPT_FUSED", "NUMGPT_DATA_PARALLEL", "NUMGPT_STEP"):
+        monkeypatch.delenv(var, raising=False)
+    laptop = numgpt.get_config("laptop", dropout=0.1)
+    assert parallel.candidates(laptop) == ["sharded", "one_blas", "plain"]
+    assert "sharded" not in parallel.candidates(laptop.replace(kernels=False))
+    assert "sharded" not in parallel.candidates(laptop.replace(batch_size=1))
+    assert "sharded" not in parallel.candidates(numgpt.get_config("bigram"))
     monkeypatch.setenv("NUMGPT_DATA_PARALLEL", "0")
-    assert not parallel.worth_sharding(laptop)
-    monkeypatch.setattr(parallel, "cores", lambda: 1)
+    assert "sharded" not in parallel.candidates(laptop)
     monkeypatch.delenv("NUMGPT_DATA_PARALLEL")
-    assert not parallel.worth_sharding(laptop)
+    monkeypatch.setattr(parallel, "cores", lambda: 1)
+    assert parallel.candidates(laptop) == ["plain"]
+
+
+class FakeSteps:
+    """Stand-ins for the four steps, each 'taking' its seconds on a fake clock."""
+
+    def __init__(self, monkeypatch, seconds):
+        self.now, self.calls = 0.0, []
+        self.closed = []
+
+        def make(name, model):
+            def step(x, y, train=True, rng=None):
+                self.calls.append(name)
+                self.now += seconds[name]
+                return 0.0, {}
+            return step, (lambda: self.closed.append(name))
+        monkeypatch.setattr(parallel, "make_step", make)
+
+    def clock(self):
+        return self.now
+
+
+def test_the_fastest_step_is_chosen_by_measurement_and_cached(monkeypatch, tmp_path):
+    """choose_step times every candidate in turns and takes the fastest; the choice is cached for
+    this machine and model shape (the next run measures nothing), and a resumed run keeps the
+    step it trained with. Times come from a fake clock: no real time is asserted."""
+    monkeypatch.setattr(parallel, "cores", lambda: 2)
+    for var in ("NUMGPT_FUSED", "NUMGPT_DATA_PARALLEL", "NUMGPT_STEP"):
+        monkeypatch.delenv(var, raising=False)
+    path = str(tmp_path / "choices.json")
+    monkeypatch.setattr(parallel, "_choices_path", lambda: path)
+    cfg = numgpt.get_config("residual")
+    fake = FakeSteps(monkeypatch, {"fused": 0.4, "sharded": 0.3, "one_blas": 2.0, "plain": 0.5})
+    said = []
+    assert parallel.choose_step(None, cfg, say=said.append, clock=fake.clock) == "sharded"
+    assert said[-1].startswith("step: sharded, the fastest measured here (sharded 300 ms, fused 400")
+    assert len(said) == 1
+    assert fake.calls[:4] == ["fused", "sharded", "one_blas", "plain"]  # the warm-ups
+    assert "one_blas" not in fake.calls[4:]  # a long warm-up 6x the quickest: out before the turns
+    assert sorted(fake.closed) == sorted(parallel.STEPS)
+    n = len(fake.calls)
+    assert parallel.planned_step(cfg) == "sharded"
+    assert parallel.choose_step(None, cfg, say=said.append, clock=fake.clock) == "sharded"
+    assert len(fake.calls) == n and "cached" in said[-1]
+    assert parallel.planned_step(cfg.replace(batch_size=16)) is None  # another shape measures
+    assert parallel.choose_step(None, cfg, prefer="plain", say=said.append) == "plain"
+    assert "this run trained with" in said[-1]
+    # short warm-ups say little (first calls cost extra): all take turns
+    fake2 = FakeSteps(monkeypatch, {"fused": 0.004, "sharded": 0.003, "one_blas": 0.02,
+                                    "plain": 0.005})
+    parallel.choose_step(None, cfg.replace(batch_size=16), clock=fake2.clock)
+    assert "one_blas" in fake2.calls[4:]
+    monkeypatch.setenv("NUMGPT_STEP", "one_blas")
+    assert parallel.choose_step(None, cfg, clock=fake.clock) == "one_blas"
+    assert len(fake.calls) == n
+
+
+def test_a_damaged_choices_file_is_measured_over(monkeypatch, tmp_path):
+    monkeypatch.setattr(parallel, "cores", lambda: 2)
+    for var in ("NUMGPT_FUSED", "NUMGPT_DATA_PARALLEL", "NUMGPT_STEP"):
+        monkeypatch.delenv(var, raising=False)
+    path = tmp_path / "choices.json"
+    monkeypatch.setattr(parallel, "_choices_path", lambda: str(path))
+    cfg = numgpt.get_config("residual")
+    fake = FakeSteps(monkeypatch, {"fused": 0.001, "sharded": 0.003, "one_blas": 0.002,
+                                   "plain": 0.005})
+    for junk in ("{not json", "[1, 2]", "[" * 100000, '{"k": 5}'):
+        path.write_text(junk)
+        assert parallel.choose_step(None, cfg, clock=fake.clock) == "fused"
+    key = parallel._choice_key(cfg, parallel.candidates(cfg))
+    path.write_text(json.dumps({key: {"step": "warp-drive"}}))
+    assert parallel.planned_step(cfg) is None
+    assert parallel.choose_step(None, cfg, clock=fake.clock) == "fused"
+
+
+def test_real_steps_are_measured(monkeypatch, tmp_path):
+    """The measurement runs the real candidates on random ids and leaves the model as it was."""
+    monkeypatch.setattr(parallel, "cores", lambda: 2)
+    for var in ("NUMGPT_FUSED", "NUMGPT_DATA_PARALLEL", "NUMGPT_STEP"):
+        monkeypatch.delenv(var, raising=False)
+    cfg = numgpt.get_config("residual", vocab_size=20)
+    m = numgpt.GPT(cfg, seed=0)
+    before = m.get_params()
+    times = parallel.measure_steps(m, cfg, parallel.candidates(cfg))
+    assert set(times) <= set(parallel.STEPS) and times and all(t > 0 for t in times.values())
+    for k, v in m.params.items():
+        np.testing.assert_array_equal(v, before[k])
 
 
 def test_small_models_step_with_one_blas_thread(monkeypatch):
@@ -71,8 +150,7 @@ def test_small_models_step_with_one_blas_thread(monkeypatch):
     monkeypatch.setattr(parallel, "cores", lambda: 2)
     cfg = numgpt.get_config("residual", vocab_size=20, dropout=0.1)  # (without: the fused step)
     m = numgpt.GPT(cfg, seed=1, dtype=np.float64)
-    step, close = parallel.step_function(m, cfg)
-    assert isinstance(step, parallel.OneBlasThreadStep)
+    step, close = parallel.make_step("one_blas", m)
     seen = []
     real = m.loss_and_grads
 
@@ -88,9 +166,6 @@ def test_small_models_step_with_one_blas_thread(monkeypatch):
     for k in grads:
         np.testing.assert_allclose(grads[k], grads2[k], rtol=1e-10, atol=1e-13)
     close()
-    big = numgpt.get_config("scaled")
-    assert not isinstance(parallel.step_function(numgpt.GPT(numgpt.get_config(
-        "scaled", n_layer=1, vocab_size=20)), big)[0], (parallel.OneBlasThreadStep, ShardedStep))
 
 
 def test_sharded_training_resumes_to_the_same_model(text_file, tmp_path, monkeypatch):
@@ -101,10 +176,9 @@ def test_sharded_training_resumes_to_the_same_model(text_file, tmp_path, monkeyp
     from numgpt.data import load_dataset
     from numgpt.trainer import read_log, train
     monkeypatch.setattr(parallel, "cores", lambda: 2)
-    monkeypatch.setattr(parallel, "MIN_WORK", 0)  # shard even this small model
+    monkeypatch.setenv("NUMGPT_STEP", "sharded")
     cfg = numgpt.get_config("laptop", n_embd=16, n_head=2, n_layer=2, block_size=16, batch_size=4,
                             max_iters=20, eval_interval=10, eval_iters=2, dropout=0.1)
-    assert parallel.worth_sharding(cfg)
     ds = load_dataset(text_file)
     full = train(cfg, ds, str(tmp_path / "full"), quiet=True, sample_chars=0)
     train(cfg, ds, str(tmp_path / "part"), quiet=True, sample_chars=0, stop_at=7)

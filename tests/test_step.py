@@ -6,6 +6,7 @@ import pytest
 
 import numgpt
 from numgpt import parallel
+from numgpt.env import EnvError
 from numgpt.gradcheck import numeric_grad, rel_error, sample_indices
 from numgpt.optim import ListedGrads
 
@@ -153,25 +154,24 @@ def test_listed_clip_and_adamw_equal_the_per_tensor_path():
     assert not np.allclose(m.params["tok_emb"], _model("preln", {}, np.float32).params["tok_emb"])
 
 
-def test_step_function_picks_the_fused_step_for_small_models(monkeypatch):
+def test_the_fused_step_is_a_candidate_only_where_it_applies(monkeypatch):
     monkeypatch.setattr(parallel, "cores", lambda: 2)
-    monkeypatch.delenv("NUMGPT_FUSED", raising=False)
-    monkeypatch.delenv("NUMGPT_DATA_PARALLEL", raising=False)
+    for var in ("NUMGPT_FUSED", "NUMGPT_DATA_PARALLEL", "NUMGPT_STEP"):
+        monkeypatch.delenv(var, raising=False)
     tiny = numgpt.get_config("residual")
-    step, close = parallel.step_function(numgpt.GPT(tiny), tiny)
-    assert isinstance(step, parallel.FusedStep)
-    close()
-    laptop = numgpt.get_config("laptop")  # train.py's default: fused up to FUSED_MAX_WORK
-    assert isinstance(parallel.step_function(numgpt.GPT(laptop), laptop)[0], parallel.FusedStep)
-    bigger = laptop.replace(batch_size=32)
-    step, close = parallel.step_function(numgpt.GPT(bigger), bigger)
-    assert isinstance(step, parallel.ShardedStep)
-    close()
-    for cfg in (tiny.replace(dropout=0.1), tiny.replace(kernels=False)):
-        assert not isinstance(parallel.step_function(numgpt.GPT(cfg), cfg)[0], parallel.FusedStep)
+    assert parallel.candidates(tiny) == ["fused", "sharded", "one_blas", "plain"]
+    for cfg in (tiny.replace(dropout=0.1), tiny.replace(kernels=False), numgpt.get_config("bigram")):
+        assert "fused" not in parallel.candidates(cfg)
     monkeypatch.setenv("NUMGPT_FUSED", "0")
-    assert isinstance(parallel.step_function(numgpt.GPT(tiny), tiny)[0],
-                      parallel.OneBlasThreadStep)
+    assert "fused" not in parallel.candidates(tiny)
+    monkeypatch.setenv("NUMGPT_STEP", "fused")
+    with pytest.raises(EnvError, match="NUMGPT_STEP=fused cannot train this model"):
+        parallel.candidates(tiny)
+    monkeypatch.delenv("NUMGPT_FUSED")
+    assert parallel.candidates(tiny) == ["fused"]
+    step, close, name = parallel.step_function(numgpt.GPT(tiny), tiny)
+    assert name == "fused" and isinstance(step, parallel.FusedStep)
+    close()
     with pytest.raises(ValueError, match="no dropout"):
         parallel.FusedStep(numgpt.GPT(tiny.replace(dropout=0.1)))
 
