@@ -10,7 +10,6 @@ skipped, with the reason, where no wheel can be built; with NUMGPT_TEST_REQUIRE_
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import zipfile
@@ -22,16 +21,6 @@ import numgpt
 from numgpt import commands, paths
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(autouse=True)
-def _signal_handlers():
-    """The commands install handlers for Ctrl-C, SIGTERM and SIGHUP (numgpt/cli.py): give the
-    test process its own back afterwards."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    yield
-    for s, handler in saved.items():
-        signal.signal(s, handler)
 
 
 # ---- clone or installed: where things go ----
@@ -144,30 +133,41 @@ def test_an_unknown_command_is_one_line_and_exit_2(argv, capsys):
     assert "train, sample, ladder" in err
 
 
+def _numgpt(*args, cwd, script=None):
+    """python -m numgpt ARGS (or a console script's function) in a process of its own: the
+    commands take over the process's standard streams and signals (numgpt/cli.py)."""
+    cmd = ([sys.executable, "-m", "numgpt", *args] if script is None else
+           [sys.executable, "-c", f"import sys, numgpt.commands as c; sys.exit(c.{script}())", *args])
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
 def test_the_commands_name_themselves_as_called(tmp_path, capsys):
-    assert commands.main(["train", "--help"], prog="python -m numgpt") == 0
-    assert capsys.readouterr().out.startswith("usage: python -m numgpt train [--preset=NAME]")
-    assert commands.sample(["--help"]) == 0
-    out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("usage: numgpt-sample [--out_dir=DIR]")
-    assert out[1].startswith(" " * len("usage: numgpt-sample ") + "[--max_new_tokens")
-    assert commands.sample([f"--out_dir={tmp_path}"]) == 2
-    assert "train one first with numgpt-train" in capsys.readouterr().err
-    assert commands.main(["sample", f"--out_dir={tmp_path}"], prog="numgpt") == 2
-    assert "train one first with numgpt train" in capsys.readouterr().err
+    p = _numgpt("train", "--help", cwd=tmp_path)
+    assert p.returncode == 0 and p.stdout.startswith("usage: python -m numgpt train [--preset=NAME]")
+    p = _numgpt("--help", cwd=tmp_path, script="sample")  # as the console script numgpt-sample
+    lines = p.stdout.splitlines()
+    assert lines[0].startswith("usage: numgpt-sample [--out_dir=DIR]")
+    assert lines[1].startswith(" " * len("usage: numgpt-sample ") + "[--max_new_tokens")
+    p = _numgpt(f"--out_dir={tmp_path}", cwd=tmp_path, script="sample")
+    assert p.returncode == 2 and "train one first with numgpt-train" in p.stderr
+    p = _numgpt("sample", f"--out_dir={tmp_path}", cwd=tmp_path)
+    assert p.returncode == 2 and "train one first with python -m numgpt train" in p.stderr
+    assert p.stderr.count("\n") == 1
     with pytest.raises(SystemExit) as e:  # argparse's own --help
         commands.ladder(["--help"])
     assert e.value.code == 0 and capsys.readouterr().out.startswith("usage: numgpt-ladder")
 
 
-def test_the_commands_train_and_sample_as_train_py_does(tmp_path, text_file, capsys):
-    out = str(tmp_path / "run")
-    args = ["--preset=bigram", "--kernels=false", f"--data={text_file}", f"--out_dir={out}",
+def test_the_commands_train_and_sample_as_train_py_does(tmp_path, text_file):
+    args = ["--preset=bigram", "--kernels=false", f"--data={text_file}", "--out_dir=run",
             "--eval_interval=2", "--eval_iters=2", "--batch_size=4"]
-    assert commands.train([*args, "--max_iters=4"]) == 0
-    assert commands.main(["sample", f"--out_dir={out}", "--max_new_tokens=20"]) == 0
-    assert commands.main(["train", *args, "--max_iters=6", "--resume"]) == 0
-    assert "resuming from step 4" in capsys.readouterr().out
+    p = _numgpt(*args, "--max_iters=4", cwd=tmp_path, script="train")
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "run" / "ckpt.npz").is_file()  # out_dir relative to the working folder
+    p = _numgpt("sample", "--out_dir=run", "--max_new_tokens=20", cwd=tmp_path)
+    assert p.returncode == 0 and len(p.stdout) > 20, p.stderr
+    p = _numgpt("train", *args, "--max_iters=6", "--resume", cwd=tmp_path)
+    assert p.returncode == 0 and "resuming from step 4" in p.stdout, p.stderr
 
 
 # ---- a wheel in a fresh virtual environment, beside another distribution's `kernels` ----
