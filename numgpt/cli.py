@@ -9,7 +9,7 @@ import numpy as np
 from .checkpoint import CheckpointError, read_model_checkpoint
 from . import streams
 from .config import FIELDS, PRESETS, ConfigError, get_config, parse_whole_number
-from .data import DataError, Vocab, load_dataset
+from .data import DataError, Vocab, load_dataset, strip_bom
 from .env import EnvError, check_all
 from .trainer import TrainingError
 
@@ -142,17 +142,10 @@ def _usage(text, script, prog):
 
 
 def check_data_path(data):
-    """Refuse an empty --data and a path that is a loop of symbolic links (which would otherwise
-    read as "not found")."""
+    """Refuse an empty --data (the path checks themselves are data.check_text_file's)."""
     if not data:
         raise DataError("--data is empty; give a UTF-8 text file, or leave --data out to train "
                         "on Tiny Shakespeare")
-    try:
-        os.stat(data)
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise DataError(f"--data {data} is a loop of symbolic links (ELOOP: too many levels "
-                            "of symbolic links); point --data at the text file itself") from None
 
 
 def train_main(argv, prog="python train.py"):
@@ -233,7 +226,7 @@ def sample_main(argv, prog="python sample.py"):
                             "the model sees only its last block_size characters anyway")
         try:
             with open(path, encoding="utf-8") as f:
-                start = f.read()
+                start = strip_bom(f.read())
         except (OSError, UnicodeDecodeError) as e:
             raise DataError(f"cannot read the prompt file {path}: {e}") from None
     ckpt = os.path.join(opts["out_dir"], "ckpt.npz")

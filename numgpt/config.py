@@ -11,6 +11,9 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 
+EPS_MIN = 1e-30  # AdamW's eps: a normal float32 with room to spare (the smallest is 1.2e-38)
+
+
 class ConfigError(ValueError):
     """A configuration the model or trainer cannot run; the message is one line for the user."""
 
@@ -125,6 +128,9 @@ def _coerce(name, value):
         value = value.item()  # numpy scalars (np.float32(3e-4), np.int64(2)) as Python numbers
     if not isinstance(value, str):
         if typ is float and isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) > 2 ** 1023:  # float() would raise OverflowError
+                raise ConfigError(f"{name} must be a finite number, got a whole number too large "
+                                  "for a float")
             return float(value)
         if isinstance(value, typ) and not (typ is int and isinstance(value, bool)):
             return value
@@ -155,6 +161,10 @@ def validate(cfg):
     def need(ok, msg):
         if not ok:
             raise ConfigError(msg)
+    for name, f in FIELDS.items():  # NaN slips through comparisons; inf through most
+        if f.type in (float, "float"):
+            need(math.isfinite(getattr(cfg, name)),
+                 f"{name} must be a finite number, got {getattr(cfg, name)}")
     need(cfg.model in ("bigram", "gpt"), f"model must be 'bigram' or 'gpt', got {cfg.model!r}")
     for name in ("vocab_size", "block_size", "batch_size", "max_iters", "eval_interval",
                  "eval_iters"):
@@ -182,10 +192,20 @@ def validate(cfg):
          f"learning_rate must be in (0, 10), got {cfg.learning_rate}")
     need(0.0 <= cfg.min_lr <= cfg.learning_rate,
          f"min_lr must be in [0, learning_rate], got {cfg.min_lr}")
-    need(cfg.weight_decay >= 0 and math.isfinite(cfg.weight_decay),
-         f"weight_decay must be >= 0, got {cfg.weight_decay}")
-    need(0.0 <= cfg.beta1 < 1.0 and 0.0 <= cfg.beta2 < 1.0, "beta1 and beta2 must be in [0, 1)")
-    need(0 < cfg.eps < 1, f"eps must be in (0, 1), got {cfg.eps}")
+    # AdamW scales decayed weights by 1 - lr * weight_decay each step (lr <= learning_rate):
+    # at 1 they are zeroed, above it they flip sign, above 2 they grow without bound
+    need(0.0 <= cfg.weight_decay and cfg.learning_rate * cfg.weight_decay < 1.0,
+         f"weight_decay must be in [0, 1 / learning_rate) = [0, {1 / cfg.learning_rate:g}) "
+         f"(AdamW scales the weights by 1 - learning_rate * weight_decay each step), got "
+         f"{cfg.weight_decay}")
+    # the optimizer runs in float32, where a beta above 1 - 2**-24 rounds to 1
+    need(all(0.0 <= b and np.float32(b) < 1.0 for b in (cfg.beta1, cfg.beta2)),
+         f"beta1 and beta2 must be in [0, 1) (in float32: at most 0.99999994), got {cfg.beta1} "
+         f"and {cfg.beta2}")
+    # the update divides m by sqrt(v) + eps, and both are 0 where a gradient is 0: below float32's
+    # smallest normal number (1.2e-38) eps is denormal or 0, and 0 / 0 is NaN at the first step
+    need(EPS_MIN <= cfg.eps < 1, f"eps must be in [{EPS_MIN:g}, 1) (the optimizer runs in float32, "
+         f"where a much smaller eps is 0 or denormal), got {cfg.eps}")
     need(cfg.grad_clip >= 0 and math.isfinite(cfg.grad_clip),
          f"grad_clip must be >= 0 (0 = off), got {cfg.grad_clip}")
     need(0 < cfg.init_std < 10, f"init_std must be in (0, 10), got {cfg.init_std}")

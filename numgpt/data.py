@@ -4,6 +4,7 @@ Prepared data lives in a folder laid out as nanoGPT users know it:
     train.bin, val.bin   uint16 token ids (first 90% of the text, last 10%)
     vocab.json           {"chars": [...], "source": ..., "sha256": ...}   (JSON, never pickle)
 """
+import errno
 import hashlib
 import json
 import os
@@ -22,9 +23,29 @@ REPO_DIR = paths.REPO_DIR  # the clone's root, in a clone (numgpt/paths.py)
 DATA_DIR = paths.data_dir()  # the clone's data/, else the user cache, or $NUMGPT_DATA_DIR
 SHAKESPEARE_DIR = os.path.join(DATA_DIR, "shakespeare_char")
 
+BOM = "\ufeff"  # a UTF-8 byte-order mark, which some editors put at the start of a file
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+
+def strip_bom(text):
+    """text without a leading byte-order mark (U+FEFF), which is not part of the text."""
+    return text[1:] if text.startswith(BOM) else text
+
+
+def _umask(status="/proc/self/status"):
+    """The process's umask, read without changing it (the Umask line of /proc/self/status, Linux
+    4.7 and later). Where that cannot be read it is set and restored, which for that moment is
+    process-wide: 022 is set meanwhile, so a file another thread makes then is not group- or
+    world-writable."""
+    try:
+        with open(status, encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8) & 0o777
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 class DataError(Exception):
@@ -47,7 +68,7 @@ def atomic_write_bytes(path, data):
     fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o666 & ~_UMASK)  # mkstemp makes 0600; the usual permissions
+            os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600; the usual permissions
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -101,35 +122,88 @@ def find_or_fetch_shakespeare(url=SHAKESPEARE_URL):
     return download(url, os.path.join(SHAKESPEARE_DIR, "input.txt"), SHAKESPEARE_SHA256)
 
 
-TEXT_BYTES_PER_BYTE = 16  # peak memory of preparing a text, per byte of the file (bytes, str, ids)
+TEXT_CHUNK = 1 << 18  # bytes of the file decoded at a time while preparing it
+TEXT_BYTES_PER_CHAR = 2  # preparing holds one uint16 id per character of the text, nothing more
+TEXT_BASE_BYTES = 10 << 20  # and buffers of a few chunks, whatever the size of the text
 
 
-def read_text(path):
-    """The text of a UTF-8 file, with one-line errors for the usual problems."""
+def text_prepare_bytes(n_chars):
+    """Memory that preparing a text of n_chars characters takes at its peak (see prepare).
+    Against peaks measured on 100 MB files (RSS above that after imports): ASCII 216 MB for 220
+    estimated, all NUL the same, ASCII with an emoji every 100 characters (a str of 4 bytes a
+    character) 212 for 214, Cyrillic 128 for 132, CJK 75 for 80."""
+    return TEXT_BASE_BYTES + TEXT_BYTES_PER_CHAR * n_chars
+
+
+def check_text_file(path):
+    """One-line errors for a data path that is missing, a folder, not a regular file (a device,
+    a pipe or a socket could block or never end) or not readable."""
     if not os.path.exists(path):
+        try:
+            os.stat(path)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise DataError(f"--data {path} is a loop of symbolic links (too many levels of "
+                                "symbolic links); point --data at the text file itself") from None
         raise DataError(f"data file not found: {path}")
     if os.path.isdir(path):
         raise DataError(f"--data must be a text file, {path} is a folder")
-    if not os.path.isfile(path):  # a device, a pipe or a socket could block or never end
+    if not os.path.isfile(path):
         raise DataError(f"--data must be a regular text file, {path} is not")
-    from .resources import available_bytes
-    size, have = os.path.getsize(path), available_bytes()
-    if have is not None and size * TEXT_BYTES_PER_BYTE > have:
-        raise DataError(f"{path} is {size / 1e9:.1f} GB, too large to prepare in the "
-                        f"{have / 1e9:.1f} GB of memory available; use a smaller text")
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        open(path, "rb").close()
     except OSError as e:
         raise DataError(f"cannot read {path}: {e.strerror}") from None
+
+
+def _check_text_memory(path, need):
+    from .resources import _gb, available_memory
+    have, bound = available_memory()
+    if have is not None and need > have:
+        raise DataError(f"{path} needs about {_gb(need)} of memory to prepare, but only "
+                        f"{_gb(have)} is available ({bound}); use a smaller text")
+
+
+def _utf8_cut(data):
+    """Where the last UTF-8 sequence of data starts if it may be incomplete, else len(data)."""
+    i = len(data) - 1
+    while i > len(data) - 4 and i > 0 and 0x80 <= data[i] < 0xC0:
+        i -= 1
+    return i if i >= 0 and data[i] >= 0xC0 else len(data)
+
+
+def text_pieces(path):
+    """The text of a UTF-8 file as str pieces of about TEXT_CHUNK bytes each, a leading BOM
+    dropped, never the whole file at once; DataError where it cannot be read or is not UTF-8."""
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not UTF-8 text (bad byte at offset {e.start}); "
-                        "convert it to UTF-8 first") from None
-    if not text:
-        raise DataError(f"{path} is empty")
-    return text
+        f = open(path, "rb")
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror}") from None
+    with f:
+        offset, pending, first = 0, b"", True
+        while True:
+            try:
+                block = f.read(TEXT_CHUNK)
+            except OSError as e:
+                raise DataError(f"cannot read {path}: {e.strerror}") from None
+            data = pending + block
+            cut = _utf8_cut(data) if block else len(data)
+            try:
+                piece = data[:cut].decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path} is not UTF-8 text (bad byte at offset "
+                                f"{offset + e.start}); convert it to UTF-8 first") from None
+            if first and piece:
+                piece, first = strip_bom(piece), False
+            if piece:
+                yield piece
+            offset, pending = offset + cut, data[cut:]
+            if not block:
+                return
+
+
+def _code_points(piece):
+    return np.frombuffer(piece.encode("utf-32-le"), dtype=np.uint32)
 
 
 class Vocab:
@@ -169,16 +243,42 @@ class Vocab:
 
 
 def prepare(text_path, out_dir, source=None):
-    """Encode a UTF-8 text file into out_dir/{train.bin, val.bin, vocab.json} (90% / 10%)."""
-    text = read_text(text_path)
-    vocab = Vocab.from_text(text)
-    ids = vocab._ids(text)
-    n = int(0.9 * len(ids))
+    """Encode a UTF-8 text file into out_dir/{train.bin, val.bin, vocab.json} (90% / 10%).
+
+    The file is read twice, a chunk at a time: once for its characters and their count, once
+    for their ids. Only the ids (TEXT_BYTES_PER_CHAR bytes a character) are held whole, so the
+    memory check is exact for any text: before reading, against the least the file's size
+    allows (4 bytes a character), and after counting, against the characters there are."""
+    check_text_file(text_path)
+    _check_text_memory(text_path, text_prepare_bytes(os.path.getsize(text_path) // 4))
+    seen = np.zeros(0x110000, dtype=bool)
+    n_chars = 0
+    for piece in text_pieces(text_path):
+        seen[_code_points(piece)] = True
+        n_chars += len(piece)
+    if not n_chars:
+        raise DataError(f"{text_path} is empty")
+    _check_text_memory(text_path, text_prepare_bytes(n_chars))
+    points = np.flatnonzero(seen)
+    vocab = Vocab(chr(c) for c in points)
+    table = np.zeros(0x110000, dtype=np.uint16)
+    table[points] = np.arange(len(points))
+    ids = np.empty(n_chars, dtype=np.uint16)
+    pos = 0
+    for piece in text_pieces(text_path):
+        codes = _code_points(piece)
+        if pos + len(codes) > n_chars or not seen[codes].all():
+            break
+        ids[pos:pos + len(codes)] = table[codes]
+        pos += len(codes)
+    if pos != n_chars:
+        raise DataError(f"{text_path} changed while it was being prepared; prepare it again")
+    n = int(0.9 * n_chars)
     os.makedirs(out_dir, exist_ok=True)
-    atomic_write_bytes(os.path.join(out_dir, "train.bin"), ids[:n].tobytes())
-    atomic_write_bytes(os.path.join(out_dir, "val.bin"), ids[n:].tobytes())
+    atomic_write_bytes(os.path.join(out_dir, "train.bin"), memoryview(ids[:n]).cast("B"))
+    atomic_write_bytes(os.path.join(out_dir, "val.bin"), memoryview(ids[n:]).cast("B"))
     meta = {"chars": vocab.chars, "source": source or os.path.abspath(text_path),
-            "sha256": sha256_file(text_path), "n_train": n, "n_val": len(ids) - n}
+            "sha256": sha256_file(text_path), "n_train": n, "n_val": n_chars - n}
     atomic_write_bytes(os.path.join(out_dir, "vocab.json"),
                        json.dumps(meta, indent=0).encode("utf-8"))  # ASCII: any path, even undecodable
     return out_dir
@@ -238,7 +338,7 @@ def load_dataset(data=None):
             _prepare_into(find_or_fetch_shakespeare(), folder, source=SHAKESPEARE_URL)
         return Dataset(folder)
     text_path = os.path.abspath(os.fsdecode(data))
-    read_text(text_path)  # one-line errors for missing, empty, non-UTF-8 files
+    check_text_file(text_path)  # before its sha256 is read: a device could never end
     folder = prepared_dir_for(text_path)
     if not os.path.isfile(os.path.join(folder, "vocab.json")):
         _prepare_into(text_path, folder)

@@ -147,7 +147,8 @@ class GPT:
         return {k: v.copy() for k, v in self.params.items()}
 
     def set_params(self, params):
-        """Replace the parameters; names and shapes must match this config exactly."""
+        """Replace the parameters; names and shapes must match this config exactly, and every value
+        must be a real number (float or integer dtype) that is finite in the model's dtype."""
         shapes = param_shapes(self.cfg)
         missing = set(shapes) - set(params)
         extra = set(params) - set(shapes)
@@ -159,7 +160,13 @@ class GPT:
             a = np.asarray(params[name])
             if a.shape != tuple(shape):
                 raise ValueError(f"parameter {name} has shape {a.shape}, the config needs {shape}")
-            new[name] = a.astype(self.dtype, copy=True)
+            if a.dtype.kind not in "fiu":  # complex would lose its imaginary part; bools, text no
+                raise ValueError(f"parameter {name} must hold real numbers (a float or integer "
+                                 f"dtype), got dtype {a.dtype}")
+            with np.errstate(over="ignore"):  # float64 beyond float32's range: checked next
+                new[name] = a.astype(self.dtype, copy=True)
+            if not np.isfinite(new[name]).all():
+                raise ValueError(f"parameter {name} holds NaN or infinite values (in {self.dtype})")
         self.params = new
 
     def num_params(self):

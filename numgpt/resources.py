@@ -30,6 +30,8 @@ within 10% (before the stored-probabilities path); the NumPy path with 16 heads 
 2.57 GB; sampling a block-4096 model with a long prompt, 3.4 GB for 3.46 GB.
 """
 import dataclasses
+import os
+import re
 
 from .config import ConfigError
 from .env import switch
@@ -116,19 +118,140 @@ def sampling_bytes(cfg):
     return BASE_BYTES + 4 * (P + cache + prefill + 4 * cfg.vocab_size)
 
 
-def available_bytes():
-    """MemAvailable + SwapFree from /proc/meminfo, or None where that cannot be read."""
+def available_bytes(root="/"):
+    """The bytes of memory this process may still use (see available_memory), or None."""
+    return available_memory(root)[0]
+
+
+def available_memory(root="/"):
+    """(bytes, what bounds them) for the tightest of two limits, or (None, None) where neither
+    can be read. root is where /proc and /sys are looked for (tests pass a fake tree).
+
+    The machine: MemAvailable + SwapFree from /proc/meminfo ("free memory").
+    The cgroup (Docker, Slurm, systemd): for the process's memory cgroup and each ancestor (a
+    parent's limit applies to its children), the limit minus what the cgroup uses, where the cgroup
+    has a limit ("the cgroup's memory limit"). Its inactive file cache is not counted as used: the
+    kernel drops that before it kills. Swap is not counted under a cgroup limit: the limit is
+    what the job was given, a cgroup's swap may be limited separately or not accounted at all
+    (cgroup v1 without swapaccount), and whether the kernel swaps instead of killing cannot be
+    told from here; an expert can skip the check with NUMGPT_NO_MEMORY_CHECK=1.
+    """
+    found = [(n, what) for n, what in ((_meminfo_bytes(root), "free memory"),
+                                       (_cgroup_headroom(root), "the cgroup's memory limit"))
+             if n is not None]
+    return min(found, key=lambda f: f[0]) if found else (None, None)
+
+
+def _read(path):
     try:
-        with open("/proc/meminfo") as f:
-            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f
-                    if line.split()[1:2] and line.split()[1].isdigit()}
-        return info["MemAvailable"] + info.get("SwapFree", 0)
-    except (OSError, KeyError, ValueError, IndexError):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:
         return None
 
 
+def _meminfo_bytes(root):
+    """MemAvailable + SwapFree from /proc/meminfo, or None where that cannot be read."""
+    text = _read(os.path.join(root, "proc/meminfo"))
+    try:
+        info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in text.splitlines()
+                if line.split()[1:2] and line.split()[1].isdigit()}
+        return info["MemAvailable"] + info.get("SwapFree", 0)
+    except (AttributeError, KeyError, ValueError, IndexError):
+        return None
+
+
+NO_LIMIT_V1 = 1 << 62  # cgroup v1 writes "no limit" as a huge number (9223372036854771712)
+
+
+def _cgroup_headroom(root):
+    """The least (limit - usage) over the process's memory cgroups (v2 and v1) and their
+    ancestors that have a limit, never below 0; None where there is no limit or nothing to read."""
+    v2_mount, v1_mount = _cgroup_mounts(root)
+    rooms = []
+    for line in (_read(os.path.join(root, "proc/self/cgroup")) or "").splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3 or not parts[2].startswith("/"):
+            continue
+        if parts[0] == "0" and parts[1] == "":
+            files = ("memory.max", "memory.current", "inactive_file")
+            mount = v2_mount
+        elif "memory" in parts[1].split(","):
+            files = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+            mount = v1_mount
+        else:
+            continue
+        for folder in _cgroup_folders(root, mount, parts[2]):
+            room = _headroom(folder, *files)
+            if room is not None:
+                rooms.append(room)
+    return min(rooms) if rooms else None
+
+
+def _cgroup_mounts(root):
+    """Where the cgroup v2 hierarchy and the v1 memory hierarchy are mounted, each as
+    (mount point, the cgroup mounted there), from /proc/self/mountinfo; by default
+    /sys/fs/cgroup and /sys/fs/cgroup/memory, both the root cgroup."""
+    v2, v1 = None, None
+    for line in (_read(os.path.join(root, "proc/self/mountinfo")) or "").splitlines():
+        left, sep, right = line.partition(" - ")
+        left, right = left.split(), right.split()
+        if not sep or len(left) < 5 or len(right) < 3:
+            continue
+        found = (_unescape(left[4]), _unescape(left[3]))
+        if right[0] == "cgroup2" and v2 is None:
+            v2 = found
+        elif right[0] == "cgroup" and "memory" in right[2].split(",") and v1 is None:
+            v1 = found
+    return v2 or ("/sys/fs/cgroup", "/"), v1 or ("/sys/fs/cgroup/memory", "/")
+
+
+def _unescape(field):
+    """A mountinfo path: spaces, tabs, newlines and backslashes are written as octal escapes."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def _cgroup_folders(root, mount, path):
+    """The folders of cgroup `path` and of its ancestors up to the mount's own cgroup."""
+    point, mounted = mount
+    if mounted != "/":
+        if path != mounted and not path.startswith(mounted.rstrip("/") + "/"):
+            return []  # this cgroup is not under the mounted one: its files cannot be seen
+        path = path[len(mounted.rstrip("/")):]
+    parts = [p for p in path.split("/") if p and p not in (".", "..")]
+    base = os.path.join(root, point.lstrip("/"))
+    return [os.path.join(base, *parts[:i]) for i in range(len(parts), -1, -1)]
+
+
+def _headroom(folder, limit_file, usage_file, inactive_key):
+    """limit - (usage - inactive file cache) of one cgroup folder; None where it has no limit or
+    the limit cannot be read. An unreadable usage counts as 0 (the limit still bounds)."""
+    limit = _read_int(os.path.join(folder, limit_file))
+    if limit is None or limit >= NO_LIMIT_V1:
+        return None
+    usage = _read_int(os.path.join(folder, usage_file)) or 0
+    stat = _read(os.path.join(folder, "memory.stat")) or ""
+    for line in stat.splitlines():
+        key, _, value = line.partition(" ")
+        if key == inactive_key and _read_int_text(value) is not None:
+            usage -= min(_read_int_text(value), usage)
+            break
+    return max(limit - usage, 0)
+
+
+def _read_int(path):
+    """The whole number in a file; None where it is missing, "max" (no limit) or not a number."""
+    return _read_int_text(_read(path))
+
+
+def _read_int_text(text):
+    text = text.strip() if text is not None else ""
+    return int(text) if text.isascii() and text.isdigit() else None
+
+
 def _gb(n):
-    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.0f} MB"
+    """n bytes for a message, precise enough that a need and a smaller amount available differ."""
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
 
 
 def check_memory(cfg, what="train", available=None):
@@ -136,11 +259,11 @@ def check_memory(cfg, what="train", available=None):
     if switch("NUMGPT_NO_MEMORY_CHECK"):
         return
     need = training_bytes(cfg) if what == "train" else sampling_bytes(cfg)
-    have = available_bytes() if available is None else available
+    have, bound = available_memory() if available is None else (available, None)
     if have is not None and need > have:
         if what == "train":
             hint = "lower --batch_size, --block_size, --n_embd or --n_layer"
         else:
             hint = "this checkpoint is too large for this machine"
         raise ConfigError(f"this model needs about {_gb(need)} of memory to {what}, but only "
-                          f"{_gb(have)} is available; {hint}")
+                          f"{_gb(have)} is available{f' ({bound})' if bound else ''}; {hint}")

@@ -49,22 +49,41 @@ def estimate_loss(model, ds, cfg, step):
     return out
 
 
+LOG_NUMBERS = ("train_loss", "val_loss", "time")  # every row's; "lr" is checked where present
+
+
+def _log_row(line):
+    """The row on one line of log.jsonl, with only its known fields, or None if it is damaged:
+    the step a whole number >= 0, the losses, time (>= 0) and lr finite numbers (bools are not
+    numbers here, nor are NaN and Infinity, which Python's json reads)."""
+    try:
+        row = json.loads(line)
+    except (ValueError, RecursionError):  # JSONDecodeError, digits past int's limit, deep nesting
+        return None
+
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if not isinstance(row, dict):
+        return None
+    step = row.get("step")
+    if not (isinstance(step, int) and not isinstance(step, bool) and 0 <= step < 2 ** 63):
+        return None
+    if not all(number(row.get(k)) for k in LOG_NUMBERS) or row["time"] < 0:
+        return None
+    if "lr" in row and not number(row["lr"]):
+        return None
+    return {k: row[k] for k in ("step", "train_loss", "val_loss", "lr", "time") if k in row}
+
+
 def read_log(path):
     """The well-formed rows of log.jsonl (a damaged line is skipped, the rest kept)."""
     rows = []
     if os.path.isfile(path):
         with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                line = line.strip()
-                if line:
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue  # a damaged line (log writes are atomic: edited by hand)
-                    if (isinstance(row, dict) and isinstance(row.get("step"), int)
-                            and all(isinstance(row.get(k), (int, float))
-                                    for k in ("train_loss", "val_loss", "time"))):
-                        rows.append(row)
+            for line in f:  # a damaged line: log writes are atomic, so edited by hand
+                row = _log_row(line) if line.strip() else None
+                if row is not None:
+                    rows.append(row)
     return rows
 
 

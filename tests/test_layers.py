@@ -13,6 +13,8 @@ from numgpt.layers import (attention_backward, attention_forward, cross_entropy_
                            relu_forward, residual_backward, residual_forward)
 from numgpt.layers.attention import causal_mask
 
+pytestmark = pytest.mark.gradcheck  # pytest -m gradcheck runs these
+
 TOL = 1e-6
 B, T, C = 2, 5, 6
 
@@ -262,7 +264,9 @@ def test_checker_catches_wrong_attention_backward():
 
 
 def test_checker_catches_a_tiny_error():
-    # an error of one part in a million in one entry is still seen by the float64 check
+    # one entry of dW off by one part in ten thousand (1e-4) gives the 24-entry tensor a relative
+    # error of about 5e-6: above TOL, so the layer tests would fail on it, and some 1e5 times the
+    # ~1e-10 round-off of the correct dW
     arrays = {"x": rnd(B, T, C), "W": rnd(C, 4, seed=1)}
 
     def bwd(d, c):
@@ -271,7 +275,7 @@ def test_checker_catches_a_tiny_error():
         dW[0, 0] *= 1 + 1e-4
         return {"x": dx, "W": dW}
     errors = check_layer(linear_forward, bwd, arrays)
-    assert errors["x"] <= TOL and errors["W"] > 1e-7
+    assert errors["x"] <= TOL and errors["W"] > TOL
 
 
 def test_rel_error():

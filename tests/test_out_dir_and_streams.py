@@ -236,6 +236,9 @@ def test_data_that_is_a_loop_of_links(python, repo, tmp_path):
     r = run(python, repo, "train.py", f"--data={loop}", f"--out_dir={tmp_path / 'o'}", *TINY)
     one_line_error(r, "loop of symbolic links")
     assert not (tmp_path / "o").exists()
+    from numgpt.data import DataError, load_dataset
+    with pytest.raises(DataError, match="loop of symbolic links"):  # the Python API too
+        load_dataset(str(loop))
 
 
 def test_whole_numbers_follow_one_rule_in_train_and_sample(python, repo, text_file, trained,

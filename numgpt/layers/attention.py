@@ -20,9 +20,11 @@ def attention_forward(q, k, v, attn_dropout=0.0, rng=None):
     q, k, v: [B, H, T, hs]  ->  out [B, H, T, hs], cache
       s = q k^T / sqrt(hs)            [B, H, T, T]
       s[..., i, j] = -inf for j > i   (a position sees only itself and the past)
-      p = softmax(s) over j           [B, H, T, T]
-      out = dropout(p) v              [B, H, T, hs]
-    One causal head is the case H == 1.
+      p = softmax(s) over j           [B, H, T, T]   (P in docs/derivations.md)
+      pd = dropout(p)                 [B, H, T, T]   (P~: p after dropout, = p when it is off)
+      out = pd v                      [B, H, T, hs]
+    One causal head is the case H == 1. The cache keeps p, pd, the scale and mask_scale, the keep-mask
+    divided by (1 - attn_dropout) that dropout_forward returns (None when dropout is off).
     """
     hs = q.shape[-1]
     T = q.shape[-2]
@@ -32,24 +34,24 @@ def attention_forward(q, k, v, attn_dropout=0.0, rng=None):
     s -= s.max(axis=-1, keepdims=True)   # stable softmax: the diagonal is always finite
     p = np.exp(s)
     p /= p.sum(axis=-1, keepdims=True)
-    pd, dmask = dropout_forward(p, attn_dropout, rng)
+    pd, mask_scale = dropout_forward(p, attn_dropout, rng)
     out = pd @ v
-    return out, (q, k, v, p, pd, dmask, scale)
+    return out, (q, k, v, p, pd, mask_scale, scale)
 
 
 def attention_backward(dout, cache):
     """dout: [B, H, T, hs] -> dq, dk, dv [B, H, T, hs]
 
-    In the forward pass out = pd v, so now dpd = dout v^T and dv = pd^T dout.
-    Dropout passes dp = dpd * mask/(1-p). Softmax rows give
+    In the forward pass out = pd v, so now dpd = dout v^T and dv = pd^T dout (dX is dL/dX).
+    Dropout passes dp = dpd * mask / (1 - attn_dropout). Softmax rows give
       ds = p * (dp - sum_j(dp * p))           (masked entries have p = 0, so ds = 0 there)
     and s = scale * q k^T gives dq = scale * ds k, dk = scale * ds^T q.
     (docs/derivations.md#attention)
     """
-    q, k, v, p, pd, dmask, scale = cache
+    q, k, v, p, pd, mask_scale, scale = cache
     dpd = dout @ v.swapaxes(-1, -2)                      # [B, H, T, T]
     dv = pd.swapaxes(-1, -2) @ dout                      # [B, H, T, hs]
-    dp = dropout_backward(dpd, dmask)
+    dp = dropout_backward(dpd, mask_scale)
     ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True))  # [B, H, T, T]
     ds *= scale
     dq = ds @ k
@@ -69,10 +71,10 @@ def merge_heads(x):
     return x.transpose(0, 2, 1, 3).reshape(B, T, H * hs)
 
 
-def multihead_forward(x, p, n_head, attn_dropout=0.0, resid_dropout=0.0, rng=None):
+def multihead_forward(x, params, n_head, attn_dropout=0.0, resid_dropout=0.0, rng=None):
     """Multi-head causal self-attention.
 
-    x: [B, T, C]; p: dict with w_q, w_k, w_v [C, C] (no bias; head h owns columns h*hs:(h+1)*hs)
+    x: [B, T, C]; params: dict with w_q, w_k, w_v [C, C] (no bias; head h owns columns h*hs:(h+1)*hs)
     and, when present, w_proj [C, C], b_proj [C] (the output projection).
     -> y [B, T, C], cache
 
@@ -80,15 +82,15 @@ def multihead_forward(x, p, n_head, attn_dropout=0.0, resid_dropout=0.0, rng=Non
       heads = attention(q, k, v)          (each head on its own slice)
       y = dropout(concat(heads) w_proj + b_proj)
     """
-    q, cq = linear_forward(x, p["w_q"])
-    k, ck = linear_forward(x, p["w_k"])
-    v, cv = linear_forward(x, p["w_v"])
+    q, cq = linear_forward(x, params["w_q"])
+    k, ck = linear_forward(x, params["w_k"])
+    v, cv = linear_forward(x, params["w_v"])
     o, ca = attention_forward(split_heads(q, n_head), split_heads(k, n_head),
                               split_heads(v, n_head), attn_dropout, rng)
     y = merge_heads(o)
     cp = None
-    if "w_proj" in p:
-        y, cp = linear_forward(y, p["w_proj"], p["b_proj"])
+    if "w_proj" in params:
+        y, cp = linear_forward(y, params["w_proj"], params["b_proj"])
     y, cd = dropout_forward(y, resid_dropout, rng)
     return y, (cq, ck, cv, ca, cp, cd, n_head)
 
@@ -97,6 +99,7 @@ def multihead_backward(dy, cache):
     """dy: [B, T, C] -> dx [B, T, C], grads dict (same keys as the parameters)
 
     Runs the forward steps in reverse; x fed q, k and v, so dx is the sum of their three input gradients.
+    (docs/derivations.md#multi-head-split-merge-and-the-projections)
     """
     cq, ck, cv, ca, cp, cd, n_head = cache
     g = {}

@@ -10,20 +10,26 @@ from .dropout import dropout_backward, dropout_forward
 from .linear import linear_backward, linear_forward
 
 
-def feedforward_forward(x, p, activation="relu", dropout=0.0, rng=None):
-    """x: [B, T, C]; p: w_fc [C, H], b_fc [H], and optionally w_out [H, C], b_out [C] -> y [B, T, C], cache"""
+def feedforward_forward(x, params, activation="relu", dropout=0.0, rng=None):
+    """x: [B, T, C]; params: w_fc [C, F], b_fc [F], and optionally w_out [F, C], b_out [C] -> y [B, T, C], cache
+
+    F is the hidden width (ffn_mult * C); dropout is the drop probability after the block.
+    """
     act_f, _ = ACTIVATIONS[activation]
-    h, c1 = linear_forward(x, p["w_fc"], p["b_fc"])
+    h, c1 = linear_forward(x, params["w_fc"], params["b_fc"])
     a, ca = act_f(h)
     c2 = None
-    if "w_out" in p:
-        a, c2 = linear_forward(a, p["w_out"], p["b_out"])
+    if "w_out" in params:
+        a, c2 = linear_forward(a, params["w_out"], params["b_out"])
     y, cd = dropout_forward(a, dropout, rng)
     return y, (c1, ca, c2, cd, activation)
 
 
 def feedforward_backward(dy, cache):
-    """dy: [B, T, C] -> dx [B, T, C], grads dict: the chain rule through dropout, W2, the activation, W1."""
+    """dy: [B, T, C] -> dx [B, T, C], grads dict: the chain rule through dropout, W2, the activation, W1.
+
+    (docs/derivations.md#feed-forward)
+    """
     c1, ca, c2, cd, activation = cache
     _, act_b = ACTIVATIONS[activation]
     g = {}

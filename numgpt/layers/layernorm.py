@@ -12,7 +12,7 @@ def layernorm_forward(x, g, b, eps=1e-5):
     The variance is the biased one (divide by C), as in torch.nn.LayerNorm.
     """
     mu = x.mean(axis=-1, keepdims=True)             # [..., 1]
-    xc = x - mu                                     # [..., C]
+    xc = x - mu                                     # [..., C]  (x~ in the docs)
     var = (xc * xc).mean(axis=-1, keepdims=True)    # [..., 1]
     rstd = 1.0 / np.sqrt(var + eps)                 # [..., 1]
     xhat = xc * rstd                                # [..., C]

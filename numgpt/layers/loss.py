@@ -35,8 +35,9 @@ def cross_entropy_forward(logits, targets):
 
 
 def cross_entropy_backward(cache, dloss=1.0):
-    """dlogits = (softmax(logits) - onehot(target)) / N (docs/derivations.md#cross-entropy)
+    """dlogits = dloss * (softmax(logits) - onehot(target)) / N (docs/derivations.md#cross-entropy)
 
+    dloss: dL/dloss, the gradient of whatever the mean loss feeds (1 when it is the final loss).
     returns dlogits with the shape of logits
     """
     logp, t, shape = cache
