@@ -178,7 +178,7 @@ def worker_main(spec):
         print("RESULT " + json.dumps(out), flush=True)
         return
     if spec["kind"] == "warm":  # compile (or load) every kernel once, before anything is timed
-        import kernels
+        from numgpt import kernels
         kernels.warmup(say=lambda msg: None)
         print("RESULT {}", flush=True)
         return
@@ -374,7 +374,7 @@ def main(argv=None):
               "(pip install torch==2.13.0, or pass --torch-python)")
     # numgpt's kernels first, in a process of their own: on a fresh clone they compile here, so
     # that no timed worker compiles during its warm-up (its peak memory would include numba's)
-    import kernels
+    from numgpt import kernels
     if not kernels.cache_is_warm():
         print("compiling numgpt's numba kernels first (once; 1-2 minutes here) ...", flush=True)
     warm, err = run_worker(sys.executable, {"kind": "warm"}, args.threads)

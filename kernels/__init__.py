@@ -46,7 +46,10 @@ def _announced(cold, what, say):
     """Tell the user that (and how long) numba compiles, when the on-disk cache is cold."""
     say = say or (lambda msg: print(msg, file=sys.stderr, flush=True))
     t0 = time.time()
-    if cold:
+    if cold and not _jit.CACHE_WRITABLE:
+        say(f"compiling numba kernels{what} (not cached: {_cache_dir()} cannot be written; "
+            "set NUMBA_CACHE_DIR to a writable folder) ...")
+    elif cold:
         say(f"compiling numba kernels{what} (first run only; cached in {_cache_dir()}) ...")
     yield
     if cold:

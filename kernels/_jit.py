@@ -12,11 +12,13 @@ import glob
 import hashlib
 import os
 import shutil
+import tempfile
 import types
 
 import numba
 
-from numgpt import _threads, env
+import numgpt
+from numgpt import _threads, env, paths
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -41,12 +43,15 @@ PARALLEL_MIN_WORK = 1 << 17   # elements (or inner-loop iterations) below which 
 # cache therefore lives in a folder named by a hash of all of kernels/*.py, OPTIONS and numba's
 # version: any change starts a fresh cache (and the first run says that it compiles).
 
-# numgpt/layers/dropout.py too: kernels/dropout.py compiles its hash constants in
-DROPOUT_REFERENCE = os.path.join(os.path.dirname(HERE), "numgpt", "layers", "dropout.py")
+# numgpt/layers/dropout.py too: kernels/dropout.py compiles its hash constants in (found from
+# the numgpt package: installed, these files are numgpt/kernels/, in a clone the top-level kernels/)
+DROPOUT_REFERENCE = os.path.join(os.path.dirname(os.path.abspath(numgpt.__file__)), "layers",
+                                 "dropout.py")
 
 
 def _stamp():
-    options = {k: sorted(v) if isinstance(v, set) else v for k, v in OPTIONS.items()}
+    options = {k: sorted(v) if isinstance(v, set) else v for k, v in OPTIONS.items()
+               if k != "cache"}  # whether it caches does not change the code
     h = hashlib.sha256(f"{numba.__version__} {sorted(options.items())}".encode())
     sources = [(os.path.basename(p), p) for p in sorted(glob.glob(os.path.join(HERE, "*.py")))]
     for name, path in sources + [("numgpt/layers/dropout.py", DROPOUT_REFERENCE)]:
@@ -55,14 +60,17 @@ def _stamp():
     return h.hexdigest()[:16]
 
 
-CACHE_BASE = env.path("NUMBA_CACHE_DIR") or os.path.join(HERE, "__pycache__")
+# in a clone kernels/__pycache__, installed the user's cache, or $NUMBA_CACHE_DIR (numgpt/paths.py)
+CACHE_BASE = paths.kernel_cache_base(HERE)
 CACHE_DIR = os.path.join(CACHE_BASE, "numba-" + _stamp())
+IN_TREE = CACHE_BASE == os.path.join(HERE, "__pycache__")
+CACHE_WRITABLE = True  # False: compiled in memory in every process (see the end of this block)
 
 
 def _forget_old_caches():
     """Remove the in-tree caches of earlier kernel sources (never a user's NUMBA_CACHE_DIR, which
     other checkouts may share)."""
-    if CACHE_BASE != os.path.join(HERE, "__pycache__") or os.path.isdir(CACHE_DIR):
+    if not IN_TREE or os.path.isdir(CACHE_DIR):
         return
     for old in glob.glob(os.path.join(CACHE_BASE, "numba-*")):
         shutil.rmtree(old, ignore_errors=True)
@@ -118,12 +126,30 @@ def _cache_typed_lists():
                 return
 
 
+def _writable(folder):
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
+
+
+# When CACHE_DIR cannot be written, the kernels are not cached at all: numba would otherwise
+# fall back to a __pycache__ beside their sources (inside site-packages, when installed) or to
+# its own folder, where no hash of the kernel sources guards against stale code.
 try:
     _install_locator()
     _forget_old_caches()
-    _cache_typed_lists()
+    CACHE_WRITABLE = _writable(CACHE_DIR)
+    if CACHE_WRITABLE:
+        _cache_typed_lists()
+    else:
+        OPTIONS["cache"] = False
 except (ImportError, AttributeError):  # another numba's internals: its own cache, as before
     CACHE_DIR = CACHE_BASE
+    if not IN_TREE and not env.path("NUMBA_CACHE_DIR"):
+        OPTIONS["cache"] = False  # numba's own would be beside the sources, in site-packages
 
 
 def _renamed(fn, suffix):

@@ -8,11 +8,14 @@
 """
 import numpy as np
 
+from . import paths as _paths
 from .config import LADDER, LADDER_TARGETS, PRESETS, Config, ConfigError, get_config
 from .model import GPT, param_shapes
 from .optim import AdamW, clip_grad_norm, get_lr
 
 __version__ = "0.1.0"
+
+_paths.find_kernels_in_clone()  # in a clone, numgpt.kernels is the clone's kernels/ folder
 
 
 def build_model(preset="laptop", seed=0, dtype=np.float32, **overrides):

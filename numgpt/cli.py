@@ -73,8 +73,9 @@ def guard_streams(keep_going):
     sys.stderr = streams.Guarded(sys.stderr, "stderr")
 
 
-def run(main, keep_going=False):
-    """Run main(argv), turning the user's errors into one line on stderr and exit status 2/1.
+def run(main, keep_going=False, argv=None):
+    """Run main(argv) (argv: sys.argv[1:] unless given), turning the user's errors into one line
+    on stderr and exit status 2/1.
 
     keep_going: output that cannot be written (closed or broken stdout or stderr) is dropped and
     main goes on (train.py: the checkpoint is the product). Without it, a stdout that cannot be
@@ -95,7 +96,7 @@ def run(main, keep_going=False):
         pass
     try:
         check_all()
-        return main(sys.argv[1:]) or 0
+        return main(sys.argv[1:] if argv is None else argv) or 0
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -133,6 +134,13 @@ Trains a character-level GPT (default preset: laptop) on Tiny Shakespeare or any
 """
 
 
+def _usage(text, script, prog):
+    """text with its usage lines naming the command as the user called it: python train.py in a
+    clone, numgpt-train or python -m numgpt train where numgpt is installed (numgpt/commands.py)."""
+    old, new = "usage: " + script + " ", "usage: " + prog + " "
+    return text.replace(old, new, 1).replace("\n" + " " * len(old), "\n" + " " * len(new))
+
+
 def check_data_path(data):
     """Refuse an empty --data (the path checks themselves are data.check_text_file's)."""
     if not data:
@@ -140,9 +148,9 @@ def check_data_path(data):
                         "on Tiny Shakespeare")
 
 
-def train_main(argv):
+def train_main(argv, prog="python train.py"):
     if any(a in ("-h", "--help") for a in argv):
-        print(TRAIN_HELP)
+        print(_usage(TRAIN_HELP, "python train.py", prog))
         return 0
     from .trainer import train
     opts = parse_flags(argv, set(FIELDS) | {"preset", "data", "out_dir"}, flags=("resume",))
@@ -187,9 +195,9 @@ def _num(opts, key, typ, ok, what):
     return v
 
 
-def sample_main(argv):
+def sample_main(argv, prog="python sample.py"):
     if any(a in ("-h", "--help") for a in argv):
-        print(SAMPLE_HELP)
+        print(_usage(SAMPLE_HELP, "python sample.py", prog))
         return 0
     from .generate import generate
     from .model import GPT
@@ -223,13 +231,13 @@ def sample_main(argv):
             raise DataError(f"cannot read the prompt file {path}: {e}") from None
     ckpt = os.path.join(opts["out_dir"], "ckpt.npz")
     if not os.path.isfile(ckpt):
-        raise CheckpointError(f"no checkpoint at {ckpt}; train one first with python train.py "
-                              "(or pass --out_dir)")
+        raise CheckpointError(f"no checkpoint at {ckpt}; train one first with "
+                              f"{prog.replace('sample', 'train')} (or pass --out_dir)")
     cfg, chars, params, _, _ = read_model_checkpoint(ckpt)
     vocab = Vocab(chars)
     model = GPT(cfg, dtype=np.float32, params=params)
     if cfg.kernels and cfg.model == "gpt":
-        import kernels
+        from numgpt import kernels
         kernels.warmup_decode("float32")
     if not start:
         start = "\n" if "\n" in vocab.stoi else vocab.chars[0]

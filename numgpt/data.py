@@ -14,13 +14,13 @@ import urllib.request
 
 import numpy as np
 
-from . import env
+from . import env, paths
 
 SHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
                    "tinyshakespeare/input.txt")
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATA_DIR = env.path("NUMGPT_DATA_DIR") or os.path.join(REPO_DIR, "data")
+REPO_DIR = paths.REPO_DIR  # the clone's root, in a clone (numgpt/paths.py)
+DATA_DIR = paths.data_dir()  # the clone's data/, else the user cache, or $NUMGPT_DATA_DIR
 SHAKESPEARE_DIR = os.path.join(DATA_DIR, "shakespeare_char")
 
 BOM = "\ufeff"  # a UTF-8 byte-order mark, which some editors put at the start of a file
@@ -104,9 +104,9 @@ def local_shakespeare_candidates():
     given = env.path("NUMGPT_SHAKESPEARE")
     if given:
         cands.insert(0, given)
-    # a shared data folder beside the clone, as on the project's own machines
-    cands.append(os.path.join(os.path.dirname(REPO_DIR), "shared", "data", "tinyshakespeare",
-                              "input.txt"))
+    if paths.IN_CLONE:  # a shared data folder beside the clone, as on the project's own machines
+        cands.append(os.path.join(os.path.dirname(REPO_DIR), "shared", "data", "tinyshakespeare",
+                                  "input.txt"))
     return cands
 
 
@@ -285,8 +285,8 @@ def prepare(text_path, out_dir, source=None):
 
 
 def prepared_dir_for(text_path):
-    """Where the prepared copy of an arbitrary text file goes: data/<name>-<sha8>/ (or under
-    $NUMGPT_DATA_DIR when set)."""
+    """Where the prepared copy of an arbitrary text file goes: DATA_DIR/<name>-<sha8>/ (the
+    clone's data/, the user cache when installed, or $NUMGPT_DATA_DIR: numgpt/paths.py)."""
     stem = os.path.splitext(os.path.basename(text_path))[0] or "text"
     return os.path.join(DATA_DIR, f"{stem}-{sha256_file(text_path)[:8]}")
 

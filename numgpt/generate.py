@@ -42,7 +42,7 @@ class KVCache:
     def step(self, model, ids):
         """Logits [B, V] (float64) of the next token after ids [B] at position t, in one compiled
         call (kernels/decode.py); the same as model.forward(ids[:, None], kv=self)."""
-        from kernels import decode
+        from numgpt.kernels import decode
         cfg = model.cfg
         if self._stacked is None:
             P, L, C, dt = model.params, cfg.n_layer, cfg.n_embd, model.dtype
@@ -68,7 +68,7 @@ class KVCache:
                 T(P["lm_head.w"]), P["lm_head.b"])
             layout = 0
             if tr:  # the big products on numba's threads, where they may run
-                from kernels._jit import threads_allowed
+                from numgpt.kernels._jit import threads_allowed
                 layout = 2 if threads_allowed() else 1
             self._flags = (cfg.n_head, {"none": 0, "post": 1, "pre": 2}[cfg.norm], cfg.residual,
                            cfg.activation == "gelu", layout)
@@ -172,7 +172,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
         logits = model.forward(idx[:, -cfg.block_size:], kv=kv)[0][:, -1]
     plain = fast and temperature > 0 and not top_k and (top_p is None or top_p >= 1)
     if plain:
-        from kernels.decode import sample_rows
+        from numgpt.kernels.decode import sample_rows
     for _ in range(max_new_tokens):
         if not cache:
             logits = model.next_token_logits(idx if len(out) == 1 else np.concatenate(out, 1))

@@ -54,8 +54,8 @@ def plot_ladder(curves, path):
                 "validation loss")
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m numgpt.ladder", description=__doc__.splitlines()[0])
+def main(argv=None, prog="python -m numgpt.ladder"):
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     ap.add_argument("--include-scaled", action="store_true", help="also train the scaled rung")
     ap.add_argument("--stages", default=None,
                     help="comma-separated subset of " + ",".join(LADDER))

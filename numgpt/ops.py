@@ -1,8 +1,9 @@
 """The operations the model is assembled from, as one swappable set.
 
 REFERENCE is the plain NumPy layers of numgpt/layers (the readable version, checked by finite
-differences); kernels.ops.KERNELS is the numba set with the same functions and the same results
-(tests/test_kernels.py holds them equal). GPT(cfg) uses the kernels when cfg.kernels is true.
+differences); numgpt.kernels.ops.KERNELS is the numba set with the same functions and the same
+results (tests/test_kernels.py holds them equal). GPT(cfg) uses the kernels when cfg.kernels is
+true.
 """
 from types import SimpleNamespace
 
@@ -51,5 +52,5 @@ REFERENCE = op_set("numpy", globals())
 def get_ops(use_kernels):
     if not use_kernels:
         return REFERENCE
-    from kernels.ops import KERNELS
+    from numgpt.kernels.ops import KERNELS
     return KERNELS

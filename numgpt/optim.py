@@ -77,8 +77,8 @@ class AdamW:
         if self.use_kernels and self._step_listed(grads, lr, c1, c2):
             return
         if self.use_kernels:
-            from kernels._jit import pick
-            from kernels.adamw import adamw_update
+            from numgpt.kernels._jit import pick
+            from numgpt.kernels.adamw import adamw_update
         for name, p in self.params.items():
             g = grads[name]
             m, v = self.m[name], self.v[name]
@@ -106,7 +106,7 @@ class AdamW:
             return False
         from numba.typed import List
 
-        from kernels.adamw import adamw_update_lists
+        from numgpt.kernels.adamw import adamw_update_lists
         key = [id(a) for d in (self.params, self.m, self.v) for a in d.values()]
         if getattr(self, "_lists_key", None) != key:  # the typed lists, remade when arrays change
             self._lists = [List([a.reshape(-1) for a in d.values()])
@@ -148,7 +148,7 @@ def clip_grad_norm(grads, max_norm):
     """Scale all gradients in place so their global L2 norm is at most max_norm; returns the norm before."""
     flat = getattr(grads, "flat", None)  # a ListedGrads: one compiled call each
     if flat is not None:
-        from kernels.adamw import scale_lists, sum_squares_lists
+        from numgpt.kernels.adamw import scale_lists, sum_squares_lists
         total = math.sqrt(sum_squares_lists(flat))
         if max_norm > 0 and total > max_norm:
             scale_lists(flat, flat[0].dtype.type(max_norm / (total + 1e-6)))

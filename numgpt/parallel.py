@@ -60,7 +60,7 @@ class ShardedStep:
         self.blas = ThreadpoolController().select(user_api="blas")
 
     def __call__(self, x, y, train=True, rng=None):
-        from kernels import _jit
+        from numgpt.kernels import _jit
         B = x.shape[0]
         cuts = np.linspace(0, B, self.shards + 1).round().astype(int)
         parts = [(x[a:b], y[a:b]) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
@@ -140,7 +140,7 @@ class FusedStep:
         when the model's parameter arrays were replaced (set_params)."""
         from numba.typed import List
 
-        from kernels import step as ks
+        from numgpt.kernels import step as ks
         from .model import param_shapes
         params = self.model.params
         key = tuple(map(id, params.values()))
@@ -172,8 +172,8 @@ class FusedStep:
         self._key = key
 
     def __call__(self, x, y, train=True, rng=None):
-        from kernels import _jit
-        from kernels import step as ks
+        from numgpt.kernels import _jit
+        from numgpt.kernels import step as ks
         from .model import _check_ids
         m = self.model
         x = np.ascontiguousarray(_check_ids(x, m.cfg.vocab_size, "idx"), dtype=np.int64)
@@ -325,7 +325,7 @@ def _choice_key(cfg, names):
 def _choices_path():
     """The file of cached choices: beside the compiled kernels (their folder is named by a hash of
     the kernels' sources, so new kernels measure again)."""
-    from kernels._jit import CACHE_DIR
+    from numgpt.kernels._jit import CACHE_DIR
     return os.path.join(CACHE_DIR, "step-choices.json")
 
 

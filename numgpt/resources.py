@@ -89,7 +89,7 @@ def _kernels_recompute(cfg, step):
     """Activations per token and layer that the kernels do not keep (kernels/ops.py): the two
     dropout masks (they keep the seed), and the feed-forward activation where a call's is above
     kernels/ops.RECOMPUTE_BYTES (computed again in the backward)."""
-    from kernels.ops import RECOMPUTE_BYTES
+    from numgpt.kernels.ops import RECOMPUTE_BYTES
     n = 2 * cfg.n_embd if cfg.dropout > 0 else 0
     B = -(-cfg.batch_size // 2) if step == "sharded" else cfg.batch_size
     if cfg.ffn_mult > 0 and 4 * B * cfg.block_size * cfg.ffn_hidden > RECOMPUTE_BYTES:
@@ -101,7 +101,7 @@ def _kernels_store_probs(cfg, step):
     """Whether the kernels keep the T x T attention probabilities (see kernels/ops.py): the fused
     step (kernels/step.py) always does; the layer path decides per call, on the batch the call
     sees, which is half of it in the sharded step."""
-    from kernels.ops import stores_probs
+    from numgpt.kernels.ops import stores_probs
     if step == "fused":
         return True
     B = -(-cfg.batch_size // 2) if step == "sharded" else cfg.batch_size

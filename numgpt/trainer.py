@@ -398,7 +398,7 @@ def _train(cfg, ds, out_dir, start, stop_at, quiet, sample_chars, progress):
     plot_path = os.path.join(out_dir, PLOT)
 
     if cfg.kernels:
-        import kernels
+        from numgpt import kernels
         plan = planned_step(cfg, prefer=start.train_step)
         kernels.warmup("float32", say=None if not quiet else (lambda msg: None),
                        fused=plan == "fused" or (plan is None and "fused" in candidates(cfg)))

@@ -5,7 +5,7 @@ import shutil
 import subprocess
 import sys
 
-import kernels._jit as jit
+import numgpt.kernels._jit as jit
 
 
 def test_cache_folder_is_named_by_the_kernel_sources(tmp_path, monkeypatch):
@@ -36,7 +36,7 @@ def test_cache_folder_follows_the_dropout_reference(tmp_path, monkeypatch):
 
 def test_cache_folder_is_the_same_in_every_process():
     """(Python salts str hashes per process: a set's order must not reach the stamp.)"""
-    code = "import numgpt, kernels._jit as j; print(j.CACHE_DIR)"
+    code = "import numgpt, numgpt.kernels._jit as j; print(j.CACHE_DIR)"
     dirs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env=dict(os.environ, PYTHONHASHSEED=str(seed))).stdout
             for seed in (1, 2, 3)}
@@ -47,7 +47,7 @@ def test_typed_list_helpers_are_cached_with_the_kernels(tmp_path):
     """numba compiles the helpers behind numba.typed.List per element type and keeps them in
     memory only (1.3 s at the start of a fused-step run); kernels/_jit.py caches them with the
     kernels, so a second process loads them instead of compiling."""
-    code = ("import numgpt, kernels._jit as j, numpy as np\n"
+    code = ("import numgpt, numgpt.kernels._jit as j, numpy as np\n"
             "from numba.typed import List, typedlist\n"
             "for shape in ((3,), (2, 3), (2, 2, 3)):\n"
             "    List([np.zeros(shape, np.float32)] * 3)\n"

@@ -77,7 +77,7 @@ def test_sampling_follows_the_distribution():
 
 @pytest.mark.parametrize("temperature", [1.0, 0.5, 3.0, 1e-300])
 def test_compiled_sampler_draws_what_the_reference_draws(temperature):
-    from kernels.decode import sample_rows
+    from numgpt.kernels.decode import sample_rows
     rng = np.random.default_rng(0)
     logits = (rng.standard_normal((500, 65)) * 4).astype(np.float32)
     want = sample_from(next_token_probs(logits, temperature), np.random.default_rng(7))

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import numgpt
-from kernels.ops import KERNELS as K
+from numgpt.kernels.ops import KERNELS as K
 from numgpt.gradcheck import check_layer
 from numgpt.ops import REFERENCE as R
 from numgpt.optim import AdamW
@@ -21,11 +21,11 @@ def rnd(*shape, seed=0, dtype=np.float64):
 def attention_path(request, monkeypatch):
     """Run the test with each of the two attention paths of kernels/ops.py; the stored one also
     with its products cut into causal blocks of 2 rows (kernels/ops._causal_bmm)."""
-    import kernels.ops
+    import numgpt.kernels.ops
     stored = request.param.startswith("stored")
-    monkeypatch.setattr(kernels.ops, "STORE_PROBS_BYTES", 1 << 40 if stored else -1)
+    monkeypatch.setattr(numgpt.kernels.ops, "STORE_PROBS_BYTES", 1 << 40 if stored else -1)
     if request.param == "stored-blocks":
-        monkeypatch.setattr(kernels.ops, "CAUSAL_BLOCK", 2)
+        monkeypatch.setattr(numgpt.kernels.ops, "CAUSAL_BLOCK", 2)
     return "stored" if stored else "fused"
 
 
@@ -91,8 +91,8 @@ def test_multihead_kernel_equals_reference(dtype, proj, H, drop, attention_path)
 def test_feedforward_kernel_equals_reference(dtype, act, proj, drop, recompute, monkeypatch):
     """recompute: the activation is not kept but computed again in the backward (big layers,
     kernels/ops.RECOMPUTE_BYTES)."""
-    import kernels.ops
-    monkeypatch.setattr(kernels.ops, "RECOMPUTE_BYTES", -1 if recompute else 1 << 40)
+    import numgpt.kernels.ops
+    monkeypatch.setattr(numgpt.kernels.ops, "RECOMPUTE_BYTES", -1 if recompute else 1 << 40)
     F = 20 if proj else C
     p = {"w_fc": rnd(C, F, dtype=dtype), "b_fc": rnd(F, seed=1, dtype=dtype)}
     if proj:
@@ -162,8 +162,8 @@ def test_kernel_attention_grad(attention_path):
 @pytest.mark.parametrize("act", ["relu", "gelu"])
 @pytest.mark.parametrize("recompute", [False, True])
 def test_kernel_layernorm_and_feedforward_grad(act, recompute, monkeypatch):
-    import kernels.ops
-    monkeypatch.setattr(kernels.ops, "RECOMPUTE_BYTES", -1 if recompute else 1 << 40)
+    import numgpt.kernels.ops
+    monkeypatch.setattr(numgpt.kernels.ops, "RECOMPUTE_BYTES", -1 if recompute else 1 << 40)
     x = rnd(2, 5, C) * 2
     errors = check_layer(lambda x, g, b: K.layernorm_forward(x, g, b),
                          lambda d, c: dict(zip("xgb", K.layernorm_backward(d, c))),
@@ -184,9 +184,9 @@ def test_kernel_layernorm_and_feedforward_grad(act, recompute, monkeypatch):
 def test_model_with_kernels_equals_reference(preset, attention_path, monkeypatch):
     """(For the scaled preset, with dropout, the feed-forward activations are recomputed in the
     backward, as at batch 64.)"""
-    import kernels.ops
+    import numgpt.kernels.ops
     if preset == "scaled":
-        monkeypatch.setattr(kernels.ops, "RECOMPUTE_BYTES", -1)
+        monkeypatch.setattr(numgpt.kernels.ops, "RECOMPUTE_BYTES", -1)
     over = dict(block_size=16, n_embd=24, n_head=3, n_layer=2) if preset != "bigram" else {}
     if preset in ("single_head", "ffn"):
         over.update(n_head=1 if preset == "single_head" else 4, n_layer=1)
@@ -206,9 +206,9 @@ def test_model_with_kernels_equals_reference(preset, attention_path, monkeypatch
 def test_kernels_ignore_garbage_in_their_output_buffers():
     """The ops hand the kernels np.empty buffers: whatever those hold (here NaN) must not leak in.
     (A typed zero once came from y[0, 0] * 0, and reused memory made whole losses NaN.)"""
-    from kernels.activations import bias_act_bwd, bias_act_fwd
-    from kernels.embedding import embed_bwd
-    from kernels.layernorm import layernorm_bwd, layernorm_fwd
+    from numgpt.kernels.activations import bias_act_bwd, bias_act_fwd
+    from numgpt.kernels.embedding import embed_bwd
+    from numgpt.kernels.layernorm import layernorm_bwd, layernorm_fwd
     for dt in DTYPES:
         x = rnd(6, C, dtype=dt)
         g, b = np.ones(C, dt), np.zeros(C, dt)
@@ -261,7 +261,7 @@ def test_decode_kernel_equals_reference_step(preset, over):
 def test_decode_layouts_agree_bit_for_bit(monkeypatch):
     """The big-model layout on numba's threads (2) and on the calling thread (1) give the same
     logits, bit for bit: each output is one thread's dot product either way."""
-    from kernels import _jit
+    from numgpt.kernels import _jit
     from numgpt.generate import KVCache
     m = numgpt.build_model("preln", seed=3, zero_head=False, n_embd=256, n_head=4, block_size=10)
     idx = np.random.default_rng(1).integers(0, 65, (2, 10))
@@ -279,7 +279,7 @@ def test_decode_layouts_agree_bit_for_bit(monkeypatch):
 def test_split_batched_products_equal_numpy(monkeypatch):
     """kernels/ops._bmm deals a stack of per-head products out to threads (one BLAS thread each):
     the same products as np.matmul, into a fresh array or a strided view."""
-    import kernels.ops as kops
+    import numgpt.kernels.ops as kops
     from numgpt import parallel
     from threadpoolctl import threadpool_info
     monkeypatch.setattr(kops, "BMM_MIN_FLOPS", 0)
@@ -322,7 +322,7 @@ def test_gemm_on_column_slices_equals_matmul(dtype):
     """kernels/blas.gemm: C = op(A) op(B) + beta C straight on column slices of wider arrays (the
     heads of a packed q, k, v), every transpose, into a strided output whose neighbours stay
     untouched; beta 0 ignores NaN in C, and an empty inner dimension gives zeros."""
-    from kernels.blas import gemm
+    from numgpt.kernels.blas import gemm
     rng = np.random.default_rng(0)
     host = rng.standard_normal((9, 40)).astype(dtype)
     for ta in (False, True):
@@ -374,7 +374,7 @@ def test_dropout_hash_is_splitmix64():
     """The masks' numbers are SplitMix64's outputs: its published first output from seed 0, and
     the reference's and both kernels' bits (serial and threaded builds) against a plain-Python
     SplitMix64 for another seed, at thresholds from keep-all to drop-all."""
-    from kernels.dropout import dropout_fill, keep_fill
+    from numgpt.kernels.dropout import dropout_fill, keep_fill
     from numgpt.layers.dropout import hash_keep
     assert _splitmix64(0, 1)[0] == 0xE220A8397B1DCDAF
     seed = 0x1234_5678_9ABC_DEF0
@@ -403,7 +403,7 @@ def test_dropout_hash_is_splitmix64():
 def test_dropout_mask_kernel_equals_reference(shape, p):
     """Bit for bit, from the same rng state: the threaded and the serial kernel against the
     reference (whose hashing goes in chunks of 2^20 elements)."""
-    from kernels.dropout import keep_fill
+    from numgpt.kernels.dropout import keep_fill
     from numgpt.layers.dropout import draw_seed, keep_mask, keep_threshold
     ref = keep_mask(np.random.default_rng(7), shape, p)
     assert ref.shape == shape and ref.dtype == bool
@@ -435,9 +435,9 @@ def test_dropout_masks_keep_one_minus_p_independently():
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_dropout_kernel_equals_reference(dtype, monkeypatch):
     """Forward and backward bit for bit; the kernels' cache is the seed, not the mask."""
-    import kernels._jit
-    from kernels.dropout import dropout_backward as kernel_backward
-    from kernels.dropout import dropout_forward as kernel_dropout
+    import numgpt.kernels._jit
+    from numgpt.kernels.dropout import dropout_backward as kernel_backward
+    from numgpt.kernels.dropout import dropout_forward as kernel_dropout
     from numgpt.layers.dropout import dropout_backward, dropout_forward
     for x in (rnd(4, 33, 20, dtype=dtype), rnd(4, 33, 20, dtype=dtype)[:, ::2].T,
               np.array(1.5, dtype=dtype)):
@@ -445,7 +445,7 @@ def test_dropout_kernel_equals_reference(dtype, monkeypatch):
         yr, cr = dropout_forward(x, 0.3, np.random.default_rng(3))
         dxr = dropout_backward(dy, cr)
         for min_work in (1 << 62, 0):  # the serial kernel, then (where threads may run) threaded
-            monkeypatch.setattr(kernels._jit, "PARALLEL_MIN_WORK", min_work)
+            monkeypatch.setattr(numgpt.kernels._jit, "PARALLEL_MIN_WORK", min_work)
             yk, ck = kernel_dropout(x, 0.3, np.random.default_rng(3))
             np.testing.assert_array_equal(yk, yr)
             assert yk.dtype == dtype and yk.shape == x.shape
@@ -464,13 +464,13 @@ def test_dropout_kernel_equals_reference(dtype, monkeypatch):
 def test_feedforward_recompute_is_bit_identical_and_repeatable(act, dtype, monkeypatch):
     """Recomputing the activation in the backward gives the same bits as keeping it, and a
     backward run twice on one cache gives the same result (the recompute rewrites h in place)."""
-    import kernels.ops
+    import numgpt.kernels.ops
     p = {"w_fc": rnd(C, 20, dtype=dtype), "b_fc": rnd(20, seed=1, dtype=dtype),
          "w_out": rnd(20, C, seed=2, dtype=dtype), "b_out": rnd(C, seed=3, dtype=dtype)}
     x, d = rnd(B, T, C, seed=4, dtype=dtype), rnd(B, T, C, seed=5, dtype=dtype)
     out = {}
     for recompute in (False, True):
-        monkeypatch.setattr(kernels.ops, "RECOMPUTE_BYTES", -1 if recompute else 1 << 40)
+        monkeypatch.setattr(numgpt.kernels.ops, "RECOMPUTE_BYTES", -1 if recompute else 1 << 40)
         y, c = K.feedforward_forward(x, p, act, 0.2, np.random.default_rng(1))
         first, second = K.feedforward_backward(d, c), K.feedforward_backward(d, c)
         np.testing.assert_array_equal(first[0], second[0])

@@ -716,13 +716,13 @@ def test_kernel_memory_estimate_counts_kept_probabilities_per_shard(monkeypatch)
     """The kernels keep a layer's T x T probabilities while they fit kernels/ops.STORE_PROBS_BYTES,
     judged on the batch one call sees: half of it in data-parallel steps. The scaled model with
     12 heads at batch 16 is sharded, and each half keeps them (the whole batch would not)."""
-    import kernels.ops
+    import numgpt.kernels.ops
     from numgpt import parallel
     monkeypatch.setattr(parallel, "cores", lambda: 2)
     cfg = get_config("scaled", batch_size=16, n_head=12, vocab_size=65)
     assert "sharded" in parallel.candidates(cfg)
-    assert not kernels.ops.stores_probs(16, 12, 256, "float32")
-    assert kernels.ops.stores_probs(8, 12, 256, "float32")
+    assert not numgpt.kernels.ops.stores_probs(16, 12, 256, "float32")
+    assert numgpt.kernels.ops.stores_probs(8, 12, 256, "float32")
     stored = training_bytes(cfg, "sharded")
     fused = training_bytes(cfg, "plain")  # the whole batch: the fused kernels, no probabilities
     assert training_bytes(cfg) == max(training_bytes(cfg, s) for s in parallel.candidates(cfg))

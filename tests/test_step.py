@@ -28,7 +28,7 @@ CASES = [
 
 
 def test_the_cases_take_both_attention_kernels():
-    from kernels.step import attention_in_lanes
+    from numgpt.kernels.step import attention_in_lanes
     kinds = set()
     for preset, kw in CASES:
         cfg = numgpt.get_config(preset, **kw)
@@ -181,7 +181,7 @@ def test_blas_runs_on_one_thread_inside_the_fused_step(monkeypatch):
     m = _model("residual", {}, np.float32)
     step = parallel.FusedStep(m)
     seen = []
-    import kernels.step as ks
+    import numgpt.kernels.step as ks
 
     class Spy:
         def __init__(self, fn):
