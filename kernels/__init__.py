@@ -95,8 +95,8 @@ def warmup_decode(dtype="float32", say=None):
 
 def warmup(dtype="float32", say=None, fused=True):
     """Compile (or load from cache) every kernel for dtype, telling the user when it compiles.
-    fused=False leaves out the fused step of small models (kernels/step.py: with it a cold
-    compile took 88-104 s here on 2026-11-30, without it 44 s), for a run that will not use it."""
+    fused=False leaves out the fused step of small models (kernels/step.py, about half of a
+    cold compile), for a run that will not use it."""
     import numpy as np
 
     from numgpt.config import get_config

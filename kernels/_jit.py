@@ -27,9 +27,9 @@ _threads.short_spins()  # before numba's OpenMP pool first starts (numgpt/_threa
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 # error_model="numpy": a division by zero gives inf or nan, as in NumPy, instead of raising
 # ZeroDivisionError. The Python model tests every divisor, and that branch keeps a loop with a
-# division in it from vectorising: AdamW's update ran 4.5x slower (3.2 ms against 0.7 ms for
-# 800k parameters on one thread). The kernels' divisors are sums of exponentials, standard
-# deviations with eps added, and constants, never zero.
+# division in it from vectorising (AdamW's update ran several times slower; docs/kernels.md).
+# The kernels' divisors are sums of exponentials, standard deviations with eps added, and
+# constants, never zero.
 OPTIONS = dict(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
 PARALLEL_MIN_WORK = 1 << 17   # elements (or inner-loop iterations) below which threads do not pay
 
@@ -112,10 +112,10 @@ def _typed_list_source():
 
 def _cache_typed_lists():
     """numba compiles the helpers behind numba.typed.List (making one, appending) for every
-    element type on first use and keeps them in memory only: 1.3 s at the start of every run
-    that makes typed lists (the fused step's parameters and gradients, the one-call AdamW),
-    which put the laptop preset's first step past 3 s. Cached with the kernels (the locator
-    above), a later run loads them: 0.37 s for three element types against 1.32 s here."""
+    element type on first use and keeps them in memory only, so every run that makes typed
+    lists (the fused step's parameters and gradients, the one-call AdamW) would compile them
+    again before its first step. Cached with the kernels (the locator above), a later run loads
+    them."""
     from numba.core.registry import CPUDispatcher
     from numba.typed import typedlist
     for obj in vars(typedlist).values():

@@ -105,9 +105,9 @@ def _bmm(a, b, out=None):
     dealt out to one thread per core, each with a single BLAS thread.
 
     A stack is one small product per head, and OpenBLAS splits each of them over its threads,
-    which at the scaled preset's shape (48 heads of 256 x 64 by 64 x 256) runs at 59-95 GFLOP/s
-    on this 2-core machine; half the stack per core runs at 138-144 GFLOP/s. The split is fixed
-    by the shapes, so results do not depend on timing.
+    which at the scaled preset's shape (48 heads of 256 x 64 by 64 x 256) runs well below the
+    speed of half the stack per core (docs/kernels.md). The split is fixed by the shapes, so
+    results do not depend on timing.
     """
     B = a.shape[0]
     if B < 2 or 2 * a.size * b.shape[-1] < BMM_MIN_FLOPS or not threads_allowed():

@@ -91,7 +91,7 @@ PRESETS = {
                    batch_size=64, learning_rate=3e-4, max_iters=5000, eval_interval=500,
                    eval_iters=200),
     # the default of train.py: a small pre-norm GPT sized for ~10 minutes on a 2-core CPU
-    # (measured here: 11000 steps in 8.5 min, val 1.56; see README)
+    # (what it reaches: README)
     "laptop": dict(model="gpt", block_size=64, n_embd=128, n_head=4, n_layer=4, attn_proj=True,
                    ffn_mult=4.0, residual=True, norm="pre", dropout=0.0, init="normal",
                    batch_size=12, learning_rate=2e-3, min_lr=2e-4, decay_lr=True,

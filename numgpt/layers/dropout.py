@@ -6,8 +6,7 @@ position: element i of a mask is kept when the top 32 bits of a 64-bit hash of (
 least p * 2^32. The hash is SplitMix64's output function over the counter seed + (i + 1) *
 0x9E3779B97F4A7C15, whose outputs pass the usual batteries of statistical tests; p is rounded to
 a multiple of 2^-32. Why not rng.random(shape) >= p: a mask made that way can only be drawn by
-NumPy, one element after another on one core (the scaled model's attention masks took 67 ms a
-layer at batch 64), while this one is the same bits from NumPy here and from the parallel
+NumPy, one element after another on one core, while this one is the same bits from NumPy here and from the parallel
 compiled kernel in kernels/dropout.py, which draws it on all cores at a fraction of the cost.
 
 Derivation: docs/derivations.md#dropout
