@@ -21,19 +21,26 @@ from .trainer import TrainingError, new_axes, read_log, save_figure, train
 
 
 def time_one_step(cfg, ds, reps=3):
-    """Seconds per training step (best of reps after a warm-up) and per eval batch of cfg."""
-    model = GPT(cfg.replace(vocab_size=len(ds.vocab)), seed=0)
+    """Seconds per training step (best of reps after a warm-up, with the step training will take:
+    numgpt.parallel.step_function, measured or cached) and per eval batch of cfg."""
+    from .parallel import step_function
+    cfg = cfg.replace(vocab_size=len(ds.vocab))
+    model = GPT(cfg, seed=0)
     rng = np.random.default_rng(0)
     x, y = ds.get_batch("train", cfg.batch_size, cfg.block_size, rng)
-    model.loss_and_grads(x, y, rng=rng)
-    t_step, t_eval = [], []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        model.loss_and_grads(x, y, rng=rng)
-        t1 = time.perf_counter()
-        model.loss(x, y)
-        t_eval.append(time.perf_counter() - t1)
-        t_step.append(t1 - t0)
+    step, close, _ = step_function(model, cfg)
+    try:
+        step(x, y, rng=rng)
+        t_step, t_eval = [], []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            step(x, y, rng=rng)
+            t1 = time.perf_counter()
+            model.loss(x, y)
+            t_eval.append(time.perf_counter() - t1)
+            t_step.append(t1 - t0)
+    finally:
+        close()
     return min(t_step), min(t_eval)
 
 
