@@ -43,13 +43,16 @@ PARALLEL_MIN_WORK = 1 << 17   # elements (or inner-loop iterations) below which 
 
 # numgpt/layers/dropout.py too: kernels/dropout.py compiles its hash constants in
 DROPOUT_REFERENCE = os.path.join(os.path.dirname(HERE), "numgpt", "layers", "dropout.py")
+# numgpt/arch.py too: the kernels compile its constants in (NORM_PRE, ACT_RELU, ...)
+ARCH_DESCRIPTION = os.path.join(os.path.dirname(HERE), "numgpt", "arch.py")
 
 
 def _stamp():
     options = {k: sorted(v) if isinstance(v, set) else v for k, v in OPTIONS.items()}
     h = hashlib.sha256(f"{numba.__version__} {sorted(options.items())}".encode())
     sources = [(os.path.basename(p), p) for p in sorted(glob.glob(os.path.join(HERE, "*.py")))]
-    for name, path in sources + [("numgpt/layers/dropout.py", DROPOUT_REFERENCE)]:
+    for name, path in sources + [("numgpt/layers/dropout.py", DROPOUT_REFERENCE),
+                                 ("numgpt/arch.py", ARCH_DESCRIPTION)]:
         with open(path, "rb") as f:
             h.update(name.encode() + b"\0" + f.read())
     return h.hexdigest()[:16]
