@@ -20,7 +20,7 @@ from typing import NamedTuple
 import numba
 import numpy as np
 
-from numgpt.arch import ACT_GELU, NORM_NONE, NORM_POST, NORM_PRE
+from numgpt.arch import ACT_GELU, NORM_NONE, NORM_POST, NORM_PRE, Arch
 
 from ._jit import OPTIONS
 from .activations import gelu_consts, tanh_by_exp
@@ -241,15 +241,19 @@ class DecodeWeights(NamedTuple):
 
 
 @numba.njit(**OPTIONS)
-def decode_step(ids, t, a, w, K, V, layout, logits):
+def decode_step(ids, t, arch, weights, K, V, layout, logits):
     """Logits [B, V] of the next token after ids [B] placed at position t; fills K, V at t.
 
-    a: the model's numgpt.arch.Arch; w: its DecodeWeights. K, V: [L, B, H, block, hs] caches
-    (positions < t filled). layout: of the weights (see _mv): 1 or 2, transposed, 2 with the rows
-    on numba's threads; 0, as stored.
+    arch: the fields of the model's numgpt.arch.Arch, weights: those of its DecodeWeights, as
+    plain tuples (tuple(a)), named again here: numba types a plain tuple argument in compiled
+    code, a namedtuple field by field in Python on every call. K, V: [L, B, H, block, hs]
+    caches (positions < t filled). layout: of the weights (see _mv): 1 or 2, transposed, 2 with
+    the rows on numba's threads; 0, as stored.
     The blocks run as in GPT._block_forward: per sublayer, its input (LN or x), the sublayer,
     then the residual and post-norm merge.
     """
+    a = Arch(*arch)
+    w = DecodeWeights(*weights)
     B = ids.shape[0]
     C = w.tok_emb.shape[1]
     dt = w.tok_emb.dtype

@@ -30,7 +30,7 @@ from typing import NamedTuple
 import numpy as np
 from numba import prange
 
-from numgpt.arch import NORM_NONE, NORM_POST, NORM_PRE, SUB_ATTN, SUB_FFN
+from numgpt.arch import NORM_NONE, NORM_POST, NORM_PRE, SUB_ATTN, SUB_FFN, Arch
 
 from ._jit import fast_exp, jit
 from .activations import bias_act_bwd, bias_act_fwd
@@ -628,16 +628,19 @@ def _add_shards(G, n_shards):
 
 
 @jit(parallel=True)
-def train_step(idx, tgt, P, G, slots, top, a, n_shards, wqkv, sums):
+def train_step(idx, tgt, P, G, slots, top, arch, n_shards, wqkv, sums):
     """The mean loss of the batch idx [B, T] -> targets tgt [B, T], and its gradients: G[k][0]
     is the gradient of parameter P[k] (G[k] is [n_shards, *P[k].shape]; the other shards' slots
     are scratch). The batch is cut into n_shards nearly equal runs of rows, one per thread.
-    wqkv [L, C, 3C] and sums [n_shards] (float64) are scratch.
+    wqkv [L, C, 3C] and sums [n_shards] (float64) are scratch. arch: the fields of the model's
+    numgpt.arch.Arch as a plain tuple (tuple(a)), named again here: numba types a plain tuple
+    argument in compiled code, a namedtuple field by field in Python on every call.
 
     Only the prange is here: numba runs every array expression of a parallel function as a
     parallel region of its own (thread wake-up and barrier each), so the packing of the weights
     and the sum over the shards are serial helpers. They were ~50 such regions a step, most of
     them the gradient sums."""
+    a = Arch(*arch)
     B, T = idx.shape
     dt = wqkv.dtype
     _pack_qkv(P, slots, wqkv)

@@ -72,10 +72,11 @@ class KVCache:
             if tr:  # the big products on numba's threads, where they may run
                 from kernels._jit import threads_allowed
                 self._layout = 2 if threads_allowed() else 1
+            # the kernel takes both as plain tuples (see decode_step)
+            self._args = (tuple(model.arch), tuple(self._weights))
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         logits = np.empty((ids.shape[0], cfg.vocab_size), dtype=model.dtype)
-        decode.decode_step(ids, self.t, model.arch, self._weights, self.K, self.V, self._layout,
-                           logits)
+        decode.decode_step(ids, self.t, *self._args, self.K, self.V, self._layout, logits)
         self.t += 1
         return logits
 

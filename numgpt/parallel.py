@@ -182,7 +182,7 @@ class FusedStep:
         C = cfg.n_embd
         self._wqkv = np.empty((cfg.n_layer, C, 3 * C), dtype=views[0].dtype)  # kernel scratch
         self._sums = np.zeros(self.shards, dtype=np.float64)
-        self._arch = self.model.arch  # the block's structure (numgpt/arch.py)
+        self._arch = tuple(self.model.arch)  # numgpt/arch.py; a plain tuple: see train_step
         self._key = key
 
     def __call__(self, x, y, train=True, rng=None):
