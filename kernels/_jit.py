@@ -139,9 +139,13 @@ def _renamed(fn, suffix):
     return g
 
 
-def jit(parallel=False):
+def jit(parallel=False, inline=False):
+    """numba.njit with OPTIONS (cached); parallel: also a serial twin as `.serial`; inline: the
+    function's body is inlined into its callers when numba compiles them (numba's
+    inline="always"), so that composing the fused step from small helpers costs what one
+    function did."""
     def wrap(fn):
-        fast = numba.njit(parallel=parallel, **OPTIONS)(fn)
+        fast = numba.njit(parallel=parallel, inline="always" if inline else "never", **OPTIONS)(fn)
         if parallel:
             fast.serial = numba.njit(**OPTIONS)(_renamed(fn, "_serial"))
         return fast

@@ -19,7 +19,8 @@ block (_block_fwd/_bwd: norm placement and residual, as GPT._block_forward/_bloc
 for the head (_head_fwd/_bwd: final LayerNorm, lm_head); _shard composes them (embed, blocks,
 head and loss, then the backward in reverse) and train_step runs the shards. The block's
 structure comes from numgpt.arch.Arch (norm placement, residual, which parts exist); a shard's
-arrays are allocated once per call in a _Work (_workspace) that the helpers write into.
+arrays are allocated once per call in a _Work (_workspace) that the helpers write into. The
+helpers above the kernels are inlined into _shard when it compiles (jit(inline=True)).
 
 Parameters come in a numba typed List of 2-D arrays in the order of numgpt.model.param_shapes
 (vectors as [1, n] rows); `slots` and `top` say which entry is which. Dropout is not done
@@ -75,14 +76,14 @@ def _col_sums(d, out):
             out[0, f] += d[n, f]
 
 
-@jit()
+@jit(inline=True)
 def _linear_fwd(x, W, b, y):
     """y = x W + b"""
     np.dot(x, W, y)
     _add_bias(y, b)
 
 
-@jit()
+@jit(inline=True)
 def _linear_bwd(x, dy, W, gW, gb, row, dx):
     """y = x W + b, backward: gW = x^T dy, gb = sum over rows of dy (summed into the local row,
     then copied: see _shard), dx = dy W^T."""
@@ -92,7 +93,7 @@ def _linear_bwd(x, dy, W, gW, gb, row, dx):
     np.dot(dy, W.T, dx)
 
 
-@jit()
+@jit(inline=True)
 def _layernorm_fwd(x, g, b, eps, keep, y, mean, rstd):
     """y = g (x - mean) rstd + b over each row, rstd = 1 / sqrt(var + eps); x kept in `keep` and
     the statistics in mean, rstd for _layernorm_bwd. g, b: [1, C] rows."""
@@ -100,7 +101,7 @@ def _layernorm_fwd(x, g, b, eps, keep, y, mean, rstd):
     _ln_fwd(x, g[0], b[0], eps, y, mean, rstd)
 
 
-@jit()
+@jit(inline=True)
 def _layernorm_bwd(dy, x, g, mean, rstd, dx, gg, gb, Gg, Gb):
     """The backward of _layernorm_fwd: with xhat = (x - mean) rstd and dxhat = dy g,
     dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)); Gg = sum over rows of dy xhat,
@@ -336,7 +337,7 @@ class _Work(NamedTuple):
     gf: np.ndarray
 
 
-@jit()
+@jit(inline=True)
 def _workspace(a, nb, T, C, F, V, dt):
     """A _Work for a shard of nb sequences of T positions of the model a (numgpt.arch.Arch) with
     C channels, feed-forward width F, vocabulary V, in dtype dt."""
@@ -399,7 +400,7 @@ def _workspace(a, nb, T, C, F, V, dt):
 
 # ---- the sublayers (numgpt/layers/attention.py, feedforward.py) ----
 
-@jit()
+@jit(inline=True)
 def _attention_sublayer_fwd(a, w, l, P, p, wqkv, h, f):
     """f [M, C] = multi-head causal attention of h [M, C] (layers.attention.multihead_forward):
     q, k, v = h w_q, h w_k, h w_v (one product with wqkv = [w_q w_k w_v]); per head
@@ -425,7 +426,7 @@ def _attention_sublayer_fwd(a, w, l, P, p, wqkv, h, f):
             f[:] = w.att[l]
 
 
-@jit()
+@jit(inline=True)
 def _attention_sublayer_bwd(a, w, l, P, G, s, p, wqkv, df, dh):
     """The backward of _attention_sublayer_fwd: df [M, C] (gradient of f) -> dh [M, C] (of h);
     with attn_proj dy = df w_proj^T, G[w_proj] = y^T df, G[b_proj] = sum over rows of df; the
@@ -460,7 +461,7 @@ def _attention_sublayer_bwd(a, w, l, P, G, s, p, wqkv, df, dh):
         np.dot(w.dqkv, wqkv.T, dh)
 
 
-@jit()
+@jit(inline=True)
 def _ffn_sublayer_fwd(a, w, l, P, p, h, f):
     """f [M, C] = the feed-forward of h [M, C] (layers.feedforward.feedforward_forward):
     pre = h w_fc + b_fc, hid = act(pre), f = hid w_out + b_out (ffn_proj), else f = hid.
@@ -473,7 +474,7 @@ def _ffn_sublayer_fwd(a, w, l, P, p, h, f):
         f[:] = w.hid[l]
 
 
-@jit()
+@jit(inline=True)
 def _ffn_sublayer_bwd(a, w, l, P, G, s, p, df, dh):
     """The backward of _ffn_sublayer_fwd: df -> dh. dhid = df w_out^T (G[w_out] = hid^T df,
     G[b_out] = sum of df) or df; dpre = dhid act'(pre), G[b_fc] = sum of dpre;
@@ -490,7 +491,7 @@ def _ffn_sublayer_bwd(a, w, l, P, G, s, p, df, dh):
 
 # ---- a block (numgpt/model.py: GPT._block_forward, GPT._block_backward) ----
 
-@jit()
+@jit(inline=True)
 def _block_fwd(a, w, l, P, p, wqkv, x):
     """Block l on the residual stream x [M, C], in place. For each sublayer (attention, then
     feed-forward): h = LN(x) (pre-norm) or x; f = sublayer(h); x = x + f (residual) or f;
@@ -517,7 +518,7 @@ def _block_fwd(a, w, l, P, p, wqkv, x):
             x[:] = f
 
 
-@jit()
+@jit(inline=True)
 def _block_bwd(a, w, l, P, G, s, p, wqkv, ds):
     """The backward of _block_fwd: ds [M, C], the gradient of the block's output, becomes that
     of its input, in place. For each sublayer, last first: (post-norm) ds = LN'(ds); the
@@ -549,7 +550,7 @@ def _block_bwd(a, w, l, P, G, s, p, wqkv, ds):
 
 # ---- the head (numgpt/model.py: GPT.forward's end, GPT.backward's start) ----
 
-@jit()
+@jit(inline=True)
 def _head_fwd(a, w, P, top, x):
     """Logits z = LN_f(x) W + b (LN_f unless norm is none; its output kept in w.hf) into w.z."""
     hf = x
@@ -559,7 +560,7 @@ def _head_fwd(a, w, P, top, x):
     _linear_fwd(hf, P[top[LM_W]], P[top[LM_B]], w.z)
 
 
-@jit()
+@jit(inline=True)
 def _head_bwd(a, w, P, G, s, top, x, ds):
     """The backward of _head_fwd: w.dz -> ds [M, C], the gradient of the last block's output;
     the lm_head's (and LN_f's) gradients into shard s's slots of G."""
