@@ -353,45 +353,49 @@ def _workspace(a, nb, T, C, F, V, dt):
             for r in range(M):
                 if r % T >= o:
                     valid[o, r] = 1
+    # the forward's (in the order the step first writes them)
+    lnx = np.empty((L, 2, M, C), dtype=dt)
+    mean = np.empty((L, 2, M), dtype=dt)
+    rstd = np.empty((L, 2, M), dtype=dt)
+    hin = np.empty((L, 2, M, C), dtype=dt)
     if lanes:
         qkv = np.empty((L, 3 * C, T + M + T), dtype=dt)
         qkv[:, :, :T] = 0
         qkv[:, :, T + M:] = 0
         att = np.empty((L, C, M), dtype=dt)
         probs = np.zeros((L, H * T * (M + T)), dtype=dt)   # [H, T, M + T] a layer
-        datt = np.zeros((C, M + T), dtype=dt)
-        dqkv = np.empty((3 * C, M), dtype=dt)
-        dS = np.zeros((T, M + T), dtype=dt)
     else:
         qkv = np.empty((L, M, 3 * C), dtype=dt)
         att = np.empty((L, M, C), dtype=dt)
         probs = np.empty((L, nb * H * T * T), dtype=dt)     # [nb, H, T, T] a layer
-        datt = np.empty((M, C), dtype=dt)
-        dqkv = np.empty((M, 3 * C), dtype=dt)
-        dS = np.empty((0, 0), dtype=dt)
-    lnx = np.empty((L, 2, M, C), dtype=dt)
-    mean = np.empty((L, 2, M), dtype=dt)
-    rstd = np.empty((L, 2, M), dtype=dt)
-    hin = np.empty((L, 2, M, C), dtype=dt)
     pre = np.empty((L, M, F), dtype=dt)
     hid = np.empty((L, M, F), dtype=dt)
     x = np.empty((M, C), dtype=dt)
     f = np.empty((M, C), dtype=dt)
-    n_hf = M if a.norm != NORM_NONE else 0
-    hf = np.empty((n_hf, C), dtype=dt)
     meanf = np.empty(M, dtype=dt)
     rstdf = np.empty(M, dtype=dt)
+    n_hf = M if a.norm != NORM_NONE else 0
+    hf = np.empty((n_hf, C), dtype=dt)
     z = np.empty((M, V), dtype=dt)
     dz = np.empty((M, V), dtype=dt)
-    ds = np.empty((M, C), dtype=dt)
-    df = np.empty((M, C), dtype=dt)
-    dh = np.empty((M, C), dtype=dt)
-    dhid = np.empty((M, F), dtype=dt)
-    dpre = np.empty((M, F), dtype=dt)
+    # the backward's
     gv = np.empty((1, V), dtype=dt)
     gg = np.empty((1, C), dtype=dt)
     gb = np.empty((1, C), dtype=dt)
     gf = np.empty((1, F), dtype=dt)
+    ds = np.empty((M, C), dtype=dt)
+    dh = np.empty((M, C), dtype=dt)
+    df = np.empty((M, C), dtype=dt)
+    if lanes:   # transposed, as in the forward; the right pads of datt and dS stay zero
+        datt = np.zeros((C, M + T), dtype=dt)
+        dqkv = np.empty((3 * C, M), dtype=dt)
+        dS = np.zeros((T, M + T), dtype=dt)
+    else:
+        datt = np.empty((M, C), dtype=dt)
+        dqkv = np.empty((M, 3 * C), dtype=dt)
+        dS = np.empty((0, 0), dtype=dt)
+    dhid = np.empty((M, F), dtype=dt)
+    dpre = np.empty((M, F), dtype=dt)
     scale, eps = sc[0], sc[1]
     return _Work(nb, T, M, lanes, scale, eps, valid, lnx, mean, rstd, hin, qkv, att, probs, pre,
                  hid, x, f, hf, meanf, rstdf, z, dz, ds, df, dh, datt, dqkv, dS, dhid, dpre, gv,
