@@ -12,7 +12,8 @@ in the same order: the embedding, then per block each sublayer's input (_sublaye
 sublayer (_attention_sublayer, whose heads each _attend to the cache; _ffn_sublayer) and the
 residual and post-norm merge (_merge), then the head. It takes the block's structure as a
 numgpt.arch.Arch and the parameters as DecodeWeights, the blocks' stacked along a leading layer
-axis (see numgpt.generate.KVCache); tests/test_kernels.py holds the two equal.
+axis (see numgpt.generate.KVCache), both passed as plain tuples; tests/test_kernels.py holds the
+two equal.
 """
 import math
 from typing import NamedTuple

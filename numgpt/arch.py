@@ -40,11 +40,6 @@ class Arch(NamedTuple):
     ffn_proj: bool    # the feed-forward sublayer ends in its output linear (w_out, b_out)
     activation: int   # ACT_RELU or ACT_GELU
 
-    @property
-    def n_sublayers(self):
-        """Sublayers per block: attention, and feed-forward when there is one."""
-        return 2 if self.ffn else 1
-
 
 def arch(cfg):
     """The Arch of a GPT config (cfg.model == "gpt")."""
