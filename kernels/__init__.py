@@ -28,8 +28,9 @@ KERNEL_NAMES = {"attention": ["attention_fwd", "attention_bwd", "softmax_causal_
                 "adamw": ["adamw_update"], "dropout": ["keep_fill", "dropout_fill"]}
 FUSED_NAMES = {"step": ["train_step"]}  # compiled where SciPy is there (numgpt.parallel.FusedStep)
 SINGLE_NAMES = {"adamw": ["adamw_update_lists", "sum_squares_lists", "scale_lists"]}
-DECODE_NAMES = ["decode_step", "_mv", "_dot_rows", "_dot_rows_threads", "_layernorm", "_merge",
-                "sample_rows"]
+DECODE_NAMES = ["decode_step", "_sublayer_input", "_attention_sublayer", "_attend",
+                "_ffn_sublayer", "_activate", "_merge", "_mv", "_dot_rows", "_dot_rows_threads",
+                "_layernorm", "sample_rows"]
 
 
 def _cache_dir():

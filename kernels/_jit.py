@@ -45,8 +45,10 @@ PARALLEL_MIN_WORK = 1 << 17   # elements (or inner-loop iterations) below which 
 
 # numgpt/layers/dropout.py too: kernels/dropout.py compiles its hash constants in (found from
 # the numgpt package: installed, these files are numgpt/kernels/, in a clone the top-level kernels/)
-DROPOUT_REFERENCE = os.path.join(os.path.dirname(os.path.abspath(numgpt.__file__)), "layers",
-                                 "dropout.py")
+NUMGPT_DIR = os.path.dirname(os.path.abspath(numgpt.__file__))
+DROPOUT_REFERENCE = os.path.join(NUMGPT_DIR, "layers", "dropout.py")
+# numgpt/arch.py too: the kernels compile its constants in (NORM_PRE, ACT_RELU, ...)
+ARCH_DESCRIPTION = os.path.join(NUMGPT_DIR, "arch.py")
 
 
 def _stamp():
@@ -54,7 +56,8 @@ def _stamp():
                if k != "cache"}  # whether it caches does not change the code
     h = hashlib.sha256(f"{numba.__version__} {sorted(options.items())}".encode())
     sources = [(os.path.basename(p), p) for p in sorted(glob.glob(os.path.join(HERE, "*.py")))]
-    for name, path in sources + [("numgpt/layers/dropout.py", DROPOUT_REFERENCE)]:
+    for name, path in sources + [("numgpt/layers/dropout.py", DROPOUT_REFERENCE),
+                                 ("numgpt/arch.py", ARCH_DESCRIPTION)]:
         with open(path, "rb") as f:
             h.update(name.encode() + b"\0" + f.read())
     return h.hexdigest()[:16]
@@ -162,9 +165,13 @@ def _renamed(fn, suffix):
     return g
 
 
-def jit(parallel=False):
+def jit(parallel=False, inline=False):
+    """numba.njit with OPTIONS (cached); parallel: also a serial twin as `.serial`; inline: the
+    function's body is inlined into its callers when numba compiles them (numba's
+    inline="always"), so that composing the fused step from small helpers costs what one
+    function did."""
     def wrap(fn):
-        fast = numba.njit(parallel=parallel, **OPTIONS)(fn)
+        fast = numba.njit(parallel=parallel, inline="always" if inline else "never", **OPTIONS)(fn)
         if parallel:
             fast.serial = numba.njit(**OPTIONS)(_renamed(fn, "_serial"))
         return fast

@@ -2,12 +2,14 @@
 
 NumPy reference: numgpt/layers/activations.py and numgpt/layers/linear.py (the bias).
 Derivation: docs/derivations.md#relu, docs/derivations.md#gelu
-Activation codes: 0 = ReLU, 1 = GELU (tanh form).
+Activation codes: numgpt.arch's ACT_RELU and ACT_GELU (tanh form).
 """
 import math
 
 import numpy as np
 from numba import prange
+
+from numgpt.arch import ACT_RELU
 
 from ._jit import fast_exp, jit
 
@@ -47,7 +49,7 @@ def bias_act_fwd(h, b, act, a):
         for f in range(F):
             z = h[n, f] + b[f]
             h[n, f] = z
-            if act == 0:
+            if act == ACT_RELU:
                 a[n, f] = z if z > zero else zero * z  # as the reference's x * (x > 0): a NaN stays NaN
             else:
                 t = tanh_by_exp(c * (z + A * z * z * z), one, two)
@@ -68,7 +70,7 @@ def bias_act_bwd(da, h, act, n_chunks, dh, db_part):
         for n in range(k * per, min(N, (k + 1) * per)):
             for f in range(F):
                 z = h[n, f]
-                if act == 0:
+                if act == ACT_RELU:
                     d = da[n, f] if z > zero else zero
                 else:
                     t = tanh_by_exp(c * (z + A * z * z * z), one, two)

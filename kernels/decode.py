@@ -8,13 +8,20 @@ every weight once per token, so they are memory-bound; see _mv for the layout th
 fastest.
 
 decode_step computes exactly what model.forward(ids, kv=cache) computes for one new position,
-with the blocks' parameters stacked along a leading layer axis (see numgpt.generate.KVCache);
-tests/test_kernels.py holds the two equal.
+in the same order: the embedding, then per block each sublayer's input (_sublayer_input), the
+sublayer (_attention_sublayer, whose heads each _attend to the cache; _ffn_sublayer) and the
+residual and post-norm merge (_merge), then the head. It takes the block's structure as a
+numgpt.arch.Arch and the parameters as DecodeWeights, the blocks' stacked along a leading layer
+axis (see numgpt.generate.KVCache), both passed as plain tuples; tests/test_kernels.py holds the
+two equal.
 """
 import math
+from typing import NamedTuple
 
 import numba
 import numpy as np
+
+from numgpt.arch import ACT_GELU, NORM_NONE, NORM_POST, NORM_PRE, Arch
 
 from ._jit import OPTIONS
 from .activations import gelu_consts, tanh_by_exp
@@ -96,6 +103,15 @@ def _layernorm(x, g, b, out):
 
 
 @numba.njit(**OPTIONS)
+def _sublayer_input(x, norm, g, b, h):
+    """h = LN(x) (pre-norm) or x: what a sublayer reads from the stream x [B, C]."""
+    if norm == NORM_PRE:
+        _layernorm(x, g, b, h)
+    else:
+        h[:] = x
+
+
+@numba.njit(**OPTIONS)
 def _merge(x, y, h, residual, norm, g, b):
     """A sublayer's output y into the stream x: x + y (residual) or y, then LayerNorm (post-norm);
     h is scratch."""
@@ -103,119 +119,168 @@ def _merge(x, y, h, residual, norm, g, b):
         x += y
     else:
         x[:] = y
-    if norm == 1:
+    if norm == NORM_POST:
         h[:] = x
         _layernorm(h, g, b, x)
 
 
 @numba.njit(**OPTIONS)
-def decode_step(ids, t, tok_emb, pos_emb, ln1_g, ln1_b, w_qkv, w_proj, b_proj, ln2_g, ln2_b,
-                w_fc, b_fc, w_out, b_out, lnf_g, lnf_b, w_head, b_head, K, V, n_head, norm,
-                residual, gelu, tr, logits):
+def _attend(q, Kh, Vh, t, scale, s, yh):
+    """One head of one new position against the cache: yh [hs] = sum_p softmax(s)_p v_p over the
+    positions p <= t, s_p = scale q . k_p (q [hs]; Kh, Vh [block, hs], rows 0..t filled; s [t + 1]
+    is scratch)."""
+    dt = yh.dtype.type
+    n4 = (t + 1) - (t + 1) % 4
+    for p in range(0, n4, 4):  # s_p = scale * q . k_p, four positions per sweep of q
+        k0, k1, k2, k3 = Kh[p], Kh[p + 1], Kh[p + 2], Kh[p + 3]
+        a0 = dt(0)
+        a1 = dt(0)
+        a2 = dt(0)
+        a3 = dt(0)
+        for d in range(q.shape[0]):
+            qd = q[d]
+            a0 += qd * k0[d]
+            a1 += qd * k1[d]
+            a2 += qd * k2[d]
+            a3 += qd * k3[d]
+        s[p], s[p + 1], s[p + 2], s[p + 3] = a0 * scale, a1 * scale, a2 * scale, a3 * scale
+    for p in range(n4, t + 1):
+        kp = Kh[p]
+        acc = dt(0)
+        for d in range(q.shape[0]):
+            acc += q[d] * kp[d]
+        s[p] = acc * scale
+    mx = dt(-np.inf)
+    for p in range(t + 1):
+        mx = max(mx, s[p])
+    tot = dt(0)
+    for p in range(t + 1):
+        e = math.exp(s[p] - mx)
+        s[p] = e
+        tot += e
+    yh[:] = 0
+    for p in range(t + 1):   # y = sum_p softmax(s)_p v_p
+        w = s[p]
+        vp = Vh[p]
+        for d in range(yh.shape[0]):
+            yh[d] += w * vp[d]
+    inv = 1 / tot
+    for d in range(yh.shape[0]):
+        yh[d] *= inv
+
+
+@numba.njit(**OPTIONS)
+def _attention_sublayer(h, w_qkv, w_proj, b_proj, K, V, t, n_head, attn_proj, layout, qkv, s, y):
+    """y [B, C] = the attention sublayer of one new position per row of h [B, C]
+    (layers.attention.multihead_forward on the last row): qkv = h [w_q w_k w_v]; the new k, v are
+    stored at t in K, V [B, H, block, hs]; every head attends over positions 0..t (_attend);
+    y = att w_proj + b_proj (attn_proj). qkv, s and h are scratch (h is overwritten)."""
+    B, C = h.shape
+    hs = C // n_head
+    scale = y.dtype.type(1 / math.sqrt(hs))
+    _mv(h, w_qkv, w_qkv[0, :0], qkv, layout)
+    for b in range(B):
+        for hd in range(n_head):
+            o = hd * hs
+            K[b, hd, t] = qkv[b, C + o:C + o + hs]
+            V[b, hd, t] = qkv[b, 2 * C + o:2 * C + o + hs]
+            _attend(qkv[b, o:o + hs], K[b, hd], V[b, hd], t, scale, s, y[b, o:o + hs])
+    if attn_proj:
+        h[:] = y
+        _mv(h, w_proj, b_proj, y, layout)
+
+
+@numba.njit(**OPTIONS)
+def _activate(f, activation):
+    """f = act(f) in place: ReLU max(f, 0) or GELU's tanh form (kernels/activations.py)."""
+    dt = f.dtype.type
+    gc, ga, g_half, g_one, g_two = gelu_consts(f)  # GELU's constants in the dtype
+    for b in range(f.shape[0]):
+        for j in range(f.shape[1]):
+            v = f[b, j]
+            if activation == ACT_GELU:
+                f[b, j] = g_half * v * (g_one + tanh_by_exp(gc * (v + ga * v * v * v), g_one, g_two))
+            else:
+                f[b, j] = max(v, dt(0))
+
+
+@numba.njit(**OPTIONS)
+def _ffn_sublayer(h, w_fc, b_fc, w_out, b_out, activation, ffn_proj, layout, f, y):
+    """y [B, C] = the feed-forward sublayer of h [B, C] (layers.feedforward.feedforward_forward):
+    f = act(h w_fc + b_fc); y = f w_out + b_out (ffn_proj), else y = f. f [B, F] is scratch."""
+    _mv(h, w_fc, b_fc, f, layout)
+    _activate(f, activation)
+    if ffn_proj:
+        _mv(f, w_out, b_out, y, layout)
+    else:
+        y[:] = f
+
+
+class DecodeWeights(NamedTuple):
+    """decode_step's parameters (numgpt.generate.KVCache builds them): the blocks' stacked along a
+    leading layer axis. Matrices are [L, in, out] as stored (layout 0) or transposed to
+    [L, out, in] (layouts 1 and 2, w_head [V, C]; see _mv). Absent parts have size 0 (as
+    [L, 0, 0], or w_fc with 0 outputs): w_proj (no output projection), w_fc (no feed-forward),
+    w_out (feed-forward without its second linear); absent LayerNorms are zeros."""
+    tok_emb: np.ndarray   # [V, C]
+    pos_emb: np.ndarray   # [block, C]
+    ln1_g: np.ndarray     # [L, C]
+    ln1_b: np.ndarray
+    w_qkv: np.ndarray     # [L, C, 3C]: w_q, w_k, w_v side by side
+    w_proj: np.ndarray    # [L, C, C]
+    b_proj: np.ndarray    # [L, C]
+    ln2_g: np.ndarray
+    ln2_b: np.ndarray
+    w_fc: np.ndarray      # [L, C, F]
+    b_fc: np.ndarray      # [L, F]
+    w_out: np.ndarray     # [L, F, C]
+    b_out: np.ndarray     # [L, C]
+    lnf_g: np.ndarray     # [C]
+    lnf_b: np.ndarray
+    w_head: np.ndarray    # [C, V]
+    b_head: np.ndarray    # [V]
+
+
+@numba.njit(**OPTIONS)
+def decode_step(ids, t, arch, weights, K, V, layout, logits):
     """Logits [B, V] of the next token after ids [B] placed at position t; fills K, V at t.
 
-    K, V: [L, B, H, block, hs] caches (positions < t filled). norm: 0 none, 1 post, 2 pre.
-    tr: the layout of the weights (see _mv): 1 or 2, transposed ([L, out, in], w_head [V, C]),
-    2 with the rows on numba's threads; 0, as stored ([L, in, out]). Absent parts have size 0 (as [L, 0, 0], or w_fc with 0 outputs): w_proj (no
-    output projection), w_fc (no feed-forward), w_out (feed-forward without its second linear).
+    arch: the fields of the model's numgpt.arch.Arch, weights: those of its DecodeWeights, as
+    plain tuples (tuple(a)), named again here: numba types a plain tuple argument in compiled
+    code, a namedtuple field by field in Python on every call. K, V: [L, B, H, block, hs]
+    caches (positions < t filled). layout: of the weights (see _mv): 1 or 2, transposed, 2 with
+    the rows on numba's threads; 0, as stored.
+    The blocks run as in GPT._block_forward: per sublayer, its input (LN or x), the sublayer,
+    then the residual and post-norm merge.
     """
+    a = Arch(*arch)
+    w = DecodeWeights(*weights)
     B = ids.shape[0]
-    L = w_qkv.shape[0]
-    C = tok_emb.shape[1]
-    hs = C // n_head
-    dt = tok_emb.dtype.type
-    scale = dt(1 / math.sqrt(hs))
-    x = np.empty((B, C), tok_emb.dtype)
-    h = np.empty((B, C), tok_emb.dtype)
-    y = np.empty((B, C), tok_emb.dtype)
-    qkv = np.empty((B, 3 * C), tok_emb.dtype)
-    F = w_fc.shape[1] if tr else w_fc.shape[2]
-    f = np.empty((B, F), tok_emb.dtype)
-    s = np.empty(t + 1, tok_emb.dtype)
-    gc, ga, g_half, g_one, g_two = gelu_consts(x)  # GELU's constants in the dtype
-    for b in range(B):
+    C = w.tok_emb.shape[1]
+    dt = w.tok_emb.dtype
+    x = np.empty((B, C), dt)
+    h = np.empty((B, C), dt)
+    y = np.empty((B, C), dt)
+    qkv = np.empty((B, 3 * C), dt)
+    f = np.empty((B, w.b_fc.shape[1]), dt)
+    s = np.empty(t + 1, dt)
+    for b in range(B):   # x = tok_emb[ids] + pos_emb[t]
         for c in range(C):
-            x[b, c] = tok_emb[ids[b], c] + pos_emb[t, c]
-    for layer in range(L):
-        # ---- attention sublayer ----
-        if norm == 2:
-            _layernorm(x, ln1_g[layer], ln1_b[layer], h)
-        else:
-            h[:] = x
-        _mv(h, w_qkv[layer], w_qkv[layer, 0, :0], qkv, tr)
-        for b in range(B):
-            for hd in range(n_head):
-                o = hd * hs
-                q = qkv[b, o:o + hs]
-                Kh = K[layer, b, hd]      # [block, hs], rows 0..t used
-                Vh = V[layer, b, hd]
-                Kh[t] = qkv[b, C + o:C + o + hs]
-                Vh[t] = qkv[b, 2 * C + o:2 * C + o + hs]
-                n4 = (t + 1) - (t + 1) % 4
-                for p in range(0, n4, 4):  # s_p = scale * q . k_p, four positions per sweep of q
-                    k0, k1, k2, k3 = Kh[p], Kh[p + 1], Kh[p + 2], Kh[p + 3]
-                    a0 = dt(0)
-                    a1 = dt(0)
-                    a2 = dt(0)
-                    a3 = dt(0)
-                    for d in range(hs):
-                        qd = q[d]
-                        a0 += qd * k0[d]
-                        a1 += qd * k1[d]
-                        a2 += qd * k2[d]
-                        a3 += qd * k3[d]
-                    s[p], s[p + 1], s[p + 2], s[p + 3] = a0 * scale, a1 * scale, a2 * scale, a3 * scale
-                for p in range(n4, t + 1):
-                    kp = Kh[p]
-                    acc = dt(0)
-                    for d in range(hs):
-                        acc += q[d] * kp[d]
-                    s[p] = acc * scale
-                mx = dt(-np.inf)
-                for p in range(t + 1):
-                    mx = max(mx, s[p])
-                tot = dt(0)
-                for p in range(t + 1):
-                    e = math.exp(s[p] - mx)
-                    s[p] = e
-                    tot += e
-                yh = y[b, o:o + hs]
-                yh[:] = 0
-                for p in range(t + 1):   # y = sum_p softmax(s)_p v_p
-                    w = s[p]
-                    vp = Vh[p]
-                    for d in range(hs):
-                        yh[d] += w * vp[d]
-                inv = 1 / tot
-                for d in range(hs):
-                    yh[d] *= inv
-        if w_proj.shape[1] > 0:
-            h[:] = y
-            _mv(h, w_proj[layer], b_proj[layer], y, tr)
-        _merge(x, y, h, residual, norm, ln1_g[layer], ln1_b[layer])
-        # ---- feed-forward sublayer ----
-        if F > 0:
-            if norm == 2:
-                _layernorm(x, ln2_g[layer], ln2_b[layer], h)
-            else:
-                h[:] = x
-            _mv(h, w_fc[layer], b_fc[layer], f, tr)
-            for b in range(B):
-                for j in range(F):
-                    v = f[b, j]
-                    if gelu:
-                        f[b, j] = g_half * v * (g_one + tanh_by_exp(gc * (v + ga * v * v * v), g_one, g_two))
-                    else:
-                        f[b, j] = max(v, dt(0))
-            if w_out.shape[1] > 0:
-                _mv(f, w_out[layer], b_out[layer], y, tr)
-            else:
-                y[:] = f
-            _merge(x, y, h, residual, norm, ln2_g[layer], ln2_b[layer])
-    if norm != 0:
+            x[b, c] = w.tok_emb[ids[b], c] + w.pos_emb[t, c]
+    for l in range(a.n_layer):
+        _sublayer_input(x, a.norm, w.ln1_g[l], w.ln1_b[l], h)
+        _attention_sublayer(h, w.w_qkv[l], w.w_proj[l], w.b_proj[l], K[l], V[l], t, a.n_head,
+                            a.attn_proj, layout, qkv, s, y)
+        _merge(x, y, h, a.residual, a.norm, w.ln1_g[l], w.ln1_b[l])
+        if a.ffn:
+            _sublayer_input(x, a.norm, w.ln2_g[l], w.ln2_b[l], h)
+            _ffn_sublayer(h, w.w_fc[l], w.b_fc[l], w.w_out[l], w.b_out[l], a.activation,
+                          a.ffn_proj, layout, f, y)
+            _merge(x, y, h, a.residual, a.norm, w.ln2_g[l], w.ln2_b[l])
+    if a.norm != NORM_NONE:   # the head: logits = LN_f(x) w_head + b_head
         h[:] = x
-        _layernorm(h, lnf_g, lnf_b, x)
-    _mv(x, w_head, b_head, logits, tr)
+        _layernorm(h, w.lnf_g, w.lnf_b, x)
+    _mv(x, w.w_head, w.b_head, logits, layout)
 
 
 @numba.njit(cache=True, nogil=True)

@@ -9,6 +9,7 @@ import threading
 import numba
 import numpy as np
 
+from numgpt.arch import ACTIVATIONS as _ACT
 from numgpt.layers import linear_backward, linear_forward
 from numgpt.ops import op_set
 
@@ -20,7 +21,6 @@ from .embedding import embed_bwd, embed_fwd
 from .layernorm import layernorm_bwd, layernorm_fwd
 from .loss import cross_entropy_fwd_bwd
 
-_ACT = {"relu": 0, "gelu": 1}
 _NO_MASK = np.zeros((1, 1, 1, 1), dtype=bool)
 
 

@@ -13,12 +13,25 @@ slices or transposed; both SciPy's OpenBLAS, one thread per shard), everything b
 through the serial builds of the other kernels of this folder. Each shard writes its own
 gradient slots; they are summed at the end.
 
+The file reads like numgpt/model.py, bottom up: a forward/backward pair per layer (_linear_*,
+_layernorm_*, the attention kernels), per sublayer (_attention_sublayer_*, _ffn_sublayer_*), per
+block (_block_fwd/_bwd: norm placement and residual, as GPT._block_forward/_block_backward) and
+for the head (_head_fwd/_bwd: final LayerNorm, lm_head); _shard composes them (embed, blocks,
+head and loss, then the backward in reverse) and train_step runs the shards. The block's
+structure comes from numgpt.arch.Arch (norm placement, residual, which parts exist); a shard's
+arrays are allocated once per call in a _Work (_workspace) that the helpers write into. The
+helpers above the kernels are inlined into _shard when it compiles (jit(inline=True)).
+
 Parameters come in a numba typed List of 2-D arrays in the order of numgpt.model.param_shapes
 (vectors as [1, n] rows); `slots` and `top` say which entry is which. Dropout is not done
 here: a model with dropout trains on the layer-by-layer path.
 """
+from typing import NamedTuple
+
 import numpy as np
 from numba import prange
+
+from numgpt.arch import NORM_NONE, NORM_POST, NORM_PRE, SUB_ATTN, SUB_FFN, Arch
 
 from ._jit import fast_exp, jit
 from .activations import bias_act_bwd, bias_act_fwd
@@ -42,10 +55,9 @@ LAYER_SLOTS = ["ln1.g", "ln1.b", "attn.w_q", "attn.w_k", "attn.w_v", "attn.w_pro
 # model-level slots (entries of `top`)
 TOK, POS, LNF_G, LNF_B, LM_W, LM_B = range(6)
 TOP_SLOTS = ["tok_emb", "pos_emb", "ln_f.g", "ln_f.b", "lm_head.w", "lm_head.b"]
-# flags: n_head, norm (0 none, 1 post, 2 pre), residual, attn_proj, ffn, ffn_proj, activation (0
-# relu, 1 gelu)
-N_HEAD, NORM, RESIDUAL, ATTN_PROJ, FFN, FFN_PROJ, ACT = range(7)
 
+
+# ---- Linear and LayerNorm (docs/derivations.md#linear, #layernorm) ----
 
 @jit()
 def _add_bias(y, b):
@@ -63,6 +75,43 @@ def _col_sums(d, out):
         for f in range(d.shape[1]):
             out[0, f] += d[n, f]
 
+
+@jit(inline=True)
+def _linear_fwd(x, W, b, y):
+    """y = x W + b"""
+    np.dot(x, W, y)
+    _add_bias(y, b)
+
+
+@jit(inline=True)
+def _linear_bwd(x, dy, W, gW, gb, row, dx):
+    """y = x W + b, backward: gW = x^T dy, gb = sum over rows of dy (summed into the local row,
+    then copied: see _shard), dx = dy W^T."""
+    np.dot(x.T, dy, gW)
+    _col_sums(dy, row)
+    gb[:] = row
+    np.dot(dy, W.T, dx)
+
+
+@jit(inline=True)
+def _layernorm_fwd(x, g, b, eps, keep, y, mean, rstd):
+    """y = g (x - mean) rstd + b over each row, rstd = 1 / sqrt(var + eps); x kept in `keep` and
+    the statistics in mean, rstd for _layernorm_bwd. g, b: [1, C] rows."""
+    keep[:] = x
+    _ln_fwd(x, g[0], b[0], eps, y, mean, rstd)
+
+
+@jit(inline=True)
+def _layernorm_bwd(dy, x, g, mean, rstd, dx, gg, gb, Gg, Gb):
+    """The backward of _layernorm_fwd: with xhat = (x - mean) rstd and dxhat = dy g,
+    dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)); Gg = sum over rows of dy xhat,
+    Gb = sum over rows of dy (summed in the local rows gg, gb, then copied: see _shard)."""
+    _ln_bwd(dy, x, g[0], mean, rstd, 1, dx, gg, gb)
+    Gg[:] = gg
+    Gb[:] = gb
+
+
+# ---- causal attention (docs/derivations.md#attention): in lanes, or per head in BLAS ----
 
 @jit()
 def _attention_fwd(X, T, M, H, scale, valid, Y, P):
@@ -190,14 +239,6 @@ def attention_in_lanes(T, head_size):
     return T * head_size * head_size <= LANES_MAX
 
 
-@jit()
-def _linear_bwd(x, dy, W, gW, gb, row, dx):
-    """y = x W + b, backward: gW = x^T dy, gb = sum over rows of dy (summed into the local row,
-    then copied: see _shard), dx = dy W^T."""
-    np.dot(x.T, dy, gW)
-    _col_sums(dy, row)
-    gb[:] = row
-    np.dot(dy, W.T, dx)
 
 
 @jit()
@@ -249,33 +290,62 @@ def _attention_blas_bwd(qkv, p, y, dy, nb, T, H, scale, dqkv):
             gemm(dS[b, h], True, rows[:, o:o + hs], False, out[:, C + o:C + o + hs], 0.0)
 
 
-@jit()
-def _shard(idx, tgt, P, G, s, slots, top, flags, wqkv, weight):
-    """Forward and backward of the rows idx [nb, T] (targets tgt [nb, T]) on this thread.
+# ---- a shard's arrays ----
 
-    Writes shard s's gradient of weight * (mean loss over these rows) into G[k][s] for every
-    parameter k; returns the sum of the rows' losses.
-    """
-    nb, T = idx.shape
+class _Work(NamedTuple):
+    """One shard's arrays, allocated once per call by _workspace; the helpers write into them.
+    Per layer l and sublayer j (SUB_ATTN, SUB_FFN), kept from the forward for the backward:
+    a LayerNorm's input and statistics, the sublayer's input and the attention and feed-forward
+    intermediates. With lanes, attention's operands are transposed (see _attention_fwd)."""
+    nb: int            # sequences in the shard
+    T: int             # positions per sequence
+    M: int             # rows, nb * T
+    lanes: bool        # attention in lanes (else per head in BLAS)
+    scale: float       # 1 / sqrt(head size), in the arrays' dtype
+    eps: float         # LayerNorm's, in the arrays' dtype
+    valid: np.ndarray  # [T, M]: 1 where row r's position r % T >= the offset (lanes only)
+    # the forward's, per layer
+    lnx: np.ndarray    # [L, 2, M, C] LayerNorm inputs
+    mean: np.ndarray   # [L, 2, M]
+    rstd: np.ndarray   # [L, 2, M]
+    hin: np.ndarray    # [L, 2, M, C] sublayer inputs
+    qkv: np.ndarray    # [L, 3C, T + M + T] (lanes, zero pads) or [L, M, 3C]
+    att: np.ndarray    # [L, C, M] (lanes) or [L, M, C]: attention's output before the projection
+    probs: np.ndarray  # [L, H * T * (M + T)] (lanes) or [L, nb * H * T * T]
+    pre: np.ndarray    # [L, M, F] feed-forward pre-activation (with its bias)
+    hid: np.ndarray    # [L, M, F] its activation
+    # the stream and the head
+    x: np.ndarray      # [M, C] the residual stream
+    f: np.ndarray      # [M, C] a sublayer's output
+    hf: np.ndarray     # [M, C] the final LayerNorm's output ([0, C] without norm)
+    meanf: np.ndarray  # [M]
+    rstdf: np.ndarray  # [M]
+    z: np.ndarray      # [M, V] logits
+    dz: np.ndarray     # [M, V] their gradient
+    # the backward's scratch
+    ds: np.ndarray     # [M, C] gradient of the residual stream
+    df: np.ndarray     # [M, C] gradient of a sublayer's output
+    dh: np.ndarray     # [M, C] gradient of a sublayer's input
+    datt: np.ndarray   # [C, M + T] (lanes, right pad zero) or [M, C]
+    dqkv: np.ndarray   # [3C, M] (lanes) or [M, 3C]
+    dS: np.ndarray     # [T, M + T] (lanes, right pad zero) or [0, 0]
+    dhid: np.ndarray   # [M, F]
+    dpre: np.ndarray   # [M, F]
+    gv: np.ndarray     # [1, V], [1, C], [1, C], [1, F]: vector gradients' local rows
+    gg: np.ndarray
+    gb: np.ndarray
+    gf: np.ndarray
+
+
+@jit(inline=True)
+def _workspace(a, nb, T, C, F, V, dt):
+    """A _Work for a shard of nb sequences of T positions of the model a (numgpt.arch.Arch) with
+    C channels, feed-forward width F, vocabulary V, in dtype dt."""
     M = nb * T
-    L = slots.shape[0]
-    tok = P[top[TOK]]
-    C = tok.shape[1]
-    V = P[top[LM_W]].shape[1]
-    H = flags[N_HEAD]
-    norm, residual = flags[NORM], flags[RESIDUAL]
-    has_proj, has_ffn, has_out, act = flags[ATTN_PROJ], flags[FFN], flags[FFN_PROJ], flags[ACT]
-    F = P[slots[0, W_FC]].shape[1] if has_ffn else C
-    dt = tok.dtype
+    L, H = a.n_layer, a.n_head
     sc = np.empty(2, dtype=dt)   # constants in the arrays' dtype
     sc[0] = (C // H) ** -0.5
     sc[1] = 1e-5
-    scale, eps = sc[0], sc[1]
-    n_sub = 2 if has_ffn else 1
-
-    # attention of short blocks of small heads works on its operands transposed, in lanes
-    # (_attention_fwd): q, k, v as [3C, T + M + T] with zero pads, the output as [C, M]; the
-    # others in rows, through BLAS (_attention_blas_fwd)
     lanes = attention_in_lanes(T, C // H)
     valid = np.zeros((T, M) if lanes else (0, 0), dtype=dt)
     if lanes:
@@ -283,9 +353,7 @@ def _shard(idx, tgt, P, G, s, slots, top, flags, wqkv, weight):
             for r in range(M):
                 if r % T >= o:
                     valid[o, r] = 1
-
-    # ---- forward; kept for the backward: every sublayer's LayerNorm input and statistics, the
-    # input of its first product, and the attention and feed-forward intermediates
+    # the forward's (in the order the step first writes them)
     lnx = np.empty((L, 2, M, C), dtype=dt)
     mean = np.empty((L, 2, M), dtype=dt)
     rstd = np.empty((L, 2, M), dtype=dt)
@@ -302,79 +370,21 @@ def _shard(idx, tgt, P, G, s, slots, top, flags, wqkv, weight):
         probs = np.empty((L, nb * H * T * T), dtype=dt)     # [nb, H, T, T] a layer
     pre = np.empty((L, M, F), dtype=dt)
     hid = np.empty((L, M, F), dtype=dt)
-    x = np.empty((M, C), dtype=dt)   # the residual stream
-    f = np.empty((M, C), dtype=dt)   # a sublayer's output
-    _embed_fwd(idx, tok, P[top[POS]], x.reshape(nb, T, C))
-    for l in range(L):
-        for j in range(n_sub):
-            g_slot = slots[l, LN1_G if j == 0 else LN2_G]
-            b_slot = slots[l, LN1_B if j == 0 else LN2_B]
-            if norm == 2:
-                lnx[l, j] = x
-                _ln_fwd(x, P[g_slot][0], P[b_slot][0], eps, hin[l, j], mean[l, j], rstd[l, j])
-            else:
-                hin[l, j] = x
-            if j == 0 and lanes:
-                gemm(wqkv[l], True, hin[l, j], True, qkv[l][:, T:T + M], 0.0)
-                _attention_fwd(qkv[l], T, M, H, scale, valid, att[l],
-                               probs[l].reshape(H, T, M + T))
-                if has_proj:
-                    gemm(att[l], True, P[slots[l, W_PROJ]], False, f, 0.0)
-                    _add_bias(f, P[slots[l, B_PROJ]])
-                else:
-                    f[:] = att[l].T
-            elif j == 0:
-                np.dot(hin[l, j], wqkv[l], qkv[l])
-                _attention_blas_fwd(qkv[l], nb, T, H, scale, att[l],
-                                    probs[l].reshape(nb, H, T, T))
-                if has_proj:
-                    np.dot(att[l], P[slots[l, W_PROJ]], f)
-                    _add_bias(f, P[slots[l, B_PROJ]])
-                else:
-                    f[:] = att[l]
-            else:
-                np.dot(hin[l, j], P[slots[l, W_FC]], pre[l])
-                _act_fwd(pre[l], P[slots[l, B_FC]][0], act, hid[l])
-                if has_out:
-                    np.dot(hid[l], P[slots[l, W_OUT]], f)
-                    _add_bias(f, P[slots[l, B_OUT]])
-                else:
-                    f[:] = hid[l]
-            if residual:
-                f += x
-            if norm == 1:
-                lnx[l, j] = f
-                _ln_fwd(f, P[g_slot][0], P[b_slot][0], eps, x, mean[l, j], rstd[l, j])
-            else:
-                x[:] = f
-    hf = x
+    x = np.empty((M, C), dtype=dt)
+    f = np.empty((M, C), dtype=dt)
     meanf = np.empty(M, dtype=dt)
     rstdf = np.empty(M, dtype=dt)
-    if norm != 0:
-        hf = np.empty((M, C), dtype=dt)
-        _ln_fwd(x, P[top[LNF_G]][0], P[top[LNF_B]][0], eps, hf, meanf, rstdf)
+    n_hf = M if a.norm != NORM_NONE else 0
+    hf = np.empty((n_hf, C), dtype=dt)
     z = np.empty((M, V), dtype=dt)
-    np.dot(hf, P[top[LM_W]], z)
-    _add_bias(z, P[top[LM_B]])
     dz = np.empty((M, V), dtype=dt)
-    losses = _xent(z, tgt.reshape(M), True, dz)   # dz = (softmax - onehot) / M
-    dz *= weight
-
-    # ---- backward
-    # vector gradients are summed row by row into a local row, then copied once: the shards'
-    # slots of a vector share cache lines, which two threads should not write row after row
+    # the backward's
     gv = np.empty((1, V), dtype=dt)
     gg = np.empty((1, C), dtype=dt)
     gb = np.empty((1, C), dtype=dt)
     gf = np.empty((1, F), dtype=dt)
-    ds = np.empty((M, C), dtype=dt)      # gradient of the residual stream
-    _linear_bwd(hf, dz, P[top[LM_W]], G[top[LM_W]][s], G[top[LM_B]][s], gv, ds)
+    ds = np.empty((M, C), dtype=dt)
     dh = np.empty((M, C), dtype=dt)
-    if norm != 0:
-        _ln_bwd(ds, x, P[top[LNF_G]][0], meanf, rstdf, 1, dh, gg, gb)
-        G[top[LNF_G]][s][:] = gg
-        G[top[LNF_B]][s][:] = gb
-        ds, dh = dh, ds
     df = np.empty((M, C), dtype=dt)
     if lanes:   # transposed, as in the forward; the right pads of datt and dS stay zero
         datt = np.zeros((C, M + T), dtype=dt)
@@ -386,69 +396,222 @@ def _shard(idx, tgt, P, G, s, slots, top, flags, wqkv, weight):
         dS = np.empty((0, 0), dtype=dt)
     dhid = np.empty((M, F), dtype=dt)
     dpre = np.empty((M, F), dtype=dt)
-    for l in range(L - 1, -1, -1):
-        for j in range(n_sub - 1, -1, -1):
-            g_slot = slots[l, LN1_G if j == 0 else LN2_G]
-            b_slot = slots[l, LN1_B if j == 0 else LN2_B]
-            if norm == 1:   # ds is the gradient of the LayerNorm's output
-                _ln_bwd(ds, lnx[l, j], P[g_slot][0], mean[l, j], rstd[l, j], 1, df, gg, gb)
-                G[g_slot][s][:] = gg
-                G[b_slot][s][:] = gb
-            else:
-                df[:] = ds
-            # df: gradient of the sublayer's output (and, with residual, of the skip)
-            if j == 0 and lanes:   # the transposed forward's products, transposed back
-                dy = datt[:, :M]
-                if has_proj:
-                    gemm(att[l], False, df, False, G[slots[l, W_PROJ]][s], 0.0)
-                    _col_sums(df, gb)
-                    G[slots[l, B_PROJ]][s][:] = gb
-                    gemm(P[slots[l, W_PROJ]], False, df, True, dy, 0.0)
-                else:
-                    dy[:] = df.T
-                _attention_bwd(qkv[l], probs[l].reshape(H, T, M + T), datt, T, M, H, scale, dS,
-                               dqkv)
-                for part, slot in ((0, W_Q), (1, W_K), (2, W_V)):  # each its own gradient
-                    gemm(hin[l, j], True, dqkv[part * C:(part + 1) * C], True,
-                         G[slots[l, slot]][s], 0.0)
-                gemm(dqkv, True, wqkv[l], True, dh, 0.0)
-            elif j == 0:
-                if has_proj:
-                    _linear_bwd(att[l], df, P[slots[l, W_PROJ]], G[slots[l, W_PROJ]][s],
-                                G[slots[l, B_PROJ]][s], gb, datt)
-                else:
-                    datt[:] = df
-                _attention_blas_bwd(qkv[l], probs[l].reshape(nb, H, T, T), att[l], datt, nb, T,
-                                    H, scale, dqkv)
-                for part, slot in ((0, W_Q), (1, W_K), (2, W_V)):  # each its own gradient
-                    gemm(hin[l, j], True, dqkv[:, part * C:(part + 1) * C], False,
-                         G[slots[l, slot]][s], 0.0)
-                np.dot(dqkv, wqkv[l].T, dh)
-            else:
-                if has_out:
-                    _linear_bwd(hid[l], df, P[slots[l, W_OUT]], G[slots[l, W_OUT]][s],
-                                G[slots[l, B_OUT]][s], gb, dhid)
-                else:
-                    dhid[:] = df
-                _act_bwd(dhid, pre[l], act, 1, dpre, gf)
-                G[slots[l, B_FC]][s][:] = gf
-                np.dot(hin[l, j].T, dpre, G[slots[l, W_FC]][s])
-                np.dot(dpre, P[slots[l, W_FC]].T, dh)
-            # dh: gradient of the sublayer's input
-            if norm == 2:
-                _ln_bwd(dh, lnx[l, j], P[g_slot][0], mean[l, j], rstd[l, j], 1, ds, gg, gb)
-                G[g_slot][s][:] = gg
-                G[b_slot][s][:] = gb
-                if residual:
-                    ds += df
-            elif residual:
-                ds[:] = df
-                ds += dh
-            else:
-                ds[:] = dh
+    scale, eps = sc[0], sc[1]
+    return _Work(nb, T, M, lanes, scale, eps, valid, lnx, mean, rstd, hin, qkv, att, probs, pre,
+                 hid, x, f, hf, meanf, rstdf, z, dz, ds, df, dh, datt, dqkv, dS, dhid, dpre, gv,
+                 gg, gb, gf)
+
+
+# ---- the sublayers (numgpt/layers/attention.py, feedforward.py) ----
+
+@jit(inline=True)
+def _attention_sublayer_fwd(a, w, l, P, p, wqkv, h, f):
+    """f [M, C] = multi-head causal attention of h [M, C] (layers.attention.multihead_forward):
+    q, k, v = h w_q, h w_k, h w_v (one product with wqkv = [w_q w_k w_v]); per head
+    y = softmax(q k^T / sqrt(hs), causal) v; f = y w_proj + b_proj (attn_proj), else f = y.
+    Kept in w for layer l: qkv, y (att) and the probabilities. p: the layer's slots."""
+    T, M, H = w.T, w.M, a.n_head
+    if w.lanes:   # transposed: qkv^T = wqkv^T h^T into the lanes between the pads
+        gemm(wqkv, True, h, True, w.qkv[l][:, T:T + M], 0.0)
+        _attention_fwd(w.qkv[l], T, M, H, w.scale, w.valid, w.att[l],
+                       w.probs[l].reshape(H, T, M + T))
+        if a.attn_proj:   # f = (y^T)^T w_proj + b_proj
+            gemm(w.att[l], True, P[p[W_PROJ]], False, f, 0.0)
+            _add_bias(f, P[p[B_PROJ]])
+        else:
+            f[:] = w.att[l].T
+    else:
+        np.dot(h, wqkv, w.qkv[l])
+        _attention_blas_fwd(w.qkv[l], w.nb, T, H, w.scale, w.att[l],
+                            w.probs[l].reshape(w.nb, H, T, T))
+        if a.attn_proj:
+            _linear_fwd(w.att[l], P[p[W_PROJ]], P[p[B_PROJ]], f)
+        else:
+            f[:] = w.att[l]
+
+
+@jit(inline=True)
+def _attention_sublayer_bwd(a, w, l, P, G, s, p, wqkv, df, dh):
+    """The backward of _attention_sublayer_fwd: df [M, C] (gradient of f) -> dh [M, C] (of h);
+    with attn_proj dy = df w_proj^T, G[w_proj] = y^T df, G[b_proj] = sum over rows of df; the
+    attention's backward gives dq, dk, dv; G[w_q] = h^T dq (and k, v alike), dh = dqkv wqkv^T.
+    Gradients go to shard s's slots of G."""
+    T, M, H, C = w.T, w.M, a.n_head, df.shape[1]
+    h = w.hin[l, SUB_ATTN]
+    if w.lanes:   # the transposed forward's products, transposed back
+        dy = w.datt[:, :M]
+        if a.attn_proj:
+            gemm(w.att[l], False, df, False, G[p[W_PROJ]][s], 0.0)
+            _col_sums(df, w.gb)
+            G[p[B_PROJ]][s][:] = w.gb
+            gemm(P[p[W_PROJ]], False, df, True, dy, 0.0)
+        else:
+            dy[:] = df.T
+        _attention_bwd(w.qkv[l], w.probs[l].reshape(H, T, M + T), w.datt, T, M, H, w.scale,
+                       w.dS, w.dqkv)
+        for part, slot in ((0, W_Q), (1, W_K), (2, W_V)):  # each its own gradient
+            gemm(h, True, w.dqkv[part * C:(part + 1) * C], True, G[p[slot]][s], 0.0)
+        gemm(w.dqkv, True, wqkv, True, dh, 0.0)
+    else:
+        if a.attn_proj:
+            _linear_bwd(w.att[l], df, P[p[W_PROJ]], G[p[W_PROJ]][s], G[p[B_PROJ]][s], w.gb,
+                        w.datt)
+        else:
+            w.datt[:] = df
+        _attention_blas_bwd(w.qkv[l], w.probs[l].reshape(w.nb, H, T, T), w.att[l], w.datt, w.nb,
+                            T, H, w.scale, w.dqkv)
+        for part, slot in ((0, W_Q), (1, W_K), (2, W_V)):  # each its own gradient
+            gemm(h, True, w.dqkv[:, part * C:(part + 1) * C], False, G[p[slot]][s], 0.0)
+        np.dot(w.dqkv, wqkv.T, dh)
+
+
+@jit(inline=True)
+def _ffn_sublayer_fwd(a, w, l, P, p, h, f):
+    """f [M, C] = the feed-forward of h [M, C] (layers.feedforward.feedforward_forward):
+    pre = h w_fc + b_fc, hid = act(pre), f = hid w_out + b_out (ffn_proj), else f = hid.
+    Kept in w for layer l: pre and hid."""
+    np.dot(h, P[p[W_FC]], w.pre[l])
+    _act_fwd(w.pre[l], P[p[B_FC]][0], a.activation, w.hid[l])   # adds b_fc into pre
+    if a.ffn_proj:
+        _linear_fwd(w.hid[l], P[p[W_OUT]], P[p[B_OUT]], f)
+    else:
+        f[:] = w.hid[l]
+
+
+@jit(inline=True)
+def _ffn_sublayer_bwd(a, w, l, P, G, s, p, df, dh):
+    """The backward of _ffn_sublayer_fwd: df -> dh. dhid = df w_out^T (G[w_out] = hid^T df,
+    G[b_out] = sum of df) or df; dpre = dhid act'(pre), G[b_fc] = sum of dpre;
+    G[w_fc] = h^T dpre; dh = dpre w_fc^T."""
+    if a.ffn_proj:
+        _linear_bwd(w.hid[l], df, P[p[W_OUT]], G[p[W_OUT]][s], G[p[B_OUT]][s], w.gb, w.dhid)
+    else:
+        w.dhid[:] = df
+    _act_bwd(w.dhid, w.pre[l], a.activation, 1, w.dpre, w.gf)
+    G[p[B_FC]][s][:] = w.gf
+    np.dot(w.hin[l, SUB_FFN].T, w.dpre, G[p[W_FC]][s])
+    np.dot(w.dpre, P[p[W_FC]].T, dh)
+
+
+# ---- a block (numgpt/model.py: GPT._block_forward, GPT._block_backward) ----
+
+@jit(inline=True)
+def _block_fwd(a, w, l, P, p, wqkv, x):
+    """Block l on the residual stream x [M, C], in place. For each sublayer (attention, then
+    feed-forward): h = LN(x) (pre-norm) or x; f = sublayer(h); x = x + f (residual) or f;
+    x = LN(x) (post-norm)."""
+    f = w.f
+    for j in range(2 if a.ffn else 1):
+        g, b = (LN1_G, LN1_B) if j == SUB_ATTN else (LN2_G, LN2_B)
+        h = w.hin[l, j]
+        if a.norm == NORM_PRE:
+            _layernorm_fwd(x, P[p[g]], P[p[b]], w.eps, w.lnx[l, j], h, w.mean[l, j],
+                           w.rstd[l, j])
+        else:
+            h[:] = x
+        if j == SUB_ATTN:
+            _attention_sublayer_fwd(a, w, l, P, p, wqkv, h, f)
+        else:
+            _ffn_sublayer_fwd(a, w, l, P, p, h, f)
+        if a.residual:
+            f += x
+        if a.norm == NORM_POST:
+            _layernorm_fwd(f, P[p[g]], P[p[b]], w.eps, w.lnx[l, j], x, w.mean[l, j],
+                           w.rstd[l, j])
+        else:
+            x[:] = f
+
+
+@jit(inline=True)
+def _block_bwd(a, w, l, P, G, s, p, wqkv, ds):
+    """The backward of _block_fwd: ds [M, C], the gradient of the block's output, becomes that
+    of its input, in place. For each sublayer, last first: (post-norm) ds = LN'(ds); the
+    sublayer's output gets df = ds; dh = sublayer'(df); (pre-norm) dh = LN'(dh);
+    ds = df + dh (residual: the skip's gradient plus the sublayer's) or dh."""
+    df, dh = w.df, w.dh
+    for j in range(1 if a.ffn else 0, -1, -1):
+        g, b = (LN1_G, LN1_B) if j == SUB_ATTN else (LN2_G, LN2_B)
+        if a.norm == NORM_POST:
+            _layernorm_bwd(ds, w.lnx[l, j], P[p[g]], w.mean[l, j], w.rstd[l, j], df, w.gg, w.gb,
+                           G[p[g]][s], G[p[b]][s])
+        else:
+            df[:] = ds
+        if j == SUB_ATTN:
+            _attention_sublayer_bwd(a, w, l, P, G, s, p, wqkv, df, dh)
+        else:
+            _ffn_sublayer_bwd(a, w, l, P, G, s, p, df, dh)
+        if a.norm == NORM_PRE:   # (into ds, free now that df holds the skip's gradient)
+            _layernorm_bwd(dh, w.lnx[l, j], P[p[g]], w.mean[l, j], w.rstd[l, j], ds, w.gg, w.gb,
+                           G[p[g]][s], G[p[b]][s])
+            if a.residual:
+                ds += df
+        elif a.residual:
+            ds[:] = df
+            ds += dh
+        else:
+            ds[:] = dh
+
+
+# ---- the head (numgpt/model.py: GPT.forward's end, GPT.backward's start) ----
+
+@jit(inline=True)
+def _head_fwd(a, w, P, top, x):
+    """Logits z = LN_f(x) W + b (LN_f unless norm is none; its output kept in w.hf) into w.z."""
+    hf = x
+    if a.norm != NORM_NONE:
+        hf = w.hf
+        _ln_fwd(x, P[top[LNF_G]][0], P[top[LNF_B]][0], w.eps, hf, w.meanf, w.rstdf)
+    _linear_fwd(hf, P[top[LM_W]], P[top[LM_B]], w.z)
+
+
+@jit(inline=True)
+def _head_bwd(a, w, P, G, s, top, x, ds):
+    """The backward of _head_fwd: w.dz -> ds [M, C], the gradient of the last block's output;
+    the lm_head's (and LN_f's) gradients into shard s's slots of G."""
+    if a.norm != NORM_NONE:
+        _linear_bwd(w.hf, w.dz, P[top[LM_W]], G[top[LM_W]][s], G[top[LM_B]][s], w.gv, w.dh)
+        _layernorm_bwd(w.dh, x, P[top[LNF_G]], w.meanf, w.rstdf, ds, w.gg, w.gb,
+                       G[top[LNF_G]][s], G[top[LNF_B]][s])
+    else:
+        _linear_bwd(x, w.dz, P[top[LM_W]], G[top[LM_W]][s], G[top[LM_B]][s], w.gv, ds)
+
+
+# ---- a shard: the model top to bottom (numgpt/model.py: GPT.forward, GPT.backward) ----
+
+@jit()
+def _shard(idx, tgt, P, G, s, slots, top, a, wqkv, weight):
+    """Forward and backward of the rows idx [nb, T] (targets tgt [nb, T]) on this thread, for
+    the model a (numgpt.arch.Arch).
+
+    Writes shard s's gradient of weight * (mean loss over these rows) into G[k][s] for every
+    parameter k; returns the sum of the rows' losses. Vector gradients are summed row by row
+    into a local row of the workspace, then copied once: the shards' slots of a vector share
+    cache lines, which two threads should not write row after row.
+    """
+    nb, T = idx.shape
+    C = P[top[TOK]].shape[1]
+    V = P[top[LM_W]].shape[1]
+    F = P[slots[0, W_FC]].shape[1] if a.ffn else C
+    w = _workspace(a, nb, T, C, F, V, P[top[TOK]].dtype)
+    x = w.x
+    # ---- forward: x = tok_emb[idx] + pos_emb[:T]; the blocks; logits; the loss
+    _embed_fwd(idx, P[top[TOK]], P[top[POS]], x.reshape(nb, T, C))
+    for l in range(a.n_layer):
+        _block_fwd(a, w, l, P, slots[l], wqkv[l], x)
+    _head_fwd(a, w, P, top, x)
+    dz = w.dz
+    losses = _xent(w.z, tgt.reshape(w.M), True, dz)   # dz = (softmax - onehot) / M
+    dz *= weight
+    # ---- backward, in reverse
+    ds = w.ds
+    _head_bwd(a, w, P, G, s, top, x, ds)
+    for l in range(a.n_layer - 1, -1, -1):
+        _block_bwd(a, w, l, P, G, s, slots[l], wqkv[l], ds)
     _embed_bwd(idx, ds.reshape(nb, T, C), G[top[TOK]][s], G[top[POS]][s])
     return losses.sum()
 
+
+# ---- the step: the batch in shards, one per thread ----
 
 @jit()
 def _pack_qkv(P, slots, wqkv):
@@ -470,16 +633,19 @@ def _add_shards(G, n_shards):
 
 
 @jit(parallel=True)
-def train_step(idx, tgt, P, G, slots, top, flags, n_shards, wqkv, sums):
+def train_step(idx, tgt, P, G, slots, top, arch, n_shards, wqkv, sums):
     """The mean loss of the batch idx [B, T] -> targets tgt [B, T], and its gradients: G[k][0]
     is the gradient of parameter P[k] (G[k] is [n_shards, *P[k].shape]; the other shards' slots
     are scratch). The batch is cut into n_shards nearly equal runs of rows, one per thread.
-    wqkv [L, C, 3C] and sums [n_shards] (float64) are scratch.
+    wqkv [L, C, 3C] and sums [n_shards] (float64) are scratch. arch: the fields of the model's
+    numgpt.arch.Arch as a plain tuple (tuple(a)), named again here: numba types a plain tuple
+    argument in compiled code, a namedtuple field by field in Python on every call.
 
     Only the prange is here: numba runs every array expression of a parallel function as a
     parallel region of its own (thread wake-up and barrier each), so the packing of the weights
     and the sum over the shards are serial helpers. They were ~50 such regions a step, most of
     them the gradient sums."""
+    a = Arch(*arch)
     B, T = idx.shape
     dt = wqkv.dtype
     _pack_qkv(P, slots, wqkv)
@@ -492,7 +658,7 @@ def train_step(idx, tgt, P, G, slots, top, flags, n_shards, wqkv, sums):
         # compiled a second time for it; with one signature the serial build, which shares it,
         # compiles in 7 s after the parallel one
         sums[s] = _shard(idx[b0:b1].copy(), tgt[b0:b1].copy(), P, G, np.int64(s), slots, top,
-                         flags, wqkv, w[0])
+                         a, wqkv, w[0])
     _add_shards(G, n_shards)
     tot = 0.0
     for s in range(n_shards):

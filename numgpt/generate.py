@@ -37,14 +37,14 @@ class KVCache:
                                for i in range(cfg.n_layer)])
         self.n_head = cfg.n_head
         self.t = 0
-        self._stacked = None
+        self._weights = None  # decode.DecodeWeights, made at the first step
 
     def step(self, model, ids):
         """Logits [B, V] (float64) of the next token after ids [B] at position t, in one compiled
         call (kernels/decode.py); the same as model.forward(ids[:, None], kv=self)."""
         from numgpt.kernels import decode
         cfg = model.cfg
-        if self._stacked is None:
+        if self._weights is None:
             P, L, C, dt = model.params, cfg.n_layer, cfg.n_embd, model.dtype
             tr = 3 * C * C > (1 << 17)  # big weights stream best transposed (kernels/decode._mv)
 
@@ -58,23 +58,25 @@ class KVCache:
                                                       for i in range(L)]))
             F = cfg.ffn_hidden
             none = np.zeros(0, dtype=dt)
-            self._stacked = (
-                P["tok_emb"], P["pos_emb"], stack("ln1.g", (C,)), stack("ln1.b", (C,)),
-                np.ascontiguousarray(self.w_qkv.transpose(0, 2, 1)) if tr else self.w_qkv,
-                stack("attn.w_proj", (0, 0)), stack("attn.b_proj", (C,)),
-                stack("ln2.g", (C,)), stack("ln2.b", (C,)), stack("ffn.w_fc", (0, C) if tr else (C, 0)),
-                stack("ffn.b_fc", (F,)), stack("ffn.w_out", (0, 0)), stack("ffn.b_out", (C,)),
-                P.get("ln_f.g", none), P.get("ln_f.b", none),
-                T(P["lm_head.w"]), P["lm_head.b"])
-            layout = 0
+            self._weights = decode.DecodeWeights(
+                tok_emb=P["tok_emb"], pos_emb=P["pos_emb"],
+                ln1_g=stack("ln1.g", (C,)), ln1_b=stack("ln1.b", (C,)),
+                w_qkv=np.ascontiguousarray(self.w_qkv.transpose(0, 2, 1)) if tr else self.w_qkv,
+                w_proj=stack("attn.w_proj", (0, 0)), b_proj=stack("attn.b_proj", (C,)),
+                ln2_g=stack("ln2.g", (C,)), ln2_b=stack("ln2.b", (C,)),
+                w_fc=stack("ffn.w_fc", (0, C) if tr else (C, 0)), b_fc=stack("ffn.b_fc", (F,)),
+                w_out=stack("ffn.w_out", (0, 0)), b_out=stack("ffn.b_out", (C,)),
+                lnf_g=P.get("ln_f.g", none), lnf_b=P.get("ln_f.b", none),
+                w_head=T(P["lm_head.w"]), b_head=P["lm_head.b"])
+            self._layout = 0
             if tr:  # the big products on numba's threads, where they may run
                 from numgpt.kernels._jit import threads_allowed
-                layout = 2 if threads_allowed() else 1
-            self._flags = (cfg.n_head, {"none": 0, "post": 1, "pre": 2}[cfg.norm], cfg.residual,
-                           cfg.activation == "gelu", layout)
+                self._layout = 2 if threads_allowed() else 1
+            # the kernel takes both as plain tuples (see decode_step)
+            self._args = (tuple(model.arch), tuple(self._weights))
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         logits = np.empty((ids.shape[0], cfg.vocab_size), dtype=model.dtype)
-        decode.decode_step(ids, self.t, *self._stacked, self.K, self.V, *self._flags, logits)
+        decode.decode_step(ids, self.t, *self._args, self.K, self.V, self._layout, logits)
         self.t += 1
         return logits
 

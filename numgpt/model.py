@@ -13,6 +13,7 @@ Parameters live in a flat dict name -> array; weights are stored [in, out] (y = 
 """
 import numpy as np
 
+from .arch import NORM_NONE, NORM_POST, NORM_PRE, SUB_ATTN, SUB_FFN, arch
 from .config import Config, validate
 from .layers import linear_backward, linear_forward, residual_backward, residual_forward
 from .ops import get_ops
@@ -132,6 +133,7 @@ class GPT:
 
     def __init__(self, cfg: Config, seed=0, dtype=np.float32, params=None):
         self.cfg = validate(cfg)
+        self.arch = arch(self.cfg)  # the blocks' structure, read here and by the compiled paths
         self.dtype = np.dtype(dtype)
         if self.dtype not in (np.float32, np.float64):
             raise ValueError(f"dtype must be float32 or float64, got {self.dtype}")
@@ -174,45 +176,45 @@ class GPT:
 
     # ---- forward / backward ----
     def _block_forward(self, x, i, train, rng, kv=None):
-        cfg, ops = self.cfg, self.ops
+        a, ops = self.arch, self.ops
         p = {short: self.params[full] for short, full in self._names[i].items()}
-        drop = cfg.dropout if train else 0.0
+        drop = self.cfg.dropout if train else 0.0
         cache = {}
-        sublayers = [("attn", "ln1")]
-        if cfg.ffn_mult > 0:
-            sublayers.append(("ffn", "ln2"))
-        for name, ln in sublayers:
+        sublayers = [(SUB_ATTN, "attn", "ln1")]
+        if a.ffn:
+            sublayers.append((SUB_FFN, "ffn", "ln2"))
+        for kind, name, ln in sublayers:
             h = x
-            if cfg.norm == "pre":
+            if a.norm == NORM_PRE:
                 h, cache[ln] = ops.layernorm_forward(x, p[ln + ".g"], p[ln + ".b"])
             sp = _sub(p, name + ".")
-            if name == "attn" and kv is not None:
+            if kind == SUB_ATTN and kv is not None:
                 f = kv.attend(h, sp, i)  # generation: new positions against the cached past
-            elif name == "attn":
-                f, cache[name] = ops.multihead_forward(h, sp, cfg.n_head, drop, drop, rng)
+            elif kind == SUB_ATTN:
+                f, cache[name] = ops.multihead_forward(h, sp, a.n_head, drop, drop, rng)
             else:
-                f, cache[name] = ops.feedforward_forward(h, sp, cfg.activation, drop, rng)
-            x = residual_forward(x, f) if cfg.residual else f
-            if cfg.norm == "post":
+                f, cache[name] = ops.feedforward_forward(h, sp, self.cfg.activation, drop, rng)
+            x = residual_forward(x, f) if a.residual else f
+            if a.norm == NORM_POST:
                 x, cache[ln] = ops.layernorm_forward(x, p[ln + ".g"], p[ln + ".b"])
         return x, (cache, sublayers)
 
     def _block_backward(self, dx, i, bcache, grads):
-        cfg, ops = self.cfg, self.ops
+        a, ops = self.arch, self.ops
         cache, sublayers = bcache
         pre = f"blocks.{i}."
-        for name, ln in reversed(sublayers):
-            if cfg.norm == "post":
+        for kind, name, ln in reversed(sublayers):
+            if a.norm == NORM_POST:
                 dx, grads[pre + ln + ".g"], grads[pre + ln + ".b"] = ops.layernorm_backward(
                     dx, cache[ln])
-            dskip, df = residual_backward(dx) if cfg.residual else (None, dx)
-            if name == "attn":
+            dskip, df = residual_backward(dx) if a.residual else (None, dx)
+            if kind == SUB_ATTN:
                 dh, g = ops.multihead_backward(df, cache[name])
             else:
                 dh, g = ops.feedforward_backward(df, cache[name])
             for k, v in g.items():
                 grads[pre + name + "." + k] = v
-            if cfg.norm == "pre":
+            if a.norm == NORM_PRE:
                 dh, grads[pre + ln + ".g"], grads[pre + ln + ".b"] = ops.layernorm_backward(
                     dh, cache[ln])
             dx = dh if dskip is None else dskip + dh
@@ -244,7 +246,7 @@ class GPT:
             x, bc = self._block_forward(x, i, train and kv is None, rng, kv)
             blocks.append(bc)
         c_lnf = None
-        if cfg.norm != "none":
+        if self.arch.norm != NORM_NONE:
             x, c_lnf = ops.layernorm_forward(x, P["ln_f.g"], P["ln_f.b"])
         logits, c_head = linear_forward(x, P["lm_head.w"], P["lm_head.b"])
         if kv is not None:

@@ -166,9 +166,7 @@ class FusedStep:
         C = cfg.n_embd
         self._wqkv = np.empty((cfg.n_layer, C, 3 * C), dtype=views[0].dtype)  # kernel scratch
         self._sums = np.zeros(self.shards, dtype=np.float64)
-        self._flags = np.array([cfg.n_head, {"none": 0, "post": 1, "pre": 2}[cfg.norm],
-                                cfg.residual, cfg.attn_proj, cfg.ffn_mult > 0, cfg.ffn_proj,
-                                {"relu": 0, "gelu": 1}[cfg.activation]], dtype=np.int64)
+        self._arch = tuple(self.model.arch)  # numgpt/arch.py; a plain tuple: see train_step
         self._key = key
 
     def __call__(self, x, y, train=True, rng=None):
@@ -192,7 +190,7 @@ class FusedStep:
             if n != 1:
                 lib.set_num_threads(1)
         try:
-            loss = kernel(x, y, self._P, self._G, self._slots, self._top, self._flags, shards,
+            loss = kernel(x, y, self._P, self._G, self._slots, self._top, self._arch, shards,
                           self._wqkv, self._sums)
         finally:
             for lib, n in zip(libs, before):

@@ -255,7 +255,7 @@ def test_decode_kernel_equals_reference_step(preset, over):
         got = fast.step(m, idx[:, t])
         np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
     np.testing.assert_allclose(fast.K, ref.K, rtol=1e-4, atol=1e-4 * np.abs(ref.K).max())
-    assert fast._flags[-1] == (2 if over.get("n_embd", 0) == 256 else 0)  # the layout tested
+    assert fast._layout == (2 if over.get("n_embd", 0) == 256 else 0)  # the layout tested
 
 
 def test_decode_layouts_agree_bit_for_bit(monkeypatch):
@@ -271,7 +271,7 @@ def test_decode_layouts_agree_bit_for_bit(monkeypatch):
         kv = KVCache(m, 2)
         m.forward(idx[:, :4], kv=kv)
         out.append([kv.step(m, idx[:, t]) for t in range(4, 10)])
-        assert kv._flags[-1] == (1 if serial else 2)
+        assert kv._layout == (1 if serial else 2)
     for a, b in zip(*out):
         np.testing.assert_array_equal(a, b)
 

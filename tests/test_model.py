@@ -19,6 +19,23 @@ def test_param_counts_match_the_video(preset):
     assert set(m.params) == set(numgpt.param_shapes(m.cfg))
 
 
+def test_the_block_is_described_once_from_the_config():
+    """numgpt/arch.py: the model, the fused step and the decoder read the same Arch."""
+    from numgpt.arch import ACT_GELU, ACT_RELU, NORM_NONE, NORM_POST, NORM_PRE, arch
+    assert len({NORM_NONE, NORM_POST, NORM_PRE}) == 3 and ACT_RELU != ACT_GELU
+    a = arch(numgpt.get_config("laptop"))
+    assert (a.n_layer, a.n_head, a.norm, a.activation) == (4, 4, NORM_PRE, ACT_RELU)
+    assert a.residual and a.attn_proj and a.ffn and a.ffn_proj
+    assert all(type(v) in (int, bool) for v in a)  # plain values: numba takes them as they are
+    a = arch(numgpt.get_config("layernorm", activation="gelu"))
+    assert a.norm == NORM_POST and a.activation == ACT_GELU
+    a = arch(numgpt.get_config("single_head"))
+    assert a.norm == NORM_NONE and not (a.residual or a.attn_proj or a.ffn)
+    assert arch(numgpt.get_config("ffn")).ffn and not arch(numgpt.get_config("ffn")).ffn_proj
+    m = numgpt.build_model("preln")
+    assert m.arch == arch(m.cfg)
+
+
 @pytest.mark.parametrize("preset", numgpt.LADDER + ["laptop"])
 def test_untrained_loss_is_near_uniform(preset):
     m = numgpt.build_model(preset, dtype=np.float64)
