@@ -1,4 +1,4 @@
-"""Thread and malloc settings for training, applied when the kernels first load, never on import.
+"""Thread and malloc settings for the kernels, applied when they first load, never on import.
 
 numgpt alternates BLAS calls (OpenBLAS's threads) with numba kernels (OpenMP's threads) on the
 same cores. Both pools busy-wait after their work by default, so each steals the cores from the
@@ -71,7 +71,8 @@ def short_spins():
 def keep_freed_memory():
     """Ask glibc's malloc to keep freed memory for reuse instead of handing it back to the kernel;
     returns whether it took all three settings (False where malloc is not glibc's, or
-    NUMGPT_NO_MALLOPT is on). The trainer and the bench call it when training starts.
+    NUMGPT_NO_MALLOPT is on). Called when the kernels first load (the first GPT built with
+    them) and when training starts; importing numgpt does not.
 
     A training step allocates the same large temporaries every time. By default glibc serves
     big ones from fresh pages (mmap) and unmaps them on free, and gives every thread an arena of
@@ -82,7 +83,8 @@ def keep_freed_memory():
     The costs: the threads share one malloc lock (numgpt's threads allocate a few hundred arrays
     a step, so it is not contended), and freed memory is not returned to the system until the
     process ends (the resident size stays at the largest it has been: for training, the peak
-    every step reaches anyway). That is why it is not done on import.
+    every step reaches anyway). That is why it is not done on import. On the laptop preset's
+    fused step it is worth about a quarter of the step (docs/kernels.md).
     """
     global MALLOC_TUNED
     if _opted_out():
