@@ -181,10 +181,10 @@ def _head_view(a, n_head, C, part=0):
     return a[:, :, part * C:(part + 1) * C].reshape(B, T, n_head, C // n_head).transpose(0, 2, 1, 3)
 
 
-def multihead_forward(x, p, n_head, attn_dropout=0.0, resid_dropout=0.0, rng=None):
+def multihead_forward(x, params, n_head, attn_dropout=0.0, resid_dropout=0.0, rng=None):
     """As numgpt.layers.attention.multihead_forward, with q, k, v from one packed product."""
     B, T, C = x.shape
-    w_qkv = np.concatenate([p["w_q"], p["w_k"], p["w_v"]], axis=1)  # [C, 3C]
+    w_qkv = np.concatenate([params["w_q"], params["w_k"], params["w_v"]], axis=1)  # [C, 3C]
     qkv, c_qkv = linear_forward(x, w_qkv)                           # [B, T, 3C]
     dt = x.dtype.type
     has_drop = attn_dropout > 0
@@ -210,8 +210,8 @@ def multihead_forward(x, p, n_head, attn_dropout=0.0, resid_dropout=0.0, rng=Non
                                                 y, lse)
     att = y
     cp = None
-    if "w_proj" in p:
-        y, cp = linear_forward(y, p["w_proj"], p["b_proj"])
+    if "w_proj" in params:
+        y, cp = linear_forward(y, params["w_proj"], params["b_proj"])
     y, cd = dropout_forward(y, resid_dropout, rng)
     return y, (c_qkv, qkv, att, lse, P, keep, inv_keep, has_drop, scale, cp, cd, n_head)
 
@@ -248,19 +248,19 @@ def multihead_backward(dy, cache):
 
 # ---- feed-forward ----
 
-def feedforward_forward(x, p, activation="relu", dropout=0.0, rng=None):
+def feedforward_forward(x, params, activation="relu", dropout=0.0, rng=None):
     B, T, C = x.shape
     x2 = x.reshape(-1, C)
-    h = x2 @ p["w_fc"]                       # [N, F], the bias is added by the kernel
+    h = x2 @ params["w_fc"]                  # [N, F], the bias is added by the kernel
     a = np.empty_like(h)
-    pick(bias_act_fwd, h.size)(h, p["b_fc"], _ACT[activation], a)
+    pick(bias_act_fwd, h.size)(h, params["b_fc"], _ACT[activation], a)
     c2 = None
-    if "w_out" in p:
-        a, c2 = linear_forward(a, p["w_out"], p["b_out"])
+    if "w_out" in params:
+        a, c2 = linear_forward(a, params["w_out"], params["b_out"])
         if h.nbytes > RECOMPUTE_BYTES:  # the backward computes act(h) again (h is kept)
             c2 = (None,) + c2[1:]
     y, cd = dropout_forward(a.reshape(B, T, -1), dropout, rng)
-    return y, (x2, p["w_fc"], h, c2, cd, activation, x.shape)
+    return y, (x2, params["w_fc"], h, c2, cd, activation, x.shape)
 
 
 def feedforward_backward(dy, cache):

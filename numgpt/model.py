@@ -37,14 +37,14 @@ def param_shapes(cfg):
             shapes[b + "attn.w_proj"] = (C, C)
             shapes[b + "attn.b_proj"] = (C,)
         if cfg.ffn_mult > 0:
-            H = cfg.ffn_hidden
+            F = cfg.ffn_hidden  # the feed-forward width (docs/derivations.md's F)
             if cfg.norm != "none":
                 shapes[b + "ln2.g"] = (C,)
                 shapes[b + "ln2.b"] = (C,)
-            shapes[b + "ffn.w_fc"] = (C, H)
-            shapes[b + "ffn.b_fc"] = (H,)
+            shapes[b + "ffn.w_fc"] = (C, F)
+            shapes[b + "ffn.b_fc"] = (F,)
             if cfg.ffn_proj:
-                shapes[b + "ffn.w_out"] = (H, C)
+                shapes[b + "ffn.w_out"] = (F, C)
                 shapes[b + "ffn.b_out"] = (C,)
     if cfg.norm != "none":
         shapes["ln_f.g"] = (C,)
