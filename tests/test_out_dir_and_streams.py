@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+from cli_tools import one_line_error
 
 from numgpt.checkpoint import load_checkpoint, save_checkpoint
 from numgpt.config import ConfigError, get_config
@@ -29,14 +30,6 @@ def run(python, repo, script, *args, fsize=None, redirect=None, stdout=subproces
         resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
     return subprocess.run(cmd, stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=300,
                           cwd=repo, env=env, preexec_fn=limit if fsize is not None else None)
-
-
-def one_line_error(r, match):
-    assert r.returncode != 0, r.stdout
-    assert "Traceback" not in r.stderr, r.stderr
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert lines and lines[-1].startswith("error: ") and match in lines[-1], r.stderr
-    assert sum(ln.startswith("error: ") for ln in lines) == 1 and len(lines[-1]) < 400
 
 
 def train_args(text_file, out, *extra, iters=4):

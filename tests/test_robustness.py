@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+from cli_tools import one_line_error
 
 import numgpt
 from numgpt.checkpoint import (CheckpointError, load_checkpoint, read_model_checkpoint,
@@ -32,14 +33,6 @@ def run(python, repo, script, *args, fsize=None, env_extra=None):
     return subprocess.run([python, os.path.join(repo, script), *args], capture_output=True,
                           text=True, timeout=300, cwd=repo, env=env,
                           preexec_fn=limit if fsize is not None else None)
-
-
-def one_line_error(r, match):
-    assert r.returncode != 0, r.stdout
-    assert "Traceback" not in r.stderr, r.stderr
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert lines and lines[-1].startswith("error: ") and match in lines[-1], r.stderr
-    assert sum(ln.startswith("error: ") for ln in lines) == 1 and len(lines[-1]) < 400
 
 
 @pytest.fixture
