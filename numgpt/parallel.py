@@ -370,6 +370,8 @@ def choose_step(model, cfg, prefer=None, say=None, clock=None):
     say = say or (lambda msg: None)
     names = candidates(cfg)
     if len(names) == 1:
+        why = "NUMGPT_STEP" if choice("NUMGPT_STEP") else "the only one that can run it here"
+        say(f"step: {names[0]} ({why})")
         return names[0]
     if prefer in names:
         say(f"step: {prefer} (the step this run trained with)")
@@ -382,10 +384,12 @@ def choose_step(model, cfg, prefer=None, say=None, clock=None):
         return cached["step"]
     times = measure_steps(model, cfg, names, clock=clock)
     best = min(times, key=times.get)
-    shown = ", ".join(f"{n} {1000 * t:.3g} ms" for n, t in sorted(times.items(), key=lambda kv: kv[1]))
+    shown = ", ".join(f"{n} {1000 * t:.3g} ms" for n, t in sorted(times.items(),
+                                                                  key=lambda kv: kv[1]))
     say(f"step: {best}, the fastest measured here ({shown})")
     if path:
-        _write_choice(path, key, {"step": best, "ms": {n: round(1000 * t, 4) for n, t in times.items()}})
+        ms = {n: round(1000 * t, 4) for n, t in times.items()}
+        _write_choice(path, key, {"step": best, "ms": ms})
     return best
 
 

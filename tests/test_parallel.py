@@ -108,8 +108,8 @@ def test_the_fastest_step_is_chosen_by_measurement_and_cached(monkeypatch, tmp_p
     parallel.choose_step(None, cfg.replace(batch_size=16), clock=fake2.clock)
     assert "one_blas" in fake2.calls[4:]
     monkeypatch.setenv("NUMGPT_STEP", "one_blas")
-    assert parallel.choose_step(None, cfg, clock=fake.clock) == "one_blas"
-    assert len(fake.calls) == n
+    assert parallel.choose_step(None, cfg, say=said.append, clock=fake.clock) == "one_blas"
+    assert len(fake.calls) == n and said[-1] == "step: one_blas (NUMGPT_STEP)"
 
 
 def test_a_damaged_choices_file_is_measured_over(monkeypatch, tmp_path):
