@@ -220,30 +220,9 @@ def _attention_bwd(X, P, dY, T, M, H, scale, dS, dX):
                     dv[r] += p[r] * a[r]
 
 
-# Attention takes the lanes kernels (_attention_fwd/_bwd) where block x head size^2 is at most
-# this, and BLAS per (sequence, head) (_attention_blas_fwd/_bwd) where it is more: each lane
-# sweep is one channel of one offset, so lanes cost grows with the head size where BLAS's
-# products get efficient. Measured here, a layer's forward and backward on one thread (16
-# sequences unless said), lanes against BLAS: head size 4: 110 against 266 us at block 16, 508
-# against 969 at 32, 1834 against 2241 at 64 (6 sequences: 616 against 786); head size 8: 39
-# against 122 at block 8, 89 against 181 at 16, 197 against 260 at 24, 364-431 against 391-537
-# at 32, 824 against 780 at 48; head size 16: 26-28 against 41-43 at block 8, 87 against 78 at
-# 16; head size 32 at block 8: 25 against 20 (one head), 100 against 77 (4 heads); 6 sequences
-# of 4 heads of 32, block 8 to 64: 80 against 46 up to 2375 against 931.
-LANES_MAX = 2048
-
-
-@jit()
-def attention_in_lanes(T, head_size):
-    """Whether the step's attention of blocks of T positions takes the lanes kernels."""
-    return T * head_size * head_size <= LANES_MAX
-
-
-
-
 @jit()
 def _attention_blas_fwd(qkv, nb, T, H, scale, y, p):
-    """As _attention_fwd, for longer blocks or larger heads (LANES_MAX), in rows: qkv [nb*T, 3C]
+    """As _attention_fwd, in rows (the step for longer blocks or larger heads): qkv [nb*T, 3C]
     -> y [nb*T, C], p [nb, H, T, T]. Per (sequence, head) the scores q k^T and the weighted sum
     p v as BLAS products straight on the head's columns of qkv and y (blas.gemm; the masked
     upper half is computed and ignored), with the causal softmax of the stored-probabilities
@@ -338,15 +317,14 @@ class _Work(NamedTuple):
 
 
 @jit(inline=True)
-def _workspace(a, nb, T, C, F, V, dt):
+def _workspace(a, nb, T, C, F, V, dt, lanes):
     """A _Work for a shard of nb sequences of T positions of the model a (numgpt.arch.Arch) with
-    C channels, feed-forward width F, vocabulary V, in dtype dt."""
+    C channels, feed-forward width F, vocabulary V, in dtype dt; attention in lanes or not."""
     M = nb * T
     L, H = a.n_layer, a.n_head
     sc = np.empty(2, dtype=dt)   # constants in the arrays' dtype
     sc[0] = (C // H) ** -0.5
     sc[1] = 1e-5
-    lanes = attention_in_lanes(T, C // H)
     valid = np.zeros((T, M) if lanes else (0, 0), dtype=dt)
     if lanes:
         for o in range(T):
@@ -579,9 +557,9 @@ def _head_bwd(a, w, P, G, s, top, x, ds):
 # ---- a shard: the model top to bottom (numgpt/model.py: GPT.forward, GPT.backward) ----
 
 @jit()
-def _shard(idx, tgt, P, G, s, slots, top, a, wqkv, weight):
+def _shard(idx, tgt, P, G, s, slots, top, a, lanes, wqkv, weight):
     """Forward and backward of the rows idx [nb, T] (targets tgt [nb, T]) on this thread, for
-    the model a (numgpt.arch.Arch).
+    the model a (numgpt.arch.Arch), attention in lanes or in BLAS (train_step).
 
     Writes shard s's gradient of weight * (mean loss over these rows) into G[k][s] for every
     parameter k; returns the sum of the rows' losses. Vector gradients are summed row by row
@@ -592,7 +570,7 @@ def _shard(idx, tgt, P, G, s, slots, top, a, wqkv, weight):
     C = P[top[TOK]].shape[1]
     V = P[top[LM_W]].shape[1]
     F = P[slots[0, W_FC]].shape[1] if a.ffn else C
-    w = _workspace(a, nb, T, C, F, V, P[top[TOK]].dtype)
+    w = _workspace(a, nb, T, C, F, V, P[top[TOK]].dtype, lanes)
     x = w.x
     # ---- forward: x = tok_emb[idx] + pos_emb[:T]; the blocks; logits; the loss
     _embed_fwd(idx, P[top[TOK]], P[top[POS]], x.reshape(nb, T, C))
@@ -633,13 +611,15 @@ def _add_shards(G, n_shards):
 
 
 @jit(parallel=True)
-def train_step(idx, tgt, P, G, slots, top, arch, n_shards, wqkv, sums):
+def train_step(idx, tgt, P, G, slots, top, arch, lanes, n_shards, wqkv, sums):
     """The mean loss of the batch idx [B, T] -> targets tgt [B, T], and its gradients: G[k][0]
     is the gradient of parameter P[k] (G[k] is [n_shards, *P[k].shape]; the other shards' slots
     are scratch). The batch is cut into n_shards nearly equal runs of rows, one per thread.
     wqkv [L, C, 3C] and sums [n_shards] (float64) are scratch. arch: the fields of the model's
     numgpt.arch.Arch as a plain tuple (tuple(a)), named again here: numba types a plain tuple
-    argument in compiled code, a namedtuple field by field in Python on every call.
+    argument in compiled code, a namedtuple field by field in Python on every call. lanes:
+    attention in lanes (_attention_fwd/_bwd) or per (sequence, head) in BLAS; both give the
+    same gradients, and numgpt.parallel measures which is faster for a model on this machine.
 
     Only the prange is here: numba runs every array expression of a parallel function as a
     parallel region of its own (thread wake-up and barrier each), so the packing of the weights
@@ -658,7 +638,7 @@ def train_step(idx, tgt, P, G, slots, top, arch, n_shards, wqkv, sums):
         # compiled a second time for it; with one signature the serial build, which shares it,
         # compiles in 7 s after the parallel one
         sums[s] = _shard(idx[b0:b1].copy(), tgt[b0:b1].copy(), P, G, np.int64(s), slots, top,
-                         a, wqkv, w[0])
+                         a, lanes, wqkv, w[0])
     _add_shards(G, n_shards)
     tot = 0.0
     for s in range(n_shards):

@@ -8,7 +8,7 @@ silent guess. Paths are used as given; unset or empty means the default.
     NUMGPT_DATA_PARALLEL    switch, default on: the two-thread step of mid-sized models
     NUMGPT_NO_MEMORY_CHECK  switch, default off: skip the memory check before a run
     NUMGPT_NO_MALLOPT       switch, default off: leave glibc's malloc settings alone
-    NUMGPT_STEP             one of fused, sharded, one_blas, plain: force that training step
+    NUMGPT_STEP             one of fused_lanes, fused, sharded, one_blas, plain: force that step
     NUMGPT_DATA_DIR         path: where prepared data sets go (default: numgpt/paths.py)
     NUMGPT_SHAKESPEARE      path: an existing copy of Tiny Shakespeare's input.txt
     NUMBA_CACHE_DIR         path (numba's own): where compiled kernels are cached
@@ -21,7 +21,7 @@ FALSE = ("0", "false", "no", "off")
 
 SWITCHES = {"NUMGPT_FUSED": True, "NUMGPT_DATA_PARALLEL": True,
             "NUMGPT_NO_MEMORY_CHECK": False, "NUMGPT_NO_MALLOPT": False}
-CHOICES = {"NUMGPT_STEP": ("fused", "sharded", "one_blas", "plain")}
+CHOICES = {"NUMGPT_STEP": ("fused_lanes", "fused", "sharded", "one_blas", "plain")}
 PATHS = ("NUMGPT_DATA_DIR", "NUMGPT_SHAKESPEARE", "NUMBA_CACHE_DIR", "XDG_CACHE_HOME")
 
 

@@ -1,20 +1,22 @@
 """The training steps, and the choice among them by measurement on this machine.
 
-Four ways to compute a step's loss and gradients, all of the same mean loss up to float rounding:
+Five ways to compute a step's loss and gradients, all of the same mean loss up to float rounding:
 
-    fused      kernels/step.py: the whole forward and backward in one compiled call, the batch
-               split over the cores (GPTs with the kernels and no dropout)
-    sharded    the layer-by-layer path on two threads, half the batch each, BLAS on one thread
-               and the kernels' serial builds in each (ShardedStep)
-    one_blas   the layer-by-layer path with BLAS on one thread (small products do not pay for
-               waking a second BLAS thread)
-    plain      the layer-by-layer path, BLAS and the kernels on their own threads
+    fused_lanes  kernels/step.py: the whole forward and backward in one compiled call, the batch
+                 split over the cores (GPTs with the kernels and no dropout), attention in lanes:
+                 one vectorised sweep per offset over all rows (short blocks of small heads)
+    fused        the same, attention per (sequence, head) in BLAS products
+    sharded      the layer-by-layer path on two threads, half the batch each, BLAS on one thread
+                 and the kernels' serial builds in each (ShardedStep)
+    one_blas     the layer-by-layer path with BLAS on one thread (small products do not pay for
+                 waking a second BLAS thread)
+    plain        the layer-by-layer path, BLAS and the kernels on their own threads
 
 Which is fastest depends on the model's size and on the CPU (its matrix-product speed, caches,
 how fast threads wake). So step_function times the candidates on a few batches of random ids
 before training (the model's parameters and the run's random stream are left untouched), takes
 the fastest, and caches the choice for this machine and model shape, so later runs start at
-once. NUMGPT_STEP=fused|sharded|one_blas|plain forces one (tests use it);
+once. NUMGPT_STEP=fused_lanes|fused|sharded|one_blas|plain forces one (tests use it);
 NUMGPT_FUSED=0 and NUMGPT_DATA_PARALLEL=0 take the fused and the sharded steps out of the running.
 
 Sharded steps: dropout masks come from two generators seeded from the caller's. A run is
@@ -120,17 +122,30 @@ def fused_applies(cfg):
     return True
 
 
+# Lanes run one sweep per channel of a head and per offset, so their cost grows with block x head
+# size^2 where BLAS's per-head products only get more efficient; past this they are not measured
+# (docs/kernels.md, "Attention in the fused step").
+LANES_CANDIDATE_MAX = 2 ** 14
+
+
+def lanes_may_win(cfg):
+    """Whether attention in lanes is worth measuring against BLAS for cfg's blocks and heads."""
+    return cfg.block_size * cfg.head_size ** 2 <= LANES_CANDIDATE_MAX
+
+
 class FusedStep:
     """step(x, y) -> (loss, grads) of model.loss_and_grads in one compiled call (kernels/step.py):
     forward, backward and loss of small models without returning to Python, the batch split
-    over the cores. The grads dict and its arrays are reused: each call overwrites the last
-    call's gradients (the trainer uses them before the next step; copy them to keep them)."""
+    over the cores; lanes: attention in lanes, else per head in BLAS (the same gradients).
+    The grads dict and its arrays are reused: each call overwrites the last call's gradients
+    (the trainer uses them before the next step; copy them to keep them)."""
 
-    def __init__(self, model, shards=None):
+    def __init__(self, model, shards=None, lanes=False):
         from threadpoolctl import ThreadpoolController
         if not fused_applies(model.cfg):
             raise ValueError("the fused step needs a GPT with kernels on and no dropout")
         self.model = model
+        self.lanes = bool(lanes)
         self.shards = max(1, shards or cores())
         self.blas = ThreadpoolController().select(user_api="blas")  # SciPy's OpenBLAS included
         self._key = None
@@ -190,8 +205,8 @@ class FusedStep:
             if n != 1:
                 lib.set_num_threads(1)
         try:
-            loss = kernel(x, y, self._P, self._G, self._slots, self._top, self._arch, shards,
-                          self._wqkv, self._sums)
+            loss = kernel(x, y, self._P, self._G, self._slots, self._top, self._arch, self.lanes,
+                          shards, self._wqkv, self._sums)
         finally:
             for lib, n in zip(libs, before):
                 if n != 1:
@@ -209,15 +224,17 @@ class PlainStep:
         return self.model.loss_and_grads(x, y, train=train, rng=rng)
 
 
-STEPS = ("fused", "sharded", "one_blas", "plain")
+STEPS = ("fused_lanes", "fused", "sharded", "one_blas", "plain")
+FUSED = ("fused_lanes", "fused")
 
 
 def candidates(cfg):
-    """The steps that can train cfg here, in STEPS order (NUMGPT_STEP forces one: then only it,
-    or a one-line EnvError where it cannot run cfg)."""
+    """The steps to measure for training cfg here, in STEPS order (NUMGPT_STEP forces one: then
+    only it, or a one-line EnvError where it cannot run cfg). fused_lanes can run every model
+    the fused step runs, but is measured only where lanes_may_win."""
     ok = []
     if fused_applies(cfg) and switch("NUMGPT_FUSED"):
-        ok.append("fused")
+        ok += list(FUSED)
     if (cfg.kernels and cfg.model == "gpt" and cfg.batch_size >= 2 and cores() >= 2
             and switch("NUMGPT_DATA_PARALLEL")):
         ok.append("sharded")
@@ -230,13 +247,13 @@ def candidates(cfg):
             raise EnvError(f"NUMGPT_STEP={forced} cannot train this model here (it can: "
                            f"{', '.join(ok)})")
         return [forced]
-    return ok
+    return [n for n in ok if n != "fused_lanes" or lanes_may_win(cfg)]
 
 
 def make_step(name, model):
     """(step, closer) for one of STEPS."""
-    if name == "fused":
-        return FusedStep(model), (lambda: None)
+    if name in FUSED:
+        return FusedStep(model, lanes=name == "fused_lanes"), (lambda: None)
     if name == "sharded":
         s = ShardedStep(model, 2)
         return s, s.close

@@ -102,7 +102,9 @@ def _kernels_store_probs(cfg, step):
     step (kernels/step.py) always does; the layer path decides per call, on the batch the call
     sees, which is half of it in the sharded step."""
     from numgpt.kernels.ops import stores_probs
-    if step == "fused":
+
+    from .parallel import FUSED
+    if step in FUSED:
         return True
     B = -(-cfg.batch_size // 2) if step == "sharded" else cfg.batch_size
     return stores_probs(B, cfg.n_head, cfg.block_size, "float32")

@@ -21,7 +21,7 @@ from .resources import check_memory
 from .generate import generate
 from .model import GPT
 from .optim import clip_grad_norm, get_lr
-from .parallel import candidates, planned_step, step_function
+from .parallel import FUSED, candidates, planned_step, step_function
 
 CKPT = "ckpt.npz"
 LOG = "log.jsonl"
@@ -401,7 +401,7 @@ def _train(cfg, ds, out_dir, start, stop_at, quiet, sample_chars, progress):
         from numgpt import kernels
         plan = planned_step(cfg, prefer=start.train_step)
         kernels.warmup("float32", say=None if not quiet else (lambda msg: None),
-                       fused=plan == "fused" or (plan is None and "fused" in candidates(cfg)))
+                       fused=plan in FUSED or (plan is None and "fused" in candidates(cfg)))
     model, opt, rng = start.model, start.opt, start.rng
     step, best_val, rows = start.step, start.best_val, start.rows
     saved = start.resume  # a checkpoint of this run is on disk

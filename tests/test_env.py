@@ -45,14 +45,16 @@ def test_fused_upper_case_false_turns_it_off(monkeypatch):
     monkeypatch.delenv("NUMGPT_STEP", raising=False)
     assert "fused" in candidates(cfg)
     monkeypatch.setenv("NUMGPT_FUSED", "FALSE")
-    assert "fused" not in candidates(cfg)
+    assert "fused" not in candidates(cfg) and "fused_lanes" not in candidates(
+        cfg.replace(block_size=8))
 
 
 def test_step_choice_is_checked(monkeypatch):
     monkeypatch.setenv("NUMGPT_STEP", " Plain ")
     assert env.choice("NUMGPT_STEP") == "plain"
     monkeypatch.setenv("NUMGPT_STEP", "fastest")
-    with pytest.raises(env.EnvError, match="NUMGPT_STEP='fastest' is not one of fused, sharded"):
+    with pytest.raises(env.EnvError,
+                       match="NUMGPT_STEP='fastest' is not one of fused_lanes, fused, sharded"):
         env.check_all()
 
 

@@ -58,6 +58,38 @@ def test_which_configs_may_be_sharded(monkeypatch):
     assert parallel.candidates(laptop) == ["plain"]
 
 
+def test_the_attention_path_is_a_candidate_where_lanes_may_win(monkeypatch):
+    """The fused step's two attention paths are measured against each other (and the other
+    steps) where block x head size^2 <= LANES_CANDIDATE_MAX; beyond, only BLAS."""
+    monkeypatch.setattr(parallel, "cores", lambda: 2)
+    for var in ("NUMGPT_FUSED", "NUMGPT_DATA_PARALLEL", "NUMGPT_STEP"):
+        monkeypatch.delenv(var, raising=False)
+    tiny = numgpt.get_config("residual")            # T 8, heads of 8
+    laptop = numgpt.get_config("laptop")            # T 64, heads of 32
+    assert parallel.candidates(tiny)[:2] == ["fused_lanes", "fused"]
+    assert parallel.candidates(laptop)[0] == "fused" and "fused_lanes" not in parallel.candidates(
+        laptop)
+    assert parallel.lanes_may_win(laptop.replace(block_size=16))  # 16 x 32^2 = 2^14
+    assert not parallel.lanes_may_win(laptop.replace(block_size=17))
+    monkeypatch.setenv("NUMGPT_STEP", "fused_lanes")
+    assert parallel.candidates(laptop) == ["fused_lanes"]  # forced: measured nowhere, still runs
+    monkeypatch.setenv("NUMGPT_FUSED", "0")
+    monkeypatch.delenv("NUMGPT_STEP")
+    assert not {"fused", "fused_lanes"} & set(parallel.candidates(tiny))
+
+
+def test_lanes_win_where_measured_faster(monkeypatch, tmp_path):
+    monkeypatch.setattr(parallel, "cores", lambda: 2)
+    for var in ("NUMGPT_FUSED", "NUMGPT_DATA_PARALLEL", "NUMGPT_STEP"):
+        monkeypatch.delenv(var, raising=False)
+    cfg = numgpt.get_config("residual")
+    for lanes_ms, best in ((0.5, "fused_lanes"), (0.9, "fused")):
+        monkeypatch.setattr(parallel, "_choices_path", lambda: str(tmp_path / f"{best}.json"))
+        fake = FakeSteps(monkeypatch, {"fused_lanes": lanes_ms * 1e-3, "fused": 0.8e-3,
+                                       "sharded": 2e-3, "one_blas": 3e-3, "plain": 4e-3})
+        assert parallel.choose_step(None, cfg, clock=fake.clock) == best
+
+
 class FakeSteps:
     """Stand-ins for the four steps, each 'taking' its seconds on a fake clock."""
 
@@ -87,13 +119,15 @@ def test_the_fastest_step_is_chosen_by_measurement_and_cached(monkeypatch, tmp_p
     path = str(tmp_path / "choices.json")
     monkeypatch.setattr(parallel, "_choices_path", lambda: path)
     cfg = numgpt.get_config("residual")
-    fake = FakeSteps(monkeypatch, {"fused": 0.4, "sharded": 0.3, "one_blas": 2.0, "plain": 0.5})
+    fake = FakeSteps(monkeypatch, {"fused_lanes": 0.35, "fused": 0.4, "sharded": 0.3,
+                                   "one_blas": 2.0, "plain": 0.5})
     said = []
     assert parallel.choose_step(None, cfg, say=said.append, clock=fake.clock) == "sharded"
-    assert said[-1].startswith("step: sharded, the fastest measured here (sharded 300 ms, fused 400")
+    assert said[-1].startswith("step: sharded, the fastest measured here (sharded 300 ms, "
+                               "fused_lanes 350 ms, fused 400")
     assert len(said) == 1
-    assert fake.calls[:4] == ["fused", "sharded", "one_blas", "plain"]  # the warm-ups
-    assert "one_blas" not in fake.calls[4:]  # a long warm-up 6x the quickest: out before the turns
+    assert fake.calls[:5] == ["fused_lanes", "fused", "sharded", "one_blas", "plain"]  # warm-ups
+    assert "one_blas" not in fake.calls[5:]  # a long warm-up 6x the quickest: out before the turns
     assert sorted(fake.closed) == sorted(parallel.STEPS)
     n = len(fake.calls)
     assert parallel.planned_step(cfg) == "sharded"
@@ -103,10 +137,10 @@ def test_the_fastest_step_is_chosen_by_measurement_and_cached(monkeypatch, tmp_p
     assert parallel.choose_step(None, cfg, prefer="plain", say=said.append) == "plain"
     assert "this run trained with" in said[-1]
     # short warm-ups say little (first calls cost extra): all take turns
-    fake2 = FakeSteps(monkeypatch, {"fused": 0.004, "sharded": 0.003, "one_blas": 0.02,
-                                    "plain": 0.005})
+    fake2 = FakeSteps(monkeypatch, {"fused_lanes": 0.0035, "fused": 0.004, "sharded": 0.003,
+                                    "one_blas": 0.02, "plain": 0.005})
     parallel.choose_step(None, cfg.replace(batch_size=16), clock=fake2.clock)
-    assert "one_blas" in fake2.calls[4:]
+    assert "one_blas" in fake2.calls[5:]
     monkeypatch.setenv("NUMGPT_STEP", "one_blas")
     assert parallel.choose_step(None, cfg, say=said.append, clock=fake.clock) == "one_blas"
     assert len(fake.calls) == n and said[-1] == "step: one_blas (NUMGPT_STEP)"
@@ -119,8 +153,8 @@ def test_a_damaged_choices_file_is_measured_over(monkeypatch, tmp_path):
     path = tmp_path / "choices.json"
     monkeypatch.setattr(parallel, "_choices_path", lambda: str(path))
     cfg = numgpt.get_config("residual")
-    fake = FakeSteps(monkeypatch, {"fused": 0.001, "sharded": 0.003, "one_blas": 0.002,
-                                   "plain": 0.005})
+    fake = FakeSteps(monkeypatch, {"fused_lanes": 0.0015, "fused": 0.001, "sharded": 0.003,
+                                   "one_blas": 0.002, "plain": 0.005})
     for junk in ("{not json", "[1, 2]", "[" * 100000, '{"k": 5}'):
         path.write_text(junk)
         assert parallel.choose_step(None, cfg, clock=fake.clock) == "fused"

@@ -22,18 +22,10 @@ CASES = [
     ("preln", {"residual": False, "attn_proj": False}),
     ("laptop", {"n_layer": 2, "n_embd": 16, "block_size": 12, "batch_size": 3}),
     ("laptop", {"n_layer": 2, "n_embd": 16, "block_size": 21, "batch_size": 3}),
-    # block x head size^2 over kernels/step.LANES_MAX: attention in BLAS per (sequence, head)
     ("laptop", {"n_layer": 2, "n_embd": 32, "block_size": 40, "batch_size": 3}),
 ]
-
-
-def test_the_cases_take_both_attention_kernels():
-    from numgpt.kernels.step import attention_in_lanes
-    kinds = set()
-    for preset, kw in CASES:
-        cfg = numgpt.get_config(preset, **kw)
-        kinds.add(attention_in_lanes(cfg.block_size, cfg.n_embd // cfg.n_head))
-    assert kinds == {True, False}
+# every case runs with attention in lanes and per head in BLAS (the fused_lanes and fused steps)
+LANES = pytest.mark.parametrize("lanes", [True, False], ids=["lanes", "blas"])
 
 
 def _model(preset, kw, dtype, seed=0):
@@ -51,12 +43,13 @@ def _batch(cfg, seed=0, T=None):
     return rng.integers(0, cfg.vocab_size, shape), rng.integers(0, cfg.vocab_size, shape)
 
 
+@LANES
 @pytest.mark.parametrize("preset,kw", CASES)
 @pytest.mark.parametrize("shards", [1, 2, 3])
-def test_fused_step_equals_the_reference(preset, kw, shards):
+def test_fused_step_equals_the_reference(preset, kw, shards, lanes):
     m = _model(preset, kw, np.float32)
     x, y = _batch(m.cfg)
-    loss, grads = parallel.FusedStep(m, shards=shards)(x, y)
+    loss, grads = parallel.FusedStep(m, shards=shards, lanes=lanes)(x, y)
     ref_loss, ref = m.loss_and_grads(x, y)
     assert abs(loss - ref_loss) < 1e-5 * abs(ref_loss)
     assert list(grads) == list(ref)
@@ -66,13 +59,14 @@ def test_fused_step_equals_the_reference(preset, kw, shards):
                                    err_msg=k)
 
 
+@LANES
 @pytest.mark.parametrize("preset,kw", CASES)
-def test_fused_step_gradient_check_float64(preset, kw):
+def test_fused_step_gradient_check_float64(preset, kw, lanes):
     """Central differences of the reference loss against the fused step's gradients."""
     m = _model(preset, kw, np.float64, seed=3)
     cfg = m.cfg.replace(batch_size=3)
     x, y = _batch(cfg, seed=4)
-    loss, grads = parallel.FusedStep(m, shards=2)(x, y)
+    loss, grads = parallel.FusedStep(m, shards=2, lanes=lanes)(x, y)
     pick = np.random.default_rng(0)
     for name, p in m.params.items():
         ix = sample_indices(p.size, 12, pick)
@@ -82,13 +76,13 @@ def test_fused_step_gradient_check_float64(preset, kw):
     assert abs(loss - m.loss(x, y)) < 1e-12
 
 
-# single_head's head of 32 takes BLAS at T 8 and 3, lanes at T 1
+@LANES
 @pytest.mark.parametrize("preset", ["preln", "single_head"])
-def test_short_sequences_odd_batches_and_one_row(preset):
+def test_short_sequences_odd_batches_and_one_row(preset, lanes):
     m = _model(preset, {}, np.float64)
     for B, T in ((1, 8), (5, 3), (7, 1)):
         x, y = _batch(m.cfg.replace(batch_size=B), seed=B, T=T)
-        loss, grads = parallel.FusedStep(m, shards=2)(x, y)
+        loss, grads = parallel.FusedStep(m, shards=2, lanes=lanes)(x, y)
         ref_loss, ref = m.loss_and_grads(x, y)
         assert abs(loss - ref_loss) < 1e-12
         for k in ref:
@@ -159,9 +153,9 @@ def test_the_fused_step_is_a_candidate_only_where_it_applies(monkeypatch):
     for var in ("NUMGPT_FUSED", "NUMGPT_DATA_PARALLEL", "NUMGPT_STEP"):
         monkeypatch.delenv(var, raising=False)
     tiny = numgpt.get_config("residual")
-    assert parallel.candidates(tiny) == ["fused", "sharded", "one_blas", "plain"]
+    assert parallel.candidates(tiny) == ["fused_lanes", "fused", "sharded", "one_blas", "plain"]
     for cfg in (tiny.replace(dropout=0.1), tiny.replace(kernels=False), numgpt.get_config("bigram")):
-        assert "fused" not in parallel.candidates(cfg)
+        assert not set(parallel.FUSED) & set(parallel.candidates(cfg))
     monkeypatch.setenv("NUMGPT_FUSED", "0")
     assert "fused" not in parallel.candidates(tiny)
     monkeypatch.setenv("NUMGPT_STEP", "fused")
@@ -170,7 +164,11 @@ def test_the_fused_step_is_a_candidate_only_where_it_applies(monkeypatch):
     monkeypatch.delenv("NUMGPT_FUSED")
     assert parallel.candidates(tiny) == ["fused"]
     step, close, name = parallel.step_function(numgpt.GPT(tiny), tiny)
-    assert name == "fused" and isinstance(step, parallel.FusedStep)
+    assert name == "fused" and isinstance(step, parallel.FusedStep) and not step.lanes
+    close()
+    monkeypatch.setenv("NUMGPT_STEP", "fused_lanes")
+    step, close, name = parallel.step_function(numgpt.GPT(tiny), tiny)
+    assert name == "fused_lanes" and step.lanes
     close()
     with pytest.raises(ValueError, match="no dropout"):
         parallel.FusedStep(numgpt.GPT(tiny.replace(dropout=0.1)))
