@@ -36,6 +36,7 @@ from .layers.dropout import BatchRows
 INSTALL = 'pip install "numgpt[mpi]" (in a clone: pip install -e ".[mpi]")'
 GRACE_SECONDS = 2.0  # a rank other than 0 with an error waits this long for rank 0 to report it
 ABORT_PAUSE_SECONDS = 0.2  # between a rank's last words and MPI_Abort
+SPIN_SECONDS = 0.05  # a collective is tested without pause this long, then every millisecond
 THREAD_VARIABLES = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                     "MKL_NUM_THREADS")
 
@@ -100,10 +101,11 @@ class MPIWorld(World):
         self.threads = threads_per_rank(self.local_size)
 
     def _wait(self, request, what):
-        """Poll request until it completes: spinning for a millisecond, then sleeping between
-        tests, and ending the job when it takes longer than the timeout."""
+        """Poll request until it completes, ending the job when that takes longer than the
+        timeout. MPICH moves a non-blocking collective on only inside MPI calls, so a rank that
+        slept between tests would hold up the others: the first SPIN_SECONDS it tests without
+        pause (yielding the core to any other process that wants it), then every millisecond."""
         start = time.monotonic()
-        pause = 0.0
         while True:
             try:
                 if request.Test():
@@ -116,9 +118,10 @@ class MPIWorld(World):
                 self.fail(f"rank {self.rank} waited {waited:.0f} s for the other ranks in {what}: "
                           "one of them died or hangs (NUMGPT_MPI_TIMEOUT="
                           f"{self.timeout:g}); the job is stopped, the last checkpoint is intact")
-            if waited > 1e-3:
-                pause = min(max(pause * 2, 1e-4), 2e-3)
-                time.sleep(pause)
+            if waited < SPIN_SECONDS:
+                os.sched_yield()
+            else:
+                time.sleep(1e-3)
 
     def allreduce(self, buf, what="an Allreduce"):
         self._wait(self.comm.Iallreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM), what)
