@@ -148,10 +148,17 @@ class MPIWorld(World):
     def check_same(self, items):
         root = self.bcast(items, "the start")
         for key, mine in items.items():
-            if root.get(key) != mine:
-                raise ConfigError(f"rank {self.rank} has another {key} than rank 0 ({mine} and "
-                                  f"{root.get(key)}); run every rank with the same options and "
-                                  "the same versions of numgpt, NumPy and numba")
+            theirs = root.get(key)
+            if theirs == mine:
+                continue
+            if isinstance(mine, dict) and isinstance(theirs, dict):  # the fields that differ
+                diff = [k for k in mine if mine[k] != theirs.get(k)]
+                key = " and ".join(diff)
+                mine = ", ".join(repr(mine[k]) for k in diff)
+                theirs = ", ".join(repr(theirs.get(k)) for k in diff)
+            raise ConfigError(f"rank {self.rank} runs with another {key} than rank 0 ({mine}, "
+                              f"not {theirs}); start every rank with the same options and the "
+                              "same versions of numgpt, NumPy and numba")
 
     def describe(self):
         on = "1 machine" if self.machines == 1 else f"{self.machines} machines"

@@ -290,6 +290,35 @@ def test_a_hung_rank_ends_the_job_in_one_line(mpiexec, text_file, tmp_path):
     assert read_model_checkpoint(str(out / "ckpt.npz"))[4]["step"] >= 5
 
 
+def test_an_error_under_mpiexec_is_said_once(mpiexec, text_file, tmp_path):
+    """Every rank meets it; rank 0 says it, and the job ends with its exit status."""
+    r = subprocess.run([mpiexec, "-n", "2", sys.executable, TRAIN_PY, f"--data={text_file}",
+                        f"--out_dir={tmp_path / 'out'}", "--preset=preln", "--batch_size=1"],
+                       env=_env(), capture_output=True, text=True, timeout=120)
+    one_line_error(r, "batch_size 1 cannot be split over 2 ranks")
+    assert r.returncode == 2 and not (tmp_path / "out").exists()
+
+
+def test_ranks_started_with_other_options_refuse_to_train(mpiexec, text_file, tmp_path):
+    """Two programs in one job (MPMD) whose configs differ: the rank that differs says which
+    field, and the job ends before anything is written."""
+    run = [sys.executable, TRAIN_PY, f"--data={text_file}", f"--out_dir={tmp_path / 'out'}",
+           "--preset=preln"]
+    r = subprocess.run([mpiexec, "-n", "1", *run, "--seed=1", ":", "-n", "1", *run, "--seed=2"],
+                       env=_env(), capture_output=True, text=True, timeout=120)
+    one_line_error(r, "rank 1 runs with another seed than rank 0 (2, not 1)")
+    assert r.returncode == 2
+
+
+def test_another_mpis_mpiexec_is_refused(mpiexec, text_file, tmp_path):
+    """The launcher says 2 ranks (its variables) but mpi4py's MPI sees one process."""
+    r = subprocess.run([sys.executable, TRAIN_PY, f"--data={text_file}",
+                        f"--out_dir={tmp_path / 'out'}"], env=_env(PMI_RANK=0, PMI_SIZE=2),
+                       capture_output=True, text=True, timeout=120)
+    one_line_error(r, "that mpiexec belongs to another MPI than mpi4py's")
+    assert not (tmp_path / "out").exists()
+
+
 # ---- without MPI ----
 
 @pytest.mark.parametrize("rank", [0, 1])
