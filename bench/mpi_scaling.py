@@ -153,6 +153,19 @@ def step_seconds(t1, n, nbytes, bandwidth):
     return t1 / n + 2 * (n - 1) / n * nbytes / bandwidth
 
 
+def bytes_table():
+    """The bytes each rank all-reduces per step, and their ring time, for every preset."""
+    import numgpt
+    print("\n| preset | parameters | bytes a step | "
+          + " | ".join(f"ring, {n} machines, {link}" for n in MACHINES for link in LINKS) + " |")
+    print("|---|---:|---:|" + "---:|" * (len(MACHINES) * len(LINKS)))
+    for preset in numgpt.PRESETS:
+        b = allreduce_bytes(preset)
+        cells = [f"{1000 * step_seconds(0.0, n, b, bw):.3g} ms" for n in MACHINES
+                 for bw in LINKS.values()]
+        print(f"| {preset} | {b // 4 - 1:,} | {b / 1e6:.3g} MB | " + " | ".join(cells) + " |")
+
+
 def model_table(tok_s):
     """tok_s: {preset: tokens/s measured on one machine}."""
     import numgpt
@@ -167,8 +180,8 @@ def model_table(tok_s):
         for n in MACHINES:
             for bw in LINKS.values():
                 cells.append(f"{t1 / step_seconds(t1, n, b, bw):.2f}x")
-        print(f"| {preset} | {b / 1e6:.3g} MB | {tok:,.0f}, {1000 * t1:.3g} ms | "
-              + " | ".join(cells) + " |")
+        step = f"{1000 * t1:.3g} ms" if t1 < 1 else f"{t1:.2f} s"
+        print(f"| {preset} | {b / 1e6:.3g} MB | {tok:,.0f}, {step} | " + " | ".join(cells) + " |")
 
 
 def scaled_hours(tok_s, eval_seconds):
@@ -246,6 +259,7 @@ def main(argv=None):
         for key, t in tok.items():
             preset = key.split()[0]
             best[preset] = max(best.get(preset, 0), t)
+        bytes_table()
         model_table(best)
         if "scaled" in best:
             scaled_hours(best["scaled"], eval_seconds_scaled(args.eval_batches))
