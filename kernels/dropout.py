@@ -60,7 +60,7 @@ def dropout_fill(x, seed, thr, inv, y):
 def keep_mask(rng, shape, p):
     """As numgpt.layers.dropout.keep_mask (the same mask from the same rng state), on the cores."""
     keep = np.empty(shape, dtype=bool)
-    pick(keep_fill, keep.size)(draw_seed(rng), keep_threshold(p), keep.reshape(-1))
+    pick(keep_fill, keep.size)(draw_seed(rng, shape), keep_threshold(p), keep.reshape(-1))
     return keep
 
 
@@ -80,7 +80,7 @@ def dropout_forward(x, p, rng=None):
         return x, None
     if rng is None:
         raise ValueError("dropout with p > 0 needs an rng (numpy Generator)")
-    seed, thr, inv = draw_seed(rng), keep_threshold(p), x.dtype.type(1.0 / (1.0 - p))
+    seed, thr, inv = draw_seed(rng, x.shape), keep_threshold(p), x.dtype.type(1.0 / (1.0 - p))
     return _apply(x, seed, thr, inv), (seed, thr, inv)
 
 

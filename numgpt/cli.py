@@ -10,6 +10,7 @@ from .checkpoint import CheckpointError, read_model_checkpoint
 from . import streams
 from .config import FIELDS, PRESETS, ConfigError, get_config, parse_whole_number
 from .data import DataError, Vocab, load_dataset, strip_bom
+from .distributed import end_with_error, get_world
 from .env import EnvError, check_all
 from .trainer import TrainingError
 
@@ -94,33 +95,28 @@ def run(main, keep_going=False, argv=None):
             signal.signal(sig, stop)
     except ValueError:  # not the main thread
         pass
+    # under MPI an error is said once for the whole job, which it ends (distributed.py)
+    fail = end_with_error
     try:
         check_all()
         return main(sys.argv[1:] if argv is None else argv) or 0
     except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(f"error: {e}", 2)
     except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return fail(f"error: {e}", 1)
     except KeyboardInterrupt:
-        print("interrupted (any checkpoint already written is intact)", file=sys.stderr)
-        return 130
+        return fail("interrupted (any checkpoint already written is intact)", 130)
     except BrokenPipeError:  # e.g. python sample.py | head: the reader left, nothing to say
         streams.discard(sys.stdout)
-        return 1
+        return fail(None, 1)
     except OutputError as e:
         streams.discard(sys.stdout)  # what is still buffered must not fail again at exit
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return fail(f"error: {e}", 1)
     except OSError as e:  # an I/O failure the code above did not foresee: still one line
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
-        return 1
+        return fail(f"error: {e.strerror or e}{where}", 1)
     except MemoryError:
-        print("error: out of memory; use a smaller model, --batch_size or --block_size",
-              file=sys.stderr)
-        return 1
+        return fail("error: out of memory; use a smaller model, --batch_size or --block_size", 1)
 
 
 TRAIN_HELP = f"""usage: python train.py [--preset=NAME] [--data=FILE] [--out_dir=DIR] [--resume] [--key=value ...]
@@ -153,6 +149,7 @@ def train_main(argv, prog="python train.py"):
         print(_usage(TRAIN_HELP, "python train.py", prog))
         return 0
     from .trainer import train
+    world = get_world()  # under mpiexec: this rank's (numgpt/distributed.py)
     opts = parse_flags(argv, set(FIELDS) | {"preset", "data", "out_dir"}, flags=("resume",))
     if "vocab_size" in opts:
         raise ConfigError("vocab_size is set by the data (its number of distinct characters); "
@@ -166,8 +163,8 @@ def train_main(argv, prog="python train.py"):
     if data is not None:
         check_data_path(data)
     cfg = get_config(preset, **opts)
-    ds = load_dataset(data)
-    train(cfg, ds, out_dir, resume=resume)
+    ds = world.from_root(lambda: load_dataset(data), "sending the data")  # rank 0 reads it
+    train(cfg, ds, out_dir, resume=resume, world=world)
     return 0
 
 

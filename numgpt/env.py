@@ -9,10 +9,15 @@ silent guess. Paths are used as given; unset or empty means the default.
     NUMGPT_NO_MEMORY_CHECK  switch, default off: skip the memory check before a run
     NUMGPT_NO_MALLOPT       switch, default off: leave glibc's malloc settings alone
     NUMGPT_STEP             one of fused_lanes, fused, sharded, one_blas, plain: force that step
+    NUMGPT_MPI_TIMEOUT      seconds > 0, default 300: how long a rank waits for the others in a
+                            collective (numgpt/distributed.py) before it stops the job
     NUMGPT_DATA_DIR         path: where prepared data sets go (default: numgpt/paths.py)
     NUMGPT_SHAKESPEARE      path: an existing copy of Tiny Shakespeare's input.txt
     NUMBA_CACHE_DIR         path (numba's own): where compiled kernels are cached
     XDG_CACHE_HOME          path (the XDG standard's): the per-user cache of an installed numgpt
+
+Read, never set by the user: the rank and size an MPI launcher (mpiexec, mpirun, srun) gives each
+process it starts (mpi_launch), so that numgpt knows it runs under one even without mpi4py.
 """
 import os
 
@@ -23,6 +28,11 @@ SWITCHES = {"NUMGPT_FUSED": True, "NUMGPT_DATA_PARALLEL": True,
             "NUMGPT_NO_MEMORY_CHECK": False, "NUMGPT_NO_MALLOPT": False}
 CHOICES = {"NUMGPT_STEP": ("fused_lanes", "fused", "sharded", "one_blas", "plain")}
 PATHS = ("NUMGPT_DATA_DIR", "NUMGPT_SHAKESPEARE", "NUMBA_CACHE_DIR", "XDG_CACHE_HOME")
+SECONDS = {"NUMGPT_MPI_TIMEOUT": 300.0}
+# (rank, size) variables of the MPI launchers: MPICH's and Intel MPI's hydra, Slurm's PMI-2
+# (PMI_*), Open MPI (OMPI_COMM_WORLD_*); PMIx launchers set a rank only
+LAUNCH_VARIABLES = (("PMI_RANK", "PMI_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
+                    ("PMIX_RANK", None))
 
 
 class EnvError(ValueError):
@@ -61,6 +71,37 @@ def check_all():
         switch(name)
     for name in CHOICES:
         choice(name)
+    for name in SECONDS:
+        seconds(name)
+
+
+def seconds(name):
+    """The number of seconds in `name` (one of SECONDS): a finite number > 0, its default when
+    unset or empty."""
+    raw = os.environ.get(name, "")
+    if not raw.strip():
+        return SECONDS[name]
+    try:
+        v = float(raw)
+    except ValueError:
+        v = float("nan")
+    if not (v > 0 and v < float("inf")):
+        raise EnvError(f"{name}={raw!r} is not a number of seconds > 0")
+    return v
+
+
+def mpi_launch():
+    """(rank, size) that an MPI launcher gave this process, or None when none started it. size
+    is None where the launcher says only the rank (PMIx); a value that is not a whole number
+    counts as unset (the launcher's variables, not the user's)."""
+    def whole(var):
+        v = os.environ.get(var, "").strip() if var else ""
+        return int(v) if v.isdigit() else None
+    for rank_var, size_var in LAUNCH_VARIABLES:
+        rank = whole(rank_var)
+        if rank is not None:
+            return rank, whole(size_var)
+    return None
 
 
 def path(name):

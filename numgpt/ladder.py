@@ -16,6 +16,8 @@ from .attention_map import ladder_map
 from .cli import USER_ERRORS
 from .config import LADDER, LADDER_TARGETS, get_config
 from .data import load_dataset
+from .distributed import SINGLE, end_with_error
+from .env import mpi_launch
 from .model import GPT
 from .trainer import TrainingError, new_axes, read_log, save_figure, train
 
@@ -78,11 +80,15 @@ def main(argv=None, prog="python -m numgpt.ladder"):
     try:
         return _run(args)
     except (TrainingError, *USER_ERRORS) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return end_with_error(f"error: {e}", 2)  # under mpiexec: said by rank 0 only
 
 
 def _run(args):
+    launch = mpi_launch()
+    if launch is not None and launch[1] != 1:
+        raise TrainingError("the ladder trains in one process; run it without mpiexec (train.py "
+                            "trains one preset on several: mpiexec -n 2 python train.py "
+                            "--preset=preln)")
     if args.seeds < 1:
         raise TrainingError("--seeds must be at least 1")
     if not 0 < args.iters_scale <= 10:
@@ -117,7 +123,7 @@ def _run(args):
                 kept = _set_aside(out)  # an earlier run: kept whole, never overwritten
                 print(f"  (the earlier run in {out} is kept in {kept})", flush=True)
             ts = time.time()
-            r = train(run_cfg, ds, out, quiet=True, sample_chars=0)
+            r = train(run_cfg, ds, out, quiet=True, sample_chars=0, world=SINGLE)
             if r["interrupted"]:
                 print(f"interrupted: {s} stopped at step {r['step']} of {run_cfg.max_iters} (its "
                       f"checkpoint is in {out}); the ladder stops here and reports no losses",

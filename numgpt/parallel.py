@@ -19,12 +19,14 @@ the fastest, and caches the choice for this machine and model shape, so later ru
 once. NUMGPT_STEP=fused_lanes|fused|sharded|one_blas|plain forces one (tests use it);
 NUMGPT_FUSED=0 and NUMGPT_DATA_PARALLEL=0 take the fused and the sharded steps out of the running.
 
-Sharded steps: dropout masks come from two generators seeded from the caller's. A run is
+Sharded steps: each shard draws its rows of the whole batch's dropout masks (BatchRows in
+numgpt/layers/dropout.py), so every step trains a batch with the same masks. A run is
 reproducible from its seed and checkpoint to float32 rounding, but not always bit for bit: now and
 then (3 steps in 600 in one test, in the attention gradients of w_q and w_k) a step comes out one
 unit in the last place apart when the two threads compute at once. The cause is not found yet.
 The other steps are bit-exact, resume included.
 """
+import copy
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +34,23 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from .env import EnvError, choice, switch
+from .layers.dropout import BatchRows
+
+def copy_rng(rng):
+    """An independent generator in rng's state (rng: a numpy Generator or a BatchRows of one)."""
+    if isinstance(rng, BatchRows):
+        return BatchRows(copy_rng(rng.rng), rng.first)
+    return copy.deepcopy(rng)
+
+
+def advance_like(rng, other):
+    """Put rng (a Generator or BatchRows) in the state of other (a copy of it that drew since)."""
+    while isinstance(rng, BatchRows):
+        rng = rng.rng
+    while isinstance(other, BatchRows):
+        other = other.rng
+    rng.bit_generator.state = other.bit_generator.state
+
 
 def cores():
     """The cores this process may use, capped by the usual thread-count variables when set."""
@@ -65,18 +84,21 @@ class ShardedStep:
         from numgpt.kernels import _jit
         B = x.shape[0]
         cuts = np.linspace(0, B, self.shards + 1).round().astype(int)
-        parts = [(x[a:b], y[a:b]) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
-        seeds = rng.integers(0, 2 ** 63, size=len(parts)) if rng is not None else [None] * len(parts)
-        weights = [len(a) / B for a, _ in parts]  # each shard's loss is a mean over its rows
+        rows = [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+        weights = [(b - a) / B for a, b in rows]  # each shard's loss is a mean over its rows
+        # each shard draws its rows of the whole batch's dropout masks from a copy of rng
+        # (numgpt/layers/dropout.py, BatchRows); all copies end where rng would have
+        streams = [None if rng is None else BatchRows(copy_rng(rng), a) for a, _ in rows]
         _jit.FORCE_SERIAL = True  # every kernel on its calling thread
         try:
             with self.blas.limit(limits=1):
-                futures = [pool.submit(self.model.loss_and_grads, a, b, train,
-                                       None if s is None else np.random.default_rng(s), w)
-                           for pool, (a, b), s, w in zip(self.pools, parts, seeds, weights)]
+                futures = [pool.submit(self.model.loss_and_grads, x[a:b], y[a:b], train, r, w)
+                           for pool, (a, b), r, w in zip(self.pools, rows, streams, weights)]
                 results = [f.result() for f in futures]
         finally:
             _jit.FORCE_SERIAL = False
+        if rng is not None:
+            advance_like(rng, streams[0])
         loss = sum(w * r[0] for w, r in zip(weights, results))
         grads = results[0][1]  # the shards' gradients come weighted: only their sum is left
         for r in results[1:]:

@@ -17,11 +17,13 @@ from ._threads import keep_freed_memory
 from .checkpoint import CheckpointError, read_model_checkpoint, save_checkpoint
 from .config import Config
 from .data import Dataset, atomic_write_bytes
+from .distributed import (SINGLE, allreduce_bytes, check_batch, get_world, shard_config,
+                          train_step)
 from .resources import check_memory
 from .generate import generate
 from .model import GPT
 from .optim import clip_grad_norm, get_lr
-from .parallel import FUSED, candidates, planned_step, step_function
+from .parallel import FUSED, candidates, planned_step
 
 CKPT = "ckpt.npz"
 LOG = "log.jsonl"
@@ -35,17 +37,22 @@ class TrainingError(Exception):
 STEP0_EVAL_ITERS = 10  # the untrained model's loss needs few batches; the first step comes sooner
 
 
-def estimate_loss(model, ds, cfg, step):
+def estimate_loss(model, ds, cfg, step, world=SINGLE):
     """Mean loss over eval_iters batches of each split (at most STEP0_EVAL_ITERS at step 0), from a
     generator seeded by (seed, step) so evaluation never disturbs the training stream and a resumed
-    run evaluates the same batches."""
+    run evaluates the same batches. Under MPI every rank draws every batch and evaluates every
+    world.size-th; an Allreduce of the losses (the others' slots 0) gathers them, so the mean is
+    the single process's, bit for bit."""
     out = {}
     n = cfg.eval_iters if step > 0 else min(cfg.eval_iters, STEP0_EVAL_ITERS)
     for split in ("train", "val"):
         rng = np.random.default_rng([cfg.seed, step, 0 if split == "train" else 1])
-        losses = [model.loss(*ds.get_batch(split, cfg.batch_size, cfg.block_size, rng))
-                  for _ in range(n)]
-        out[split] = float(np.mean(losses))
+        losses = np.zeros(n)
+        for i in range(n):
+            batch = ds.get_batch(split, cfg.batch_size, cfg.block_size, rng)
+            if i % world.size == world.rank:
+                losses[i] = model.loss(*batch)
+        out[split] = float(np.mean(world.allreduce(losses, "the evaluation")))
     return out
 
 
@@ -304,6 +311,7 @@ class _Start:
         self.identity = None
         self.resume = resume
         self.train_step = None  # the step (numgpt.parallel.STEPS) a resumed run trained with
+        self.ranks = None  # on how many MPI ranks (numgpt/distributed.py) it trained
         if resume:
             self._resume(cfg, ds, out_dir)
         else:
@@ -342,6 +350,7 @@ class _Start:
         self.step = meta["step"]
         name = meta.get("train_step")
         self.train_step = name if isinstance(name, str) else None
+        self.ranks = meta.get("ranks", 1)
         # kept in memory only: the log on disk is rewritten with the first new row
         self.rows = [r for r in read_log(os.path.join(out_dir, LOG)) if r["step"] <= self.step]
 
@@ -349,6 +358,28 @@ class _Start:
         """True when the checkpoint read at the start was replaced since (by another run that
         held out_dir while this one read it)."""
         return self.resume and _file_identity(self.ckpt_path) != self.identity
+
+    def shared(self):
+        """What another MPI rank needs to start where this one does."""
+        return {"params": self.model.params, "opt": self.opt.state_dict(),
+                "rng": self.rng.bit_generator.state, "step": self.step,
+                "best_val": self.best_val, "train_step": self.train_step, "ranks": self.ranks,
+                "resume": self.resume}
+
+    @classmethod
+    def received(cls, cfg, state):
+        """The start rank 0 sent (shared()): the other ranks read no file."""
+        self = cls.__new__(cls)
+        self.model = GPT(cfg, dtype=np.float32, params=state["params"])
+        self.opt = make_optimizer(self.model, cfg)
+        self.opt.load_state_dict(state["opt"])
+        self.rng = np.random.default_rng(cfg.seed)
+        self.rng.bit_generator.state = state["rng"]
+        self.step, self.best_val, self.rows = state["step"], state["best_val"], []
+        self.train_step, self.ranks = state["train_step"], state["ranks"]
+        self.resume = state["resume"]
+        self.ckpt_path, self.identity = None, None
+        return self
 
 
 def _make_out_dir(out_dir):
@@ -362,20 +393,30 @@ def _make_out_dir(out_dir):
 
 
 def train(cfg: Config, ds: Dataset, out_dir, resume=False, stop_at=None, quiet=False,
-          sample_chars=500, progress=True):
+          sample_chars=500, progress=True, world=None):
     """Train cfg on ds, writing ckpt.npz, log.jsonl and loss.png into out_dir.
 
     resume: continue from out_dir/ckpt.npz (its model config, vocabulary and data must match).
     stop_at: stop (with a checkpoint) after this many steps, as if interrupted; used by tests.
+    world: numgpt.distributed's World (default: this process's, get_world()). Under MPI rank 0
+    does all that follows and sends the start to the other ranks, which touch no file.
     Every check that can refuse the run (data, memory, another run in out_dir, the checkpoint
     to resume) comes before out_dir or anything in it is created, so a refused run leaves nothing.
     Returns dict with the final losses and paths.
     """
+    world = get_world() if world is None else world
     if not os.fspath(out_dir):
         raise TrainingError("--out_dir is empty; give the folder for the run, e.g. --out_dir=out")
     ds.check_block(cfg.block_size)
     cfg = cfg.replace(vocab_size=len(ds.vocab))
+    check_batch(world, cfg.batch_size)
     check_memory(cfg, "train")
+    if world.size > 1:
+        _check_same_run(world, cfg)
+    if not world.is_root:  # the start comes from rank 0; no file is read or written here
+        keep_freed_memory()
+        start = _Start.received(cfg, world.bcast(None, "the start"))
+        return _train(cfg, ds, out_dir, start, stop_at, True, sample_chars, False, world)
     with _OutDirLock(out_dir) as lock:
         lock.acquire(create=False)  # when out_dir already has a lock file: nothing is created
         start = _Start(cfg, ds, out_dir, resume)
@@ -388,20 +429,34 @@ def train(cfg: Config, ds: Dataset, out_dir, resume=False, stop_at=None, quiet=F
                 start = _Start(cfg, ds, out_dir, resume)
         remove_stale_temp_files(out_dir)
         keep_freed_memory()
-        return _train(cfg, ds, out_dir, start, stop_at, quiet, sample_chars, progress)
+        if world.size > 1:
+            world.bcast(start.shared(), "the start")
+        return _train(cfg, ds, out_dir, start, stop_at, quiet, sample_chars, progress, world)
 
 
-def _train(cfg, ds, out_dir, start, stop_at, quiet, sample_chars, progress):
+def _check_same_run(world, cfg):
+    """Under MPI: refuse to start when a rank runs other options or versions than rank 0."""
+    from importlib.metadata import version
+
+    from . import __version__
+    world.check_same({"numgpt": __version__, "NumPy": np.__version__, "numba": version("numba"),
+                      "config": cfg.to_dict()})
+
+
+def _train(cfg, ds, out_dir, start, stop_at, quiet, sample_chars, progress, world=SINGLE):
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     ckpt_path = os.path.join(out_dir, CKPT)
     log_path = os.path.join(out_dir, LOG)
     plot_path = os.path.join(out_dir, PLOT)
 
+    # a resumed run keeps its step, unless it now runs on another number of ranks
+    prefer = start.train_step if start.ranks == world.size else None
     if cfg.kernels:
         from numgpt import kernels
-        plan = planned_step(cfg, prefer=start.train_step)
+        share = shard_config(world, cfg)  # the rows each rank computes (all of them in one)
+        plan = planned_step(share, prefer=prefer)
         kernels.warmup("float32", say=None if not quiet else (lambda msg: None),
-                       fused=plan in FUSED or (plan is None and "fused" in candidates(cfg)))
+                       fused=plan in FUSED or (plan is None and "fused" in candidates(share)))
     model, opt, rng = start.model, start.opt, start.rng
     step, best_val, rows = start.step, start.best_val, start.rows
     saved = start.resume  # a checkpoint of this run is on disk
@@ -417,7 +472,7 @@ def _train(cfg, ds, out_dir, start, stop_at, quiet, sample_chars, progress):
         meta = {"step": at_step, "config": cfg.to_dict(), "vocab": ds.vocab.chars,
                 "rng_state": rng.bit_generator.state, "best_val": best_val,
                 "data": ds.meta.get("source"), "data_sha256": ds.meta.get("sha256"),
-                "train_step": step_name}
+                "train_step": step_name, "ranks": world.size}
         bad = [k for k, v in model.params.items() if not np.isfinite(v).all()]
         if bad:
             raise TrainingError(f"parameter {bad[0]} is not finite at step {at_step}; not saving "
@@ -432,12 +487,14 @@ def _train(cfg, ds, out_dir, start, stop_at, quiet, sample_chars, progress):
 
     def evaluate(at_step, lr):
         nonlocal best_val
-        losses = estimate_loss(model, ds, cfg, at_step)
+        losses = estimate_loss(model, ds, cfg, at_step, world)
         if not all(math.isfinite(v) for v in losses.values()):
             raise TrainingError(f"the evaluated loss became {losses['train']} (train) / "
                                 f"{losses['val']} (val) at step {at_step}; {kept()}; try a lower "
                                 "--learning_rate or --grad_clip=1")
         best_val = min(best_val, losses["val"])
+        if not world.is_root:  # rank 0 writes
+            return losses
         save(at_step)
         rows[:] = [r for r in rows if r["step"] < at_step]  # a resumed run evaluates its step again
         rows.append({"step": at_step, "train_loss": losses["train"], "val_loss": losses["val"],
@@ -454,6 +511,10 @@ def _train(cfg, ds, out_dir, start, stop_at, quiet, sample_chars, progress):
 
     say(f"model: {model.num_params():,} parameters; training on {len(ds.train):,} characters, "
         f"vocabulary {len(ds.vocab)}; writing to {out_dir}")
+    if world.size > 1:
+        say(f"data parallel: {world.describe()}; each takes {cfg.batch_size // world.size}"
+            f"{'+' * (cfg.batch_size % world.size > 0)} rows of a batch of {cfg.batch_size}; "
+            f"one Allreduce of {allreduce_bytes(model) / 1e6:.3g} MB a step")
     t_prev = rows[-1]["time"] if rows else 0.0
     t_start = time.time()
     tokens_per_step = cfg.batch_size * cfg.block_size
@@ -465,8 +526,8 @@ def _train(cfg, ds, out_dir, start, stop_at, quiet, sample_chars, progress):
     interrupted = False
     losses = None
     t_last, tok_rate = time.time(), 0.0
-    step_fn, close_step, step_name = step_function(  # the fastest here, measured or cached
-        model, cfg, prefer=start.train_step,
+    step_fn, close_step, step_name = train_step(  # the fastest here, measured or cached
+        world, model, cfg, prefer=prefer,
         say=None if quiet else (lambda msg: (bar.write(msg) if bar else say(msg))))
     try:
         with _StopFlag() as flag:
@@ -476,7 +537,8 @@ def _train(cfg, ds, out_dir, start, stop_at, quiet, sample_chars, progress):
                     losses = evaluate(step, lr)
                     msg = f"step {step}: train {losses['train']:.4f}, val {losses['val']:.4f}"
                     (bar.write(msg) if bar else say(msg))
-                if flag.stop or (stop_at is not None and step >= stop_at):
+                if world.any(flag.stop, "the stop vote") or (stop_at is not None
+                                                             and step >= stop_at):
                     interrupted = True
                     break
                 x, y = ds.get_batch("train", cfg.batch_size, cfg.block_size, rng)
@@ -496,7 +558,7 @@ def _train(cfg, ds, out_dir, start, stop_at, quiet, sample_chars, progress):
                     bar.set_postfix_str(f"loss {loss:.4f}, {tok_rate:,.0f} tok/s", refresh=False)
                     bar.update(1)
             if interrupted:
-                if step % cfg.eval_interval != 0:
+                if step % cfg.eval_interval != 0 and world.is_root:
                     save(step)
                 if bar:
                     bar.close()

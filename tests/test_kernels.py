@@ -409,7 +409,7 @@ def test_dropout_mask_kernel_equals_reference(shape, p):
     assert ref.shape == shape and ref.dtype == bool
     for build in (keep_fill, keep_fill.serial):
         got = np.empty(shape, dtype=bool)
-        build(draw_seed(np.random.default_rng(7)), keep_threshold(p), got.reshape(-1))
+        build(draw_seed(np.random.default_rng(7), shape), keep_threshold(p), got.reshape(-1))
         np.testing.assert_array_equal(got, ref)
 
 

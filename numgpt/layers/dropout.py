@@ -9,6 +9,13 @@ a multiple of 2^-32. Why not rng.random(shape) >= p: a mask made that way can on
 NumPy, one element after another on one core, while this one is the same bits from NumPy here and from the parallel
 compiled kernel in kernels/dropout.py, which draws it on all cores at a fraction of the cost.
 
+A slice of a batch (the data-parallel steps: a thread's or an MPI rank's rows) draws through
+BatchRows(rng, first): the same seeds from rng as the whole batch would draw, and each mask is
+rows first.. of the whole batch's mask. Every mask is [B, ...] with the batch first, so those rows
+are the elements from first * (the size of a row) on, and since the hash's counter advances by
+GOLDEN per element, starting it k elements further is adding k * GOLDEN to the seed (draw_seed).
+So a batch trained in slices, on any number of threads or ranks, gets the masks it gets whole.
+
 Derivation: docs/derivations.md#dropout
 Gradient check: tests/test_layers.py::test_dropout_grad
 """
@@ -27,9 +34,30 @@ def keep_threshold(p):
     return np.uint64(min(round(p * 2.0 ** 32), 2 ** 32))
 
 
-def draw_seed(rng):
-    """The one number a mask takes from the caller's Generator."""
-    return np.uint64(rng.integers(0, 2 ** 63))
+class BatchRows:
+    """The random stream of rows first, first + 1, ... of a batch, for a step that computes only
+    those rows: it draws from rng exactly what the whole batch would (so rng ends in the same
+    state), and a dropout mask drawn through it is those rows of the whole batch's mask. Rows of
+    rows add up: BatchRows(BatchRows(rng, 6), 3) is BatchRows(rng, 9)."""
+
+    def __init__(self, rng, first):
+        if isinstance(rng, BatchRows):
+            rng, first = rng.rng, rng.first + first
+        self.rng = rng
+        self.first = int(first)
+
+    def integers(self, *args, **kwargs):
+        return self.rng.integers(*args, **kwargs)
+
+
+def draw_seed(rng, shape):
+    """The one number a mask of the given shape ([B, ...]) takes from the caller's Generator (or
+    BatchRows: then the seed is moved on to the mask's row `first`)."""
+    seed = int(rng.integers(0, 2 ** 63))
+    if isinstance(rng, BatchRows) and rng.first:
+        row = int(np.prod(shape[1:]))
+        seed = (seed + rng.first * row * int(GOLDEN)) % 2 ** 64
+    return np.uint64(seed)
 
 
 def hash_keep(seed, thr, n):
@@ -52,13 +80,14 @@ def hash_keep(seed, thr, n):
 def keep_mask(rng, shape, p):
     """A bool keep-mask of the given shape for drop probability p, from one draw of rng."""
     n = int(np.prod(shape))
-    return hash_keep(draw_seed(rng), keep_threshold(p), n).reshape(shape)
+    return hash_keep(draw_seed(rng, shape), keep_threshold(p), n).reshape(shape)
 
 
 def dropout_forward(x, p, rng=None, mask=None):
     """x: [...] -> y [...], cache (the scaled mask, or None when dropout is off)
 
-    p: drop probability in [0, 1). rng: numpy Generator the mask's seed is drawn from.
+    p: drop probability in [0, 1). rng: numpy Generator the mask's seed is drawn from (or a
+    BatchRows of one, when x holds rows of a larger batch).
     mask: optional precomputed keep-mask (bool or 0/1, same shape as x) that overrides rng.
     With p == 0 and no mask the layer is the identity (evaluation mode).
     """
