@@ -13,6 +13,7 @@ import lzma
 import math
 import os
 import struct
+import tokenize
 import warnings
 import zipfile
 import zlib
@@ -77,8 +78,11 @@ def _read_member(path, zf, info):
             with warnings.catch_warnings():  # a header in Python 2's style warns as it parses
                 warnings.simplefilter("ignore")
                 shape, fortran, dtype = read_header(f)
-        except (ValueError, SyntaxError, TypeError, RecursionError, MemoryError, EOFError) as e:
-            # MemoryError: the parser's stack, on a few kB of nested operators; nothing is big
+        except (ValueError, SyntaxError, TypeError, RecursionError, MemoryError, EOFError,
+                tokenize.TokenError) as e:
+            # MemoryError: the parser's stack, on a few kB of nested operators; nothing is big.
+            # TokenError: NumPy retries a header that does not parse as Python 2's, through
+            # tokenize, which raises it on an unclosed bracket
             raise CheckpointError(f"{path} is corrupted: member {name} is not a readable .npy "
                                   f"array ({type(e).__name__}: {_short(e)})") from None
         if dtype.hasobject:

@@ -96,6 +96,16 @@ def test_npy_header_of_nested_operators(small, tmp_path):
     refused(tmp_path, replace_member(blob, "p.tok_emb.npy", member), "not a readable .npy array")
 
 
+def test_npy_header_with_an_unclosed_bracket(small, tmp_path):
+    """NumPy parses again, with tokenize, a header that is not a Python literal, and tokenize
+    raises TokenError on an unclosed bracket (hypothesis found it: test_fuzz_loaders.py)."""
+    blob, _ = small
+    header = b"{'descr': '<f4', 'fortran_order': False, 'shape': (3, "
+    header += b" " * (117 - len(header)) + b"\n"
+    member = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + b"\0" * 12
+    refused(tmp_path, replace_member(blob, "p.tok_emb.npy", member), "not a readable .npy array")
+
+
 @pytest.mark.parametrize("descr", ["|O", "|V8", "|S4", "<M8[s]", [("a", "<f4")]])
 def test_members_of_other_dtypes_are_refused_before_reading(small, tmp_path, descr):
     blob, _ = small
