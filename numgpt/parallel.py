@@ -146,7 +146,7 @@ def fused_applies(cfg):
 
 # Lanes run one sweep per channel of a head and per offset, so their cost grows with block x head
 # size^2 where BLAS's per-head products only get more efficient; past this they are not measured
-# (docs/kernels.md, "Attention in the fused step").
+# (docs/kernels.md, "Attention in lanes").
 LANES_CANDIDATE_MAX = 2 ** 14
 
 
