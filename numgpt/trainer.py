@@ -369,8 +369,8 @@ class _Start:
 def resumed_schedule(cfg, saved, out_dir):
     """The config a resumed run trains with. A run with a time budget (cfg.max_time, i.e. no
     --max_iters given) continues the schedule in its checkpoint: the max_iters its budget fixed
-    when it started (or the one it was given) and its eval_interval. A --max_iters given now
-    (cfg.max_time == 0) replaces them."""
+    when it started (or the one it was given), and its eval_interval unless one is given now.
+    A --max_iters given now (cfg.max_time == 0) replaces them."""
     if not cfg.max_time:
         return cfg
     if saved.max_time and saved.max_time != cfg.max_time:
@@ -378,8 +378,8 @@ def resumed_schedule(cfg, saved, out_dir):
                             f"{format_duration(saved.max_time)}, which fixed its length at "
                             f"{saved.max_iters:,} steps when it started; drop --max_time, or "
                             "give --max_iters to change its length")
-    return cfg.replace(max_iters=saved.max_iters, eval_interval=saved.eval_interval,
-                       max_time=saved.max_time)
+    return cfg.replace(max_iters=saved.max_iters, max_time=saved.max_time,
+                       eval_interval=cfg.eval_interval or saved.eval_interval)
 
 
 def _make_out_dir(out_dir):
@@ -431,11 +431,18 @@ def train(cfg: Config, ds: Dataset, out_dir, resume=False, stop_at=None, quiet=F
             return _train(cfg, ds, out_dir, start, stop_at, quiet, sample_chars, progress,
                           clock, t_begin)
         except budget.BudgetError:  # before anything was written: leave out_dir as it was
-            if made_lock:
-                os.unlink(lock.path)
-            if made_dir:
-                os.rmdir(out_dir)
+            _remove_made(lock.path if made_lock else None, out_dir if made_dir else None)
             raise
+
+
+def _remove_made(lock_file, folder):
+    """Remove the lock file and the (then empty) out_dir that a refused run made, where given."""
+    for remove, path in ((os.unlink, lock_file), (os.rmdir, folder)):
+        if path is not None:
+            try:
+                remove(path)
+            except OSError:  # gone, or no longer empty: left as it is
+                pass
 
 
 def train_step(ds, cfg, step_fn, opt, rng, lr):
@@ -453,8 +460,9 @@ def train_step(ds, cfg, step_fn, opt, rng, lr):
 def measure_run_costs(cfg, ds, model, opt, step_fn, loss_fn, meta, clock, out_dir=None,
                       sample_chars=0, seconds=budget.MEASURE_SECONDS):
     """budget.Costs of training cfg here: training steps (train_step with step_fn), an eval
-    batch (loss_fn), a checkpoint (written to a probe file in out_dir and fsynced; only serialised when
-    out_dir is None), a loss plot drawn, and a sample of sample_chars characters (0: none).
+    batch (loss_fn), a checkpoint (written to a probe file in out_dir and fsynced; only
+    serialised when out_dir is None), a loss plot drawn, and a sample of sample_chars characters
+    (0: none).
     The steps run on model and opt, whose state is put back as it was, with batches and dropout
     masks from a generator of their own (a run's own stream is untouched)."""
     rng = np.random.default_rng([cfg.seed, 0xB0D6E7])

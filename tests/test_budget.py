@@ -264,6 +264,19 @@ def test_resuming_a_budgeted_run_with_another_length(text_file, tmp_path):
     assert longer["step"] == r["max_iters"] + 5
 
 
+def test_a_budgeted_run_resumed_keeps_its_eval_interval_unless_given_one(text_file, tmp_path):
+    ds = load_dataset(text_file)
+    out = str(tmp_path / "o")
+    r = train(budget_cfg(eval_interval=4), ds, out, quiet=True, sample_chars=0,
+              clock=ticking_clock(), stop_at=9)
+    n = r["max_iters"]
+    train(budget_cfg(), ds, out, resume=True, quiet=True, sample_chars=0, stop_at=14)
+    assert [row["step"] for row in read_log(os.path.join(out, "log.jsonl"))] == [0, 4, 8, 12]
+    r = train(budget_cfg(eval_interval=5), ds, out, resume=True, quiet=True, sample_chars=0)
+    steps = [row["step"] for row in read_log(os.path.join(out, "log.jsonl"))]
+    assert r["step"] == n and steps == [0, 4, 8, 12] + list(range(15, n, 5)) + [n]
+
+
 def test_an_unbudgeted_run_resumed_by_the_default_command_keeps_its_length(text_file, tmp_path):
     ds = load_dataset(text_file)
     out = str(tmp_path / "o")
