@@ -60,20 +60,22 @@ class Run:
         self.earlier = os.path.isdir(folder) and any(
             os.path.lexists(os.path.join(folder, f)) for f in ("ckpt.npz", "log.jsonl", "loss.png"))
 
-    def look(self):
+    def look(self, ds):
         """Read what an earlier ladder left in the folder; returns why it cannot be continued
-        (another config, a damaged checkpoint), or None."""
+        on ds (another config or data, a damaged checkpoint), or None."""
         if not self.earlier:
             return None
         ckpt = os.path.join(self.folder, "ckpt.npz")
         if not os.path.isfile(ckpt) or os.path.islink(ckpt):
             return "no checkpoint"
         try:
-            saved, _, _, _, meta = read_model_checkpoint(ckpt)
+            saved, chars, _, _, meta = read_model_checkpoint(ckpt)
         except (CheckpointError, *USER_ERRORS) as e:
             return f"its checkpoint is unusable: {e}"
         if saved.to_dict() != self.cfg.to_dict():
             return "trained with another config"
+        if chars != ds.vocab.chars or meta.get("data_sha256") != ds.meta.get("sha256"):
+            return "trained on other data"
         self.step = meta["step"]
         rows = [r for r in read_log(os.path.join(self.folder, "log.jsonl"))
                 if r["step"] == self.cfg.max_iters]
@@ -142,7 +144,7 @@ def _run(args):
                     os.path.join(args.out_dir, f"{s}-seed{cfg.seed + k}"))
                 for k in range(args.seeds)] for s, cfg in cfgs.items()}
     for run in (r for rs in runs.values() for r in rs):
-        why = "--fresh" if args.fresh and run.earlier else run.look()
+        why = "--fresh" if args.fresh and run.earlier else run.look(ds)
         if why:  # an earlier run that is not continued: kept whole, never overwritten
             print(f"  (the earlier run in {run.folder} is kept in {_set_aside(run.folder)}: "
                   f"{why})", flush=True)

@@ -507,6 +507,10 @@ def test_ladder_run_again_continues_and_keeps_what_it_does_not_continue(text_fil
     assert ladder.main(args[:1] + ["--iters-scale=0.003"] + args[2:]) == 0  # another length
     assert "trained with another config" in capsys.readouterr().out
     assert (tmp_path / "lad" / "bigram-seed1337.previous-2" / "ckpt.npz").exists()
+    other = tmp_path / "other.txt"  # the same characters in another text
+    other.write_text("".join(reversed(open(text_file, encoding="utf-8").read())), encoding="utf-8")
+    assert ladder.main(args[:1] + ["--iters-scale=0.003", f"--data={other}"] + args[3:]) == 0
+    assert "trained on other data" in capsys.readouterr().out
 
 
 def test_interrupted_ladder_stops_and_reports_no_losses(text_file, tmp_path, capsys, monkeypatch):
