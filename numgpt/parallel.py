@@ -423,13 +423,13 @@ def step_function(model, cfg=None, prefer=None, say=None):
 
 def loss_function(model, step_name, cfg=None):
     """(loss, closer): loss(x, y) = model.loss(x, y), the evaluation's forward pass, computed the
-    way the training step step_name spreads its work: in two shards on two threads after the
-    fused and the sharded steps (which split the batch over the cores), with BLAS on one thread
-    after one_blas, as it is after plain. The same mean loss up to float rounding."""
+    way the training step step_name spreads its work: after the fused and the sharded steps
+    (which split the batch over the cores) in a shard per core, each on its own thread; with BLAS
+    on one thread after one_blas; as it is after plain. The same mean loss up to float rounding."""
     cfg = cfg or model.cfg
     if (step_name in ("fused", "sharded") and cfg.kernels and cfg.model == "gpt"
             and cfg.batch_size >= 2 and cores() >= 2):
-        s = ShardedStep(model, 2)
+        s = ShardedStep(model, min(cores(), cfg.batch_size))
         return s.loss, s.close
     if step_name == "one_blas":
         return OneBlasThreadStep(model).loss, (lambda: None)
