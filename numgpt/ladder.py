@@ -31,19 +31,17 @@ def measure_rung(cfg, ds):
     """budget.Costs of training cfg here, measured on a fresh model with the step training will
     take (numgpt.parallel.step_function, measured or cached): a few training steps, eval batches,
     a checkpoint serialised and a loss plot drawn."""
-    from .parallel import loss_function, step_function
+    from .parallel import step_function
     from .trainer import measure_run_costs
     model = GPT(cfg, seed=cfg.seed)
     opt = make_optimizer(model, cfg)
     step, close, name = step_function(model, cfg)
-    loss, close_loss = loss_function(model, name, cfg)
     try:
         meta = {"step": 0, "config": cfg.to_dict(), "vocab": ds.vocab.chars}
-        return measure_run_costs(cfg, ds, model, opt, step, loss, meta, time.perf_counter,
+        return measure_run_costs(cfg, ds, model, opt, step, meta, time.perf_counter,
                                  seconds=MEASURE_SECONDS)
     finally:
         close()
-        close_loss()
 
 
 MEASURE_SECONDS = 0.2  # per rung, of timed steps (at least budget.MIN_REPS of them)

@@ -82,22 +82,6 @@ class ShardedStep:
                 g += r[1][k]
         return float(loss), grads
 
-    def loss(self, x, y):
-        """model.loss(x, y) (no dropout, no gradients) computed as the shards' losses on their
-        threads, weighted by their share of the batch."""
-        from numgpt.kernels import _jit
-        B = x.shape[0]
-        cuts = np.linspace(0, B, self.shards + 1).round().astype(int)
-        parts = [(x[a:b], y[a:b]) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
-        _jit.FORCE_SERIAL = True
-        try:
-            with self.blas.limit(limits=1):
-                futures = [pool.submit(self.model.loss, a, b) for pool, (a, b) in
-                           zip(self.pools, parts)]
-                return float(sum(len(a) / B * f.result() for (a, _), f in zip(parts, futures)))
-        finally:
-            _jit.FORCE_SERIAL = False
-
     def close(self):
         for pool in self.pools:
             pool.shutdown(wait=True)
@@ -122,10 +106,6 @@ class OneBlasThreadStep:
     def __call__(self, x, y, train=True, rng=None):
         with self.blas.limit(limits=1):
             return self.model.loss_and_grads(x, y, train=train, rng=rng)
-
-    def loss(self, x, y):
-        with self.blas.limit(limits=1):
-            return self.model.loss(x, y)
 
 
 def fused_applies(cfg):
@@ -419,18 +399,3 @@ def step_function(model, cfg=None, prefer=None, say=None):
     name = choose_step(model, cfg, prefer=prefer, say=say)
     step, close = make_step(name, model)
     return step, close, name
-
-
-def loss_function(model, step_name, cfg=None):
-    """(loss, closer): loss(x, y) = model.loss(x, y), the evaluation's forward pass, computed the
-    way the training step step_name spreads its work: after the fused and the sharded steps
-    (which split the batch over the cores) in a shard per core, each on its own thread; with BLAS
-    on one thread after one_blas; as it is after plain. The same mean loss up to float rounding."""
-    cfg = cfg or model.cfg
-    if (step_name in ("fused", "sharded") and cfg.kernels and cfg.model == "gpt"
-            and cfg.batch_size >= 2 and cores() >= 2):
-        s = ShardedStep(model, min(cores(), cfg.batch_size))
-        return s.loss, s.close
-    if step_name == "one_blas":
-        return OneBlasThreadStep(model).loss, (lambda: None)
-    return model.loss, (lambda: None)

@@ -21,7 +21,7 @@ from .resources import check_memory
 from .generate import generate
 from .model import GPT
 from .optim import clip_grad_norm, get_lr
-from .parallel import candidates, loss_function, planned_step, step_function
+from .parallel import candidates, planned_step, step_function
 
 CKPT = "ckpt.npz"
 LOG = "log.jsonl"
@@ -35,17 +35,15 @@ class TrainingError(Exception):
 STEP0_EVAL_ITERS = 10  # the untrained model's loss needs few batches; the first step comes sooner
 
 
-def estimate_loss(model, ds, cfg, step, loss_fn=None):
+def estimate_loss(model, ds, cfg, step):
     """Mean loss over eval_iters batches of each split (at most STEP0_EVAL_ITERS at step 0), from a
     generator seeded by (seed, step) so evaluation never disturbs the training stream and a resumed
-    run evaluates the same batches. loss_fn(x, y): model.loss unless given (e.g. its sharded
-    twin, numgpt.parallel.loss_function)."""
+    run evaluates the same batches."""
     out = {}
-    loss_fn = loss_fn or model.loss
     n = cfg.eval_iters if step > 0 else min(cfg.eval_iters, STEP0_EVAL_ITERS)
     for split in ("train", "val"):
         rng = np.random.default_rng([cfg.seed, step, 0 if split == "train" else 1])
-        losses = [loss_fn(*ds.get_batch(split, cfg.batch_size, cfg.block_size, rng))
+        losses = [model.loss(*ds.get_batch(split, cfg.batch_size, cfg.block_size, rng))
                   for _ in range(n)]
         out[split] = float(np.mean(losses))
     return out
@@ -457,10 +455,10 @@ def train_step(ds, cfg, step_fn, opt, rng, lr):
     return loss, gnorm
 
 
-def measure_run_costs(cfg, ds, model, opt, step_fn, loss_fn, meta, clock, out_dir=None,
-                      sample_chars=0, seconds=budget.MEASURE_SECONDS):
+def measure_run_costs(cfg, ds, model, opt, step_fn, meta, clock, out_dir=None, sample_chars=0,
+                      seconds=budget.MEASURE_SECONDS):
     """budget.Costs of training cfg here: training steps (train_step with step_fn), an eval
-    batch (loss_fn), a checkpoint (written to a probe file in out_dir and fsynced; only
+    batch (model.loss, as estimate_loss), a checkpoint (written to a probe file in out_dir and fsynced; only
     serialised when out_dir is None), a loss plot drawn, and a sample of sample_chars characters
     (0: none).
     The steps run on model and opt, whose state is put back as it was, with batches and dropout
@@ -471,7 +469,7 @@ def measure_run_costs(cfg, ds, model, opt, step_fn, loss_fn, meta, clock, out_di
         train_step(ds, cfg, step_fn, opt, rng, cfg.learning_rate)
 
     def eval_once():
-        loss_fn(*ds.get_batch("val", cfg.batch_size, cfg.block_size, rng))
+        model.loss(*ds.get_batch("val", cfg.batch_size, cfg.block_size, rng))
 
     def save_once():
         data = checkpoint_bytes(model.params, opt.state_dict(), meta)
@@ -491,11 +489,10 @@ def measure_run_costs(cfg, ds, model, opt, step_fn, loss_fn, meta, clock, out_di
             raise TrainingError(f"cannot write to out_dir {out_dir} ({e.strerror})") from None
 
 
-def fix_budget(cfg, ds, out_dir, model, opt, step_fn, loss_fn, spent, clock, meta, sample_chars):
+def fix_budget(cfg, ds, out_dir, model, opt, step_fn, spent, clock, meta, sample_chars):
     """(max_iters, line) for a new run with a time budget (budget.plan), from the costs measured
     here (measure_run_costs); spent() is the budget's time gone so far."""
-    costs = measure_run_costs(cfg, ds, model, opt, step_fn, loss_fn, meta, clock, out_dir,
-                              sample_chars)
+    costs = measure_run_costs(cfg, ds, model, opt, step_fn, meta, clock, out_dir, sample_chars)
     return budget.plan(cfg, costs, spent(), min(cfg.eval_iters, STEP0_EVAL_ITERS))
 
 
@@ -549,7 +546,7 @@ def _train(cfg, ds, out_dir, start, stop_at, quiet, sample_chars, progress, cloc
 
     def evaluate(at_step, lr):
         nonlocal best_val
-        losses = estimate_loss(model, ds, cfg, at_step, loss_fn)
+        losses = estimate_loss(model, ds, cfg, at_step)
         if not all(math.isfinite(v) for v in losses.values()):
             raise TrainingError(f"the evaluated loss became {losses['train']} (train) / "
                                 f"{losses['val']} (val) at step {at_step}; {kept()}; try a lower "
@@ -579,10 +576,9 @@ def _train(cfg, ds, out_dir, start, stop_at, quiet, sample_chars, progress, cloc
     losses = None
     step_fn, close_step, step_name = step_function(  # the fastest here, measured or cached
         model, cfg, prefer=start.train_step, say=None if quiet else say)
-    loss_fn, close_loss = loss_function(model, step_name, cfg)  # evaluation's, spread alike
     try:
         if cfg.max_time and not start.resume:  # a new run with a time budget: fix its length
-            n, line = fix_budget(cfg, ds, out_dir, model, opt, step_fn, loss_fn,
+            n, line = fix_budget(cfg, ds, out_dir, model, opt, step_fn,
                                  lambda: clock() - t_begin - compiling, clock, checkpoint_meta(0),
                                  0 if quiet else sample_chars)
             cfg = cfg.replace(max_iters=n)
@@ -633,7 +629,6 @@ def _train(cfg, ds, out_dir, start, stop_at, quiet, sample_chars, progress, cloc
                 say(f"step {step}: train {losses['train']:.4f}, val {losses['val']:.4f}")
     finally:
         close_step()
-        close_loss()
         if bar:
             bar.close()
     elapsed = time.time() - t_start

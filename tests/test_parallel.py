@@ -28,28 +28,6 @@ def test_sharded_step_equals_the_whole_batch(B):
         np.testing.assert_allclose(grads2[k], grads[k], rtol=1e-10, atol=1e-13)
 
 
-@pytest.mark.parametrize("B", [2, 5])
-def test_the_evaluation_of_every_step_is_the_loss_of_the_whole_batch(B, monkeypatch):
-    """parallel.loss_function: the evaluation spread as the training step spreads its work."""
-    monkeypatch.setattr(parallel, "cores", lambda: 2)
-    cfg = numgpt.get_config("preln", vocab_size=20, batch_size=B, dropout=0.2)
-    m = numgpt.GPT(cfg, seed=1, dtype=np.float64)
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 20, (B, cfg.block_size))
-    y = rng.integers(0, 20, (B, cfg.block_size))
-    whole = m.loss(x, y)
-    for name in parallel.STEPS:
-        loss, close = parallel.loss_function(m, name)
-        try:
-            assert abs(loss(x, y) - whole) < 1e-12, name
-        finally:
-            close()
-    sharded, close = parallel.loss_function(m, "sharded")
-    close()
-    assert sharded.__self__.__class__ is ShardedStep  # split over two threads
-    assert parallel.loss_function(m, "plain")[0] == m.loss
-
-
 def test_sharded_dropout_is_reproducible_and_follows_the_rng():
     """Same generator, same step (to float32 rounding: see parallel.py); another, another step."""
     cfg = numgpt.get_config("preln", vocab_size=20, batch_size=4, dropout=0.3, zero_head=False)
