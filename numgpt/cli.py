@@ -171,7 +171,7 @@ def train_main(argv, prog="python train.py"):
         check_data_path(data)
     cfg = get_config(preset, **opts)
     ds = load_dataset(data)
-    train(cfg, ds, out_dir, resume=resume)
+    train(cfg, ds, out_dir, resume=resume, max_time_given="max_time" in opts)
     return 0
 
 

@@ -364,18 +364,20 @@ class _Start:
         return self.resume and _file_identity(self.ckpt_path) != self.identity
 
 
-def resumed_schedule(cfg, saved, out_dir):
+def resumed_schedule(cfg, saved, out_dir, max_time_given=False):
     """The config a resumed run trains with. A run with a time budget (cfg.max_time, i.e. no
     --max_iters given) continues the schedule in its checkpoint: the max_iters its budget fixed
     when it started (or the one it was given), and its eval_interval unless one is given now.
-    A --max_iters given now (cfg.max_time == 0) replaces them."""
+    A --max_iters given now (cfg.max_time == 0) replaces them; a --max_time given now
+    (max_time_given) must be the run's own."""
     if not cfg.max_time:
         return cfg
-    if saved.max_time and saved.max_time != cfg.max_time:
-        raise TrainingError(f"--resume: the run in {out_dir} has a time budget of "
-                            f"{format_duration(saved.max_time)}, which fixed its length at "
-                            f"{saved.max_iters:,} steps when it started; drop --max_time, or "
-                            "give --max_iters to change its length")
+    if max_time_given and saved.max_time != cfg.max_time:
+        had = (f"has a time budget of {format_duration(saved.max_time)}, which fixed its length "
+               f"at {saved.max_iters:,} steps when it started" if saved.max_time else
+               f"was started for {saved.max_iters:,} steps, without a time budget")
+        raise TrainingError(f"--resume: the run in {out_dir} {had}; drop --max_time, or give "
+                            "--max_iters to change its length")
     return cfg.replace(max_iters=saved.max_iters, max_time=saved.max_time,
                        eval_interval=cfg.eval_interval or saved.eval_interval)
 
@@ -391,13 +393,15 @@ def _make_out_dir(out_dir):
 
 
 def train(cfg: Config, ds: Dataset, out_dir, resume=False, stop_at=None, quiet=False,
-          sample_chars=500, progress=True, clock=time.monotonic):
+          sample_chars=500, progress=True, clock=time.monotonic, max_time_given=False):
     """Train cfg on ds, writing ckpt.npz, log.jsonl and loss.png into out_dir.
 
     resume: continue from out_dir/ckpt.npz (its model config, vocabulary and data must match).
     stop_at: stop (with a checkpoint) after this many steps, as if interrupted; used by tests.
     cfg.max_time: a time budget in seconds, counted from this call (numgpt/budget.py); the clock
-    that measures it is `clock` (tests pass one of their own).
+    that measures it is `clock` (tests pass one of their own). A resumed run keeps the length
+    in its checkpoint (resumed_schedule); max_time_given: cfg.max_time was asked for (train.py's
+    --max_time), so it must be the run's own.
     Every check that can refuse the run (data, memory, another run in out_dir, the checkpoint
     to resume) comes before out_dir or anything in it is created, so a refused run leaves nothing;
     a budget that holds no training, known only once the step is measured, removes what it made.
@@ -422,7 +426,7 @@ def train(cfg: Config, ds: Dataset, out_dir, resume=False, stop_at=None, quiet=F
             elif start.changed():
                 start = _Start(cfg, ds, out_dir, resume)
         if start.resume:
-            cfg = resumed_schedule(cfg, start.saved_cfg, out_dir)
+            cfg = resumed_schedule(cfg, start.saved_cfg, out_dir, max_time_given)
         remove_stale_temp_files(out_dir)
         keep_freed_memory()
         try:
@@ -517,7 +521,7 @@ def _train(cfg, ds, out_dir, start, stop_at, quiet, sample_chars, progress, cloc
     if start.resume:
         fixed = (f" (fixed by its time budget of {format_duration(cfg.max_time)})"
                  if cfg.max_time else "")
-        say(f"resuming from step {step} of {cfg.max_iters:,}{fixed} in {out_dir}")
+        say(f"resuming from step {step:,} of {cfg.max_iters:,}{fixed} in {out_dir}")
 
     def kept():
         return (f"the last good checkpoint {ckpt_path} is kept" if saved
@@ -632,6 +636,9 @@ def _train(cfg, ds, out_dir, start, stop_at, quiet, sample_chars, progress, cloc
         if bar:
             bar.close()
     elapsed = time.time() - t_start
+    if losses is None:  # a resumed run stopped before it evaluated: the last losses logged
+        losses = ({"train": rows[-1]["train_loss"], "val": rows[-1]["val_loss"]} if rows
+                  else {"train": math.nan, "val": math.nan})
     result = {"step": step, "max_iters": cfg.max_iters, "train_loss": losses["train"],
               "val_loss": losses["val"],
               "seconds": elapsed, "checkpoint": ckpt_path, "log": log_path, "plot": plot_path,

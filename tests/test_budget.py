@@ -258,7 +258,12 @@ def test_resuming_a_budgeted_run_with_another_length(text_file, tmp_path):
     r = train(budget_cfg(), ds, out, quiet=True, sample_chars=0, clock=ticking_clock(),
               stop_at=4)
     with pytest.raises(TrainingError, match="has a time budget of 4s, which fixed its length at"):
-        train(budget_cfg(max_time=8.0), ds, out, resume=True, quiet=True, sample_chars=0)
+        train(budget_cfg(max_time=8.0), ds, out, resume=True, quiet=True, sample_chars=0,
+              max_time_given=True)
+    # another budget that was not asked for (a preset's): the run's own length
+    again = train(budget_cfg(max_time=8.0), ds, out, resume=True, quiet=True, sample_chars=0,
+                  stop_at=r["step"] + 1)
+    assert again["max_iters"] == r["max_iters"] and again["step"] == r["step"] + 1
     longer = train(budget_cfg(max_time=0, max_iters=r["max_iters"] + 5), ds, out, resume=True,
                    quiet=True, sample_chars=0)  # an explicit --max_iters: that length
     assert longer["step"] == r["max_iters"] + 5
@@ -301,11 +306,19 @@ def test_a_budget_that_holds_no_training_is_refused_and_leaves_nothing(text_file
 def test_train_py_says_the_budget_and_keeps_to_the_steps_it_fixed(python, repo, text_file,
                                                                  tmp_path):
     out = tmp_path / "o"
-    r = run(python, repo, "train.py", f"--data={text_file}", f"--out_dir={out}",
-            "--max_time=8s", *TINY)
+    args = [f"--data={text_file}", f"--out_dir={out}", *TINY]
+    r = run(python, repo, "train.py", *args, "--max_time=8s")
     assert r.returncode == 0, r.stderr
     line = next(ln for ln in r.stdout.splitlines() if ln.startswith("time budget 8s: "))
     n = int(line.split(": ")[1].split(" steps")[0].replace(",", ""))
     _, _, meta = load_checkpoint(str(out / "ckpt.npz"))
     assert meta["step"] == meta["config"]["max_iters"] == n
     assert read_log(str(out / "log.jsonl"))[-1]["step"] == n
+    # resumed by the default command (whose preset has a budget of 10m) or with its own budget:
+    # the length it has; with another budget: refused
+    for extra in ([], ["--max_time=8s"]):
+        r = run(python, repo, "train.py", *args, "--resume", *extra)
+        assert r.returncode == 0 and f"resuming from step {n:,} of {n:,} (fixed by its time " \
+            "budget of 8s)" in r.stdout, r.stderr
+    r = run(python, repo, "train.py", *args, "--resume", "--max_time=9s")
+    one_line_error(r, "has a time budget of 8s, which fixed its length at")
