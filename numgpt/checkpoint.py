@@ -30,14 +30,19 @@ class CheckpointError(Exception):
     """The file is not a usable numgpt checkpoint; the message is one line."""
 
 
-def save_checkpoint(path, params, opt_state, meta):
-    """Atomically write params (name -> array), optimizer state and a JSON-able meta dict."""
+def checkpoint_bytes(params, opt_state, meta):
+    """The .npz file of a checkpoint of params (name -> array), optimizer state and meta."""
     arrays = {"meta": np.array(json.dumps(dict(meta, format=FORMAT)))}
     arrays.update({"p." + k: v for k, v in params.items()})
     arrays.update({"opt." + k: v for k, v in (opt_state or {}).items()})
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    atomic_write_bytes(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def save_checkpoint(path, params, opt_state, meta):
+    """Atomically write params (name -> array), optimizer state and a JSON-able meta dict."""
+    atomic_write_bytes(path, checkpoint_bytes(params, opt_state, meta))
 
 
 def _short(e, limit=120):
@@ -67,7 +72,7 @@ def _read_member(path, zf, info):
     """The array in one .npy member of the archive, its header checked before any data is read:
     a plain dtype, and a declared shape * itemsize that is exactly the data the member holds
     (a forged header cannot make us allocate what the file does not contain)."""
-    name = info.filename[:-4]
+    name = _short(info.filename[:-4], 60)  # for messages: a forged name may hold line breaks
     with zf.open(info) as f:
         try:
             version = npformat.read_magic(f)
@@ -290,9 +295,9 @@ def read_model_checkpoint(path):
             raise CheckpointError(f"{path} is inconsistent: parameter {_short(name, 60)} has shape "
                                   f"{a.shape}, the config needs {shapes.get(name)}")
         if a.dtype.kind != "f":
-            raise CheckpointError(f"{path} is inconsistent: parameter {name} has dtype {a.dtype}")
+            raise CheckpointError(f"{path} is inconsistent: parameter {_short(name, 60)} has dtype {a.dtype}")
         if not _finite32(a):
-            raise CheckpointError(f"{path} is corrupted: parameter {name} holds NaN or infinite "
+            raise CheckpointError(f"{path} is corrupted: parameter {_short(name, 60)} holds NaN or infinite "
                                   "values (in float32)")
     missing = set(shapes) - set(params)
     if missing:

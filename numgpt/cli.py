@@ -121,11 +121,15 @@ def run(main, keep_going=False, argv=None):
 
 TRAIN_HELP = f"""usage: python train.py [--preset=NAME] [--data=FILE] [--out_dir=DIR] [--resume] [--key=value ...]
 
-Trains a character-level GPT (default preset: laptop) on Tiny Shakespeare or any UTF-8 text file.
+Trains a character-level GPT (default preset: laptop, for 10 minutes) on Tiny Shakespeare or any
+UTF-8 text file.
   --preset=NAME   one of: {', '.join(PRESETS)}
   --data=FILE     a UTF-8 text file to train on (default: Tiny Shakespeare, fetched if missing)
   --out_dir=DIR   where ckpt.npz, log.jsonl and loss.png go (default: out)
-  --resume        continue the run in out_dir
+  --resume        continue the run in out_dir (its length as fixed when it started)
+  --max_time=T    train for a time budget T (90s, 10m, 1.5h, or seconds): the number of steps is
+                  fixed from the step's speed measured at the start; --max_iters=N instead trains
+                  N steps (the two cannot be combined)
   --key=value     any config field: {', '.join(FIELDS)}
 """
 
@@ -164,7 +168,7 @@ def train_main(argv, prog="python train.py"):
         check_data_path(data)
     cfg = get_config(preset, **opts)
     ds = world.from_root(lambda: load_dataset(data), "sending the data")  # rank 0 reads it
-    train(cfg, ds, out_dir, resume=resume, world=world)
+    train(cfg, ds, out_dir, resume=resume, world=world, max_time_given="max_time" in opts)
     return 0
 
 

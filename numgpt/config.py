@@ -12,6 +12,8 @@ import numpy as np
 
 
 EPS_MIN = 1e-30  # AdamW's eps: a normal float32 with room to spare (the smallest is 1.2e-38)
+EVALS_PER_RUN = 10  # evaluations after step 0 of a run with eval_interval=0 (a time budget's)
+MAX_TIME_LIMIT = 366 * 86400.0  # the longest time budget accepted: a year
 
 
 class ConfigError(ValueError):
@@ -36,11 +38,14 @@ class Config:
     dropout: float = 0.0          # on attention weights, after the projection, after the feed-forward
     init: str = "torch"           # "torch" (PyTorch's default layer init) or "normal" (N(0, init_std))
     init_std: float = 0.02
-    zero_head: bool = True        # output layer (lm_head, or the bigram table) starts at 0: loss = ln V
+    zero_head: bool = False       # output layer (lm_head, or the bigram table) starts at 0: loss = ln V
+                                  # (the video's rungs draw it as init says; docs/ladder.md)
     kernels: bool = True          # numba kernels (kernels/); false = the NumPy reference layers
     # --- training ---
     batch_size: int = 32
     max_iters: int = 5000
+    max_time: float = 0.0         # a time budget in seconds: max_iters is then fixed from the step's
+                                  # measured cost (numgpt/budget.py); 0 = off
     learning_rate: float = 1e-3
     min_lr: float = 1e-4          # end of the cosine decay
     warmup_iters: int = 0
@@ -50,7 +55,7 @@ class Config:
     beta2: float = 0.999
     eps: float = 1e-8
     grad_clip: float = 0.0        # clip the global gradient norm; 0 = off
-    eval_interval: int = 500
+    eval_interval: int = 500      # steps between evaluations; 0 = a tenth of max_iters
     eval_iters: int = 200
     seed: int = 1337
 
@@ -61,6 +66,12 @@ class Config:
     @property
     def ffn_hidden(self):
         return int(round(self.ffn_mult * self.n_embd))
+
+    @property
+    def eval_every(self):
+        """Steps between evaluations: eval_interval, or with eval_interval=0 a tenth of max_iters
+        (rounded up), so that a run evaluates EVALS_PER_RUN times after step 0 whatever its length."""
+        return self.eval_interval or max(1, -(-self.max_iters // EVALS_PER_RUN))
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -90,13 +101,14 @@ PRESETS = {
                    ffn_mult=4.0, residual=True, norm="pre", dropout=0.2, init="normal",
                    batch_size=64, learning_rate=3e-4, max_iters=5000, eval_interval=500,
                    eval_iters=200),
-    # the default of train.py: a small pre-norm GPT sized for ~10 minutes on a 2-core CPU
-    # (what it reaches: README)
+    # the default of train.py: a small pre-norm GPT trained for 10 minutes on whatever machine runs
+    # it (max_time; what it reaches: README). --max_iters=N instead trains N steps; max_iters
+    # below is what the preset trains with the budget turned off (--max_time=0).
     "laptop": dict(model="gpt", block_size=64, n_embd=128, n_head=4, n_layer=4, attn_proj=True,
                    ffn_mult=4.0, residual=True, norm="pre", dropout=0.0, init="normal",
-                   batch_size=12, learning_rate=2e-3, min_lr=2e-4, decay_lr=True,
-                   warmup_iters=100, max_iters=11000, eval_interval=1000, eval_iters=100,
-                   weight_decay=0.1, beta2=0.99, grad_clip=1.0),
+                   zero_head=True, batch_size=12, learning_rate=2e-3, min_lr=2e-4, decay_lr=True,
+                   warmup_iters=100, max_iters=11000, max_time=600.0, eval_interval=0,
+                   eval_iters=100, weight_decay=0.1, beta2=0.99, grad_clip=1.0),
 }
 
 LADDER = ["bigram", "single_head", "multi_head", "ffn", "residual", "layernorm", "preln", "scaled"]
@@ -119,8 +131,34 @@ def parse_whole_number(text):
     raise ValueError(f"not a whole number: {text!r}")
 
 
+DURATION_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text):
+    """Seconds in a duration such as 90s, 10m, 1.5h or 600 (plain seconds); ValueError otherwise
+    (no other units, signs, exponents, nan or inf)."""
+    m = re.fullmatch(r"\s*([0-9]+\.?[0-9]*|\.[0-9]+)\s*([smh]?)\s*", text, flags=re.ASCII)
+    if not m:
+        raise ValueError(f"not a duration: {text!r}")
+    return float(m.group(1)) * DURATION_UNITS[m.group(2)]
+
+
+def format_duration(seconds):
+    """A duration for people, in the units parse_duration reads: 45s, 10m, 1.5h."""
+    for unit, scale in (("h", 3600.0), ("m", 60.0)):
+        if seconds >= 2 * scale or (seconds >= scale and seconds % scale == 0):
+            return f"{seconds / scale:.3g}{unit}"
+    return f"{seconds:.3g}s"
+
+
 def _coerce(name, value):
     """Turn a string (from the command line) into the type of field `name`."""
+    if name == "max_time" and isinstance(value, str):
+        try:
+            return parse_duration(value)
+        except ValueError:
+            raise ConfigError(f"max_time must be a duration such as 90s, 10m or 1.5h (or seconds, "
+                              f"600; 0 = no time budget), got {value!r}") from None
     f = FIELDS[name]
     typ = f.type if isinstance(f.type, type) else {"int": int, "float": float, "bool": bool,
                                                     "str": str}[f.type]
@@ -166,9 +204,12 @@ def validate(cfg):
             need(math.isfinite(getattr(cfg, name)),
                  f"{name} must be a finite number, got {getattr(cfg, name)}")
     need(cfg.model in ("bigram", "gpt"), f"model must be 'bigram' or 'gpt', got {cfg.model!r}")
-    for name in ("vocab_size", "block_size", "batch_size", "max_iters", "eval_interval",
-                 "eval_iters"):
+    for name in ("vocab_size", "block_size", "batch_size", "max_iters", "eval_iters"):
         need(getattr(cfg, name) >= 1, f"{name} must be at least 1, got {getattr(cfg, name)}")
+    need(cfg.eval_interval >= 0,
+         f"eval_interval must be >= 0 (0 = a tenth of max_iters), got {cfg.eval_interval}")
+    need(0 <= cfg.max_time <= MAX_TIME_LIMIT,
+         f"max_time must be between 0 (off) and a year ({MAX_TIME_LIMIT:.0f} s), got {cfg.max_time}")
     need(cfg.warmup_iters >= 0, f"warmup_iters must be >= 0, got {cfg.warmup_iters}")
     if cfg.model == "gpt":
         need(cfg.n_embd >= 1, f"n_embd must be at least 1, got {cfg.n_embd}")
@@ -214,7 +255,11 @@ def validate(cfg):
 
 
 def get_config(preset="laptop", **overrides):
-    """The Config of a preset with overrides applied and checked, e.g. get_config('preln', n_layer=2)."""
+    """The Config of a preset with overrides applied and checked, e.g. get_config('preln', n_layer=2).
+
+    The length of a run is set either by max_iters or by a time budget (max_time): a max_iters
+    given here turns off the preset's budget (the laptop preset's 10 minutes), and giving both
+    is refused."""
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
     values = dict(PRESETS[preset])
@@ -222,6 +267,11 @@ def get_config(preset="laptop", **overrides):
         if k not in FIELDS:
             raise ConfigError(f"unknown config key {k!r}; known keys: {', '.join(FIELDS)}")
         values[k] = _coerce(k, v)
+    if "max_iters" in overrides:
+        if "max_time" in overrides and values["max_time"] != 0:
+            raise ConfigError("max_iters and max_time both set the length of the run; give one "
+                              "of them (max_time=0 turns the time budget off)")
+        values["max_time"] = 0.0
     return validate(Config(**values))
 
 

@@ -4,6 +4,10 @@ Trains bigram, single_head, multi_head, ffn, residual, layernorm and preln (and 
 --include-scaled) with their presets on Tiny Shakespeare, prints their final train/val losses beside
 the published ones, and draws every validation curve into one PNG; each rung with attention also
 gets its attention map (attention.png in its run folder; docs/ladder.md).
+
+Before training it says how long the ladder will take here, from a few steps of each rung
+measured with the step training will use. Run again with the same --out-dir, it continues: a
+rung interrupted (Ctrl-C, kill) resumes from its checkpoint, a finished one is not trained again.
 """
 import argparse
 import os
@@ -12,44 +16,74 @@ import time
 
 import numpy as np
 
+from . import make_optimizer
 from .attention_map import ladder_map
+from .budget import run_seconds
+from .checkpoint import CheckpointError, read_model_checkpoint
 from .cli import USER_ERRORS
-from .config import LADDER, LADDER_TARGETS, get_config
+from .config import LADDER, LADDER_TARGETS, format_duration, get_config
 from .data import load_dataset
 from .distributed import SINGLE, end_with_error
 from .env import mpi_launch
 from .model import GPT
-from .trainer import TrainingError, new_axes, read_log, save_figure, train
+from .trainer import STEP0_EVAL_ITERS, TrainingError, new_axes, read_log, save_figure, train
 
 
-def time_one_step(cfg, ds, reps=3):
-    """Seconds per training step (best of reps after a warm-up, with the step training will take:
-    numgpt.parallel.step_function, measured or cached) and per eval batch of cfg."""
+def measure_rung(cfg, ds):
+    """budget.Costs of training cfg here, measured on a fresh model with the step training will
+    take (numgpt.parallel.step_function, measured or cached): a few training steps, eval batches,
+    a checkpoint serialised and a loss plot drawn."""
     from .parallel import step_function
-    cfg = cfg.replace(vocab_size=len(ds.vocab))
-    model = GPT(cfg, seed=0)
-    rng = np.random.default_rng(0)
-    x, y = ds.get_batch("train", cfg.batch_size, cfg.block_size, rng)
-    step, close, _ = step_function(model, cfg)
+    from .trainer import measure_run_costs
+    model = GPT(cfg, seed=cfg.seed)
+    opt = make_optimizer(model, cfg)
+    step, close, name = step_function(model, cfg)
     try:
-        step(x, y, rng=rng)
-        t_step, t_eval = [], []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            step(x, y, rng=rng)
-            t1 = time.perf_counter()
-            model.loss(x, y)
-            t_eval.append(time.perf_counter() - t1)
-            t_step.append(t1 - t0)
+        meta = {"step": 0, "config": cfg.to_dict(), "vocab": ds.vocab.chars}
+        return measure_run_costs(cfg, ds, model, opt, step, meta, time.perf_counter,
+                                 seconds=MEASURE_SECONDS)
     finally:
         close()
-    return min(t_step), min(t_eval)
 
 
-def expected_seconds(cfg, ds):
-    step, ev = time_one_step(cfg, ds)
-    n_evals = cfg.max_iters // cfg.eval_interval + 1
-    return cfg.max_iters * step + n_evals * 2 * cfg.eval_iters * ev
+MEASURE_SECONDS = 0.2  # per rung, of timed steps (at least budget.MIN_REPS of them)
+
+
+class Run:
+    """One rung and seed of the ladder in its folder, and what is there from an earlier ladder:
+    state "new" (nothing), "resume" (a checkpoint of this config short of its last step) or
+    "done" (a checkpoint at its last step, whose log holds the final losses)."""
+
+    def __init__(self, stage, cfg, folder):
+        self.stage, self.cfg, self.folder = stage, cfg, folder
+        self.state, self.step, self.final = "new", 0, None
+        self.earlier = os.path.isdir(folder) and any(
+            os.path.lexists(os.path.join(folder, f)) for f in ("ckpt.npz", "log.jsonl", "loss.png"))
+
+    def look(self, ds):
+        """Read what an earlier ladder left in the folder; returns why it cannot be continued
+        on ds (another config or data, a damaged checkpoint), or None."""
+        if not self.earlier:
+            return None
+        ckpt = os.path.join(self.folder, "ckpt.npz")
+        if not os.path.isfile(ckpt) or os.path.islink(ckpt):
+            return "no checkpoint"
+        try:
+            saved, chars, _, _, meta = read_model_checkpoint(ckpt)
+        except (CheckpointError, *USER_ERRORS) as e:
+            return f"its checkpoint is unusable: {e}"
+        if saved.to_dict() != self.cfg.to_dict():
+            return "trained with another config"
+        if chars != ds.vocab.chars or meta.get("data_sha256") != ds.meta.get("sha256"):
+            return "trained on other data"
+        self.step = meta["step"]
+        rows = [r for r in read_log(os.path.join(self.folder, "log.jsonl"))
+                if r["step"] == self.cfg.max_iters]
+        if self.step >= self.cfg.max_iters and rows:
+            self.state, self.final = "done", rows[-1]
+        else:
+            self.state = "resume"
+        return None
 
 
 def plot_ladder(curves, path):
@@ -71,7 +105,10 @@ def main(argv=None, prog="python -m numgpt.ladder"):
     ap.add_argument("--seeds", type=int, default=1, help="seeds per rung; the table shows the mean")
     ap.add_argument("--iters-scale", type=float, default=1.0,
                     help="multiply max_iters and eval_interval (e.g. 0.1 for a quick look)")
-    ap.add_argument("--out-dir", default="out-ladder")
+    ap.add_argument("--out-dir", default="out-ladder",
+                    help="where the rungs' runs go; run again, the ladder continues the runs there")
+    ap.add_argument("--fresh", action="store_true",
+                    help="set the runs in --out-dir aside (renamed *.previous) and train every rung anew")
     ap.add_argument("--data", default=None, help="a UTF-8 text file (default: Tiny Shakespeare)")
     ap.add_argument("--check", action="store_true",
                     help="exit 1 when a rung's val loss is more than --tolerance from the published one")
@@ -107,36 +144,44 @@ def _run(args):
                           eval_interval=max(1, round(cfg.eval_interval * args.iters_scale)),
                           vocab_size=len(ds.vocab))
         cfgs[s] = cfg
-    print("timing one step of each rung to estimate the run ...", flush=True)
-    est = {s: expected_seconds(c, ds) * args.seeds for s, c in cfgs.items()}
-    print("expected time on this machine: " + ", ".join(f"{s} {t / 60:.1f} min" for s, t in est.items())
-          + f"; total {sum(est.values()) / 60:.1f} min", flush=True)
+    runs = {s: [Run(s, cfg.replace(seed=cfg.seed + k),
+                    os.path.join(args.out_dir, f"{s}-seed{cfg.seed + k}"))
+                for k in range(args.seeds)] for s, cfg in cfgs.items()}
+    for run in (r for rs in runs.values() for r in rs):
+        why = "--fresh" if args.fresh and run.earlier else run.look(ds)
+        if why:  # an earlier run that is not continued: kept whole, never overwritten
+            print(f"  (the earlier run in {run.folder} is kept in {_set_aside(run.folder)}: "
+                  f"{why})", flush=True)
+    est = _estimate(runs, ds)
     results, curves, maps = {}, {}, []
     t0 = time.time()
     for s, cfg in cfgs.items():
         vals, trains = [], []
-        for k in range(args.seeds):
-            run_cfg = cfg.replace(seed=cfg.seed + k)
-            out = os.path.join(args.out_dir, f"{s}-seed{run_cfg.seed}")
-            if os.path.isdir(out) and any(os.path.exists(os.path.join(out, f))
-                                          for f in ("ckpt.npz", "log.jsonl", "loss.png")):
-                kept = _set_aside(out)  # an earlier run: kept whole, never overwritten
-                print(f"  (the earlier run in {out} is kept in {kept})", flush=True)
+        for k, run in enumerate(runs[s]):
             ts = time.time()
-            r = train(run_cfg, ds, out, quiet=True, sample_chars=0, world=SINGLE)
-            if r["interrupted"]:
-                print(f"interrupted: {s} stopped at step {r['step']} of {run_cfg.max_iters} (its "
-                      f"checkpoint is in {out}); the ladder stops here and reports no losses",
-                      flush=True)
-                return 0
+            if run.state == "done":
+                r = {"train_loss": run.final["train_loss"], "val_loss": run.final["val_loss"],
+                     "log": os.path.join(run.folder, "log.jsonl")}
+                took = f"trained before, in {run.folder}"
+            else:
+                long = est[s][k] > LONG_RUNG_SECONDS  # its progress is shown as it trains
+                r = train(run.cfg, ds, run.folder, resume=run.state == "resume",
+                          quiet=not long, sample_chars=0, world=SINGLE)
+                if r["interrupted"]:
+                    print(f"interrupted: {s} stopped at step {r['step']} of {run.cfg.max_iters} "
+                          f"(its checkpoint is in {run.folder}); the ladder stops here and reports "
+                          "no losses; the same command continues it", flush=True)
+                    return 0
+                took = f"{time.time() - ts:.0f} s" + (f", resumed at step {run.step}"
+                                                      if run.state == "resume" else "")
             vals.append(r["val_loss"])
             trains.append(r["train_loss"])
             if k == 0:
                 curves[s] = read_log(r["log"])
                 if cfg.model == "gpt":  # a rung with attention: its map (docs/ladder.md)
-                    maps.append(ladder_map(ds, out, s))
-            print(f"  {s:<12} seed {run_cfg.seed}: train {r['train_loss']:.4f} "
-                  f"val {r['val_loss']:.4f}  ({time.time() - ts:.0f} s)", flush=True)
+                    maps.append(ladder_map(ds, run.folder, s))
+            print(f"  {s:<12} seed {run.cfg.seed}: train {r['train_loss']:.4f} "
+                  f"val {r['val_loss']:.4f}  ({took})", flush=True)
         results[s] = (float(np.mean(trains)), float(np.mean(vals)),
                       float(np.std(vals)) if len(vals) > 1 else None)
     os.makedirs(args.out_dir, exist_ok=True)
@@ -161,6 +206,34 @@ def _run(args):
               file=sys.stderr)
         return 1
     return 0
+
+
+LONG_RUNG_SECONDS = 120  # a rung expected to train longer shows its progress bar and evaluations
+
+
+def _estimate(runs, ds):
+    """Say how long the ladder will take here, from each rung's costs measured now (measure_rung)
+    and the steps each run has left; returns {stage: [seconds of each seed's run]}."""
+    todo = [s for s, rs in runs.items() if any(r.state != "done" for r in rs)]
+    if todo:
+        print("timing a few steps of each rung to estimate the run ...", flush=True)
+    est, parts = {}, []
+    for s, rs in runs.items():
+        costs = measure_rung(rs[0].cfg, ds) if s in todo else None
+        est[s] = [0.0 if r.state == "done" else
+                  run_seconds(r.cfg, costs, min(r.cfg.eval_iters, STEP0_EVAL_ITERS), start=r.step)
+                  for r in rs]
+        done = sum(r.state == "done" for r in rs)
+        resumed = [f"resumes at step {r.step:,} of {r.cfg.max_iters:,}" for r in rs
+                   if r.state == "resume"]
+        note = ", ".join((["trained before"] if done == len(rs) else []) + resumed)
+        step = (f" at {1000 * costs.step:.3g} ms a step" if costs and costs.step < 1
+                else f" at {costs.step:.3g} s a step" if costs else "")
+        parts.append(f"{s} {format_duration(sum(est[s]))}{step}" + (f" ({note})" if note else ""))
+    total = sum(sum(v) for v in est.values())
+    print("expected time on this machine: " + ", ".join(parts)
+          + f"; total {format_duration(total)}", flush=True)
+    return est
 
 
 def _set_aside(folder):

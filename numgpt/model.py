@@ -220,13 +220,16 @@ class GPT:
             dx = dh if dskip is None else dskip + dh
         return dx
 
-    def forward(self, idx, train=False, rng=None, kv=None):
+    def forward(self, idx, train=False, rng=None, kv=None, keep_cache=True):
         """idx: [B, T] token ids (T <= block_size) -> logits [B, T, V], cache for backward.
 
         train=True turns dropout on; its masks are drawn from rng (a numpy Generator), so passing
         generators with the same seed replays the same masks.
         kv: a generate.KVCache; idx then holds the next T positions after the kv.t cached ones
         (inference only: no cache for backward is returned).
+        keep_cache=False: no cache for backward either; each block's activations are freed as
+        soon as the block is done (a loss needs no more; the whole cache of the scaled rung at
+        batch 64 holds gigabytes of activations, which a forward pass would otherwise keep).
         """
         cfg, P, ops = self.cfg, self.params, self.ops
         idx = _check_ids(idx, cfg.vocab_size, "idx")
@@ -241,16 +244,21 @@ class GPT:
             return logits, {"tok": c_tok}
         # tok_emb[idx] + pos_emb[t0:t0 + T]
         x, c_emb = ops.embed_forward(idx, P["tok_emb"], P["pos_emb"][t0:])
+        keep_cache = keep_cache and kv is None
         blocks = []
         for i in range(cfg.n_layer):
-            x, bc = self._block_forward(x, i, train and kv is None, rng, kv)
-            blocks.append(bc)
+            if keep_cache:
+                x, bc = self._block_forward(x, i, train, rng)
+                blocks.append(bc)
+            else:
+                x = self._block_forward(x, i, train and kv is None, rng, kv)[0]
         c_lnf = None
         if self.arch.norm != NORM_NONE:
             x, c_lnf = ops.layernorm_forward(x, P["ln_f.g"], P["ln_f.b"])
         logits, c_head = linear_forward(x, P["lm_head.w"], P["lm_head.b"])
         if kv is not None:
             kv.t += T
+        if not keep_cache:
             return logits, None
         return logits, {"emb": c_emb, "blocks": blocks, "ln_f": c_lnf, "head": c_head}
 
@@ -271,7 +279,7 @@ class GPT:
 
     def loss(self, x, y, train=False, rng=None):
         """Mean cross-entropy of next-token prediction for inputs x [B, T] and targets y [B, T]."""
-        logits, _ = self.forward(x, train, rng)
+        logits, _ = self.forward(x, train, rng, keep_cache=False)
         return self.ops.cross_entropy(logits, _check_targets(y, logits), want_grad=False)[0]
 
     def loss_and_grads(self, x, y, train=True, rng=None, grad_scale=1.0):
@@ -290,5 +298,5 @@ class GPT:
     def next_token_logits(self, idx):
         """idx: [B, T] -> logits of the next token [B, V] (float64), looking at the last block_size."""
         idx = np.asarray(idx)[:, -self.cfg.block_size:]
-        logits, _ = self.forward(idx, train=False)
+        logits, _ = self.forward(idx, train=False, keep_cache=False)
         return logits[:, -1, :].astype(np.float64)

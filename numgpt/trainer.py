@@ -1,4 +1,5 @@
 """The training loop behind train.py: batches, AdamW steps, evals, logs, plots, checkpoints, resume."""
+import dataclasses
 import errno
 import json
 import math
@@ -12,10 +13,10 @@ import time
 
 import numpy as np
 
-from . import make_optimizer
+from . import budget, make_optimizer
 from ._threads import keep_freed_memory
-from .checkpoint import CheckpointError, read_model_checkpoint, save_checkpoint
-from .config import Config
+from .checkpoint import CheckpointError, checkpoint_bytes, read_model_checkpoint, save_checkpoint
+from .config import Config, format_duration
 from .data import Dataset, atomic_write_bytes
 from .distributed import (SINGLE, allreduce_bytes, check_batch, get_world, shard_config,
                           train_step)
@@ -110,8 +111,8 @@ def new_axes(figsize=(7, 4.5)):
     return plt.subplots(figsize=figsize, dpi=100)
 
 
-def save_figure(fig, ax, path, title, ylabel):
-    """Finish the axes and write the PNG atomically (a temporary file renamed over the old one)."""
+def figure_png(fig, ax, title, ylabel):
+    """Finish the axes and return the figure as PNG bytes (the figure is closed)."""
     import io
 
     import matplotlib.pyplot as plt
@@ -124,16 +125,26 @@ def save_figure(fig, ax, path, title, ylabel):
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    return buf.getvalue()
 
 
-def plot_losses(rows, path, title):
-    """Train and val loss against step."""
+def save_figure(fig, ax, path, title, ylabel):
+    """Finish the axes and write the PNG atomically (a temporary file renamed over the old one)."""
+    atomic_write_bytes(path, figure_png(fig, ax, title, ylabel))
+
+
+def loss_png(rows, title):
+    """PNG bytes of train and val loss against step."""
     fig, ax = new_axes()
     steps = [r["step"] for r in rows]
     ax.plot(steps, [r["train_loss"] for r in rows], label="train", marker=".")
     ax.plot(steps, [r["val_loss"] for r in rows], label="val", marker=".")
-    save_figure(fig, ax, path, title, "cross-entropy loss (nats / character)")
+    return figure_png(fig, ax, title, "cross-entropy loss (nats / character)")
+
+
+def plot_losses(rows, path, title):
+    """Train and val loss against step, written to path atomically."""
+    atomic_write_bytes(path, loss_png(rows, title))
 
 
 class _OutDirLock:
@@ -248,9 +259,10 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
-def _config_mismatch(a: Config, b: Config, allowed=("max_iters", "eval_interval", "eval_iters",
-                                                       "learning_rate", "min_lr", "warmup_iters",
-                                                       "decay_lr", "grad_clip", "kernels")):
+def _config_mismatch(a: Config, b: Config, allowed=("max_iters", "max_time", "eval_interval",
+                                                       "eval_iters", "learning_rate", "min_lr",
+                                                       "warmup_iters", "decay_lr", "grad_clip",
+                                                       "kernels")):
     da, db = a.to_dict(), b.to_dict()
     return [k for k in da if da[k] != db[k] and k not in allowed]
 
@@ -312,6 +324,7 @@ class _Start:
         self.resume = resume
         self.train_step = None  # the step (numgpt.parallel.STEPS) a resumed run trained with
         self.ranks = None  # on how many MPI ranks (numgpt/distributed.py) it trained
+        self.saved_cfg = None  # the config in the checkpoint a resumed run continues
         if resume:
             self._resume(cfg, ds, out_dir)
         else:
@@ -321,6 +334,7 @@ class _Start:
         ckpt_path = self.ckpt_path
         self.identity = _file_identity(ckpt_path)
         saved_cfg, chars, params, opt_state, meta = read_model_checkpoint(ckpt_path)
+        self.saved_cfg = saved_cfg
         src = meta.get("data")
         hint = f" (--data={src})" if isinstance(src, str) and src.startswith("/") else ""
         if chars != ds.vocab.chars:
@@ -382,6 +396,24 @@ class _Start:
         return self
 
 
+def resumed_schedule(cfg, saved, out_dir, max_time_given=False):
+    """The config a resumed run trains with. A run with a time budget (cfg.max_time, i.e. no
+    --max_iters given) continues the schedule in its checkpoint: the max_iters its budget fixed
+    when it started (or the one it was given), and its eval_interval unless one is given now.
+    A --max_iters given now (cfg.max_time == 0) replaces them; a --max_time given now
+    (max_time_given) must be the run's own."""
+    if not cfg.max_time:
+        return cfg
+    if max_time_given and saved.max_time != cfg.max_time:
+        had = (f"has a time budget of {format_duration(saved.max_time)}, which fixed its length "
+               f"at {saved.max_iters:,} steps when it started" if saved.max_time else
+               f"was started for {saved.max_iters:,} steps, without a time budget")
+        raise TrainingError(f"--resume: the run in {out_dir} {had}; drop --max_time, or give "
+                            "--max_iters to change its length")
+    return cfg.replace(max_iters=saved.max_iters, max_time=saved.max_time,
+                       eval_interval=cfg.eval_interval or saved.eval_interval)
+
+
 def _make_out_dir(out_dir):
     try:
         os.makedirs(out_dir, exist_ok=True)
@@ -393,18 +425,25 @@ def _make_out_dir(out_dir):
 
 
 def train(cfg: Config, ds: Dataset, out_dir, resume=False, stop_at=None, quiet=False,
-          sample_chars=500, progress=True, world=None):
+          sample_chars=500, progress=True, world=None, clock=time.monotonic,
+          max_time_given=False):
     """Train cfg on ds, writing ckpt.npz, log.jsonl and loss.png into out_dir.
 
     resume: continue from out_dir/ckpt.npz (its model config, vocabulary and data must match).
     stop_at: stop (with a checkpoint) after this many steps, as if interrupted; used by tests.
     world: numgpt.distributed's World (default: this process's, get_world()). Under MPI rank 0
     does all that follows and sends the start to the other ranks, which touch no file.
+    cfg.max_time: a time budget in seconds, counted from this call (numgpt/budget.py); the clock
+    that measures it is `clock` (tests pass one of their own). A resumed run keeps the length
+    in its checkpoint (resumed_schedule); max_time_given: cfg.max_time was asked for (train.py's
+    --max_time), so it must be the run's own.
     Every check that can refuse the run (data, memory, another run in out_dir, the checkpoint
-    to resume) comes before out_dir or anything in it is created, so a refused run leaves nothing.
+    to resume) comes before out_dir or anything in it is created, so a refused run leaves nothing;
+    a budget that holds no training, known only once the step is measured, removes what it made.
     Returns dict with the final losses and paths.
     """
     world = get_world() if world is None else world
+    t_begin = clock()
     if not os.fspath(out_dir):
         raise TrainingError("--out_dir is empty; give the folder for the run, e.g. --out_dir=out")
     ds.check_block(cfg.block_size)
@@ -415,10 +454,14 @@ def train(cfg: Config, ds: Dataset, out_dir, resume=False, stop_at=None, quiet=F
         _check_same_run(world, cfg)
     if not world.is_root:  # the start comes from rank 0; no file is read or written here
         keep_freed_memory()
-        start = _Start.received(cfg, world.bcast(None, "the start"))
-        return _train(cfg, ds, out_dir, start, stop_at, True, sample_chars, False, world)
+        sent = world.bcast(None, "the start")
+        cfg, start = sent["config"], _Start.received(sent["config"], sent["start"])
+        return _train(cfg, ds, out_dir, start, stop_at, True, sample_chars, False, world, clock,
+                      t_begin)
+    made_dir = not os.path.lexists(out_dir)
     with _OutDirLock(out_dir) as lock:
         lock.acquire(create=False)  # when out_dir already has a lock file: nothing is created
+        made_lock = not lock.held
         start = _Start(cfg, ds, out_dir, resume)
         if not lock.held:
             _make_out_dir(out_dir)
@@ -427,11 +470,104 @@ def train(cfg: Config, ds: Dataset, out_dir, resume=False, stop_at=None, quiet=F
                 _check_fresh_out_dir(out_dir)  # again, now that no other run can start here
             elif start.changed():
                 start = _Start(cfg, ds, out_dir, resume)
+        if start.resume:
+            cfg = resumed_schedule(cfg, start.saved_cfg, out_dir, max_time_given)
         remove_stale_temp_files(out_dir)
         keep_freed_memory()
-        if world.size > 1:
-            world.bcast(start.shared(), "the start")
-        return _train(cfg, ds, out_dir, start, stop_at, quiet, sample_chars, progress, world)
+        if world.size > 1:  # with the config: a resumed run's schedule is rank 0's to read
+            world.bcast({"config": cfg, "start": start.shared()}, "the start")
+        try:
+            return _train(cfg, ds, out_dir, start, stop_at, quiet, sample_chars, progress,
+                          world, clock, t_begin)
+        except budget.BudgetError:  # before anything was written: leave out_dir as it was
+            _remove_made(lock.path if made_lock else None, out_dir if made_dir else None)
+            raise
+
+
+def _remove_made(lock_file, folder):
+    """Remove the lock file and the (then empty) out_dir that a refused run made, where given."""
+    for remove, path in ((os.unlink, lock_file), (os.rmdir, folder)):
+        if path is not None:
+            try:
+                remove(path)
+            except OSError:  # gone, or no longer empty: left as it is
+                pass
+
+
+def take_step(ds, cfg, step_fn, opt, rng, lr):
+    """One training step: a batch drawn from rng, loss and gradients (step_fn, which draws its
+    dropout masks from rng too), gradient clipping, then AdamW at lr, which is left out when the
+    loss or the gradient norm is not finite. Returns (loss, gradient norm before clipping)."""
+    x, y = ds.get_batch("train", cfg.batch_size, cfg.block_size, rng)
+    loss, grads = step_fn(x, y, train=True, rng=rng)
+    gnorm = clip_grad_norm(grads, cfg.grad_clip)
+    if math.isfinite(loss) and math.isfinite(gnorm):
+        opt.step(grads, lr)
+    return loss, gnorm
+
+
+def measure_run_costs(cfg, ds, model, opt, step_fn, meta, clock, out_dir=None, sample_chars=0,
+                      seconds=budget.MEASURE_SECONDS, world=SINGLE):
+    """budget.Costs of training cfg here: training steps (take_step with step_fn), an eval
+    batch (model.loss, as estimate_loss), a checkpoint (written to a probe file in out_dir and fsynced; only
+    serialised when out_dir is None), a loss plot drawn, and a sample of sample_chars characters
+    (0: none).
+    The steps run on model and opt, whose state is put back as it was, with batches and dropout
+    masks from a generator of their own (a run's own stream is untouched).
+    Under MPI (world) every rank takes as many steps as rank 0 times, each ending in the
+    gradients' Allreduce; rank 0 alone measures the rest and returns the costs, the others None."""
+    rng = np.random.default_rng([cfg.seed, 0xB0D6E7])
+
+    def step_once():
+        take_step(ds, cfg, step_fn, opt, rng, cfg.learning_rate)
+
+    def eval_once():
+        model.loss(*ds.get_batch("val", cfg.batch_size, cfg.block_size, rng))
+
+    def save_once():
+        data = checkpoint_bytes(model.params, opt.state_dict(), meta)
+        if out_dir is not None:
+            budget.write_probe(out_dir, data)
+
+    def plot_once():
+        loss_png([{"step": i, "train_loss": 1.0, "val_loss": 1.0} for i in range(12)], "")
+
+    def sample_once():
+        generate(model, np.zeros((1, 1), dtype=np.int64), sample_chars, rng=rng)
+    def agree(more):  # rank 0's answer, on every rank
+        return more if world.size == 1 else world.bcast(more, "the budget's measured steps")
+    with budget.restored_after(model, opt):
+        if not world.is_root:
+            budget.timed_mean(step_once, clock, budget.MIN_REPS, seconds, agree=agree)
+            return None
+        try:
+            return budget.measure_costs(step_once, eval_once, save_once, clock, plot_once,
+                                        sample_once if sample_chars else None, seconds=seconds,
+                                        agree=agree)
+        except OSError as e:
+            raise TrainingError(f"cannot write to out_dir {out_dir} ({e.strerror})") from None
+
+
+def fix_budget(cfg, ds, out_dir, model, opt, step_fn, spent, clock, meta, sample_chars,
+               world=SINGLE):
+    """(max_iters, line) for a new run with a time budget (budget.plan), from the costs measured
+    here (measure_run_costs); spent() is the budget's time gone so far. Under MPI rank 0 plans
+    and sends the plan, or the BudgetError's line, to the others."""
+    costs = measure_run_costs(cfg, ds, model, opt, step_fn, meta, clock, out_dir, sample_chars,
+                              world=world)
+    if world.size == 1:
+        return budget.plan(cfg, costs, spent(), min(cfg.eval_iters, STEP0_EVAL_ITERS))
+    planned = None
+    if world.is_root:  # each rank evaluates every world.size-th batch (estimate_loss)
+        costs = dataclasses.replace(costs, eval_batch=costs.eval_batch / world.size)
+        try:
+            planned = budget.plan(cfg, costs, spent(), min(cfg.eval_iters, STEP0_EVAL_ITERS))
+        except budget.BudgetError as e:
+            planned = str(e)
+    planned = world.bcast(planned, "the budget's plan")
+    if isinstance(planned, str):
+        raise budget.BudgetError(planned)
+    return planned
 
 
 def _check_same_run(world, cfg):
@@ -443,7 +579,9 @@ def _check_same_run(world, cfg):
                       "config": cfg.to_dict()})
 
 
-def _train(cfg, ds, out_dir, start, stop_at, quiet, sample_chars, progress, world=SINGLE):
+def _train(cfg, ds, out_dir, start, stop_at, quiet, sample_chars, progress, world=SINGLE,
+           clock=time.monotonic, t_begin=None):
+    t_begin = clock() if t_begin is None else t_begin
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     ckpt_path = os.path.join(out_dir, CKPT)
     log_path = os.path.join(out_dir, LOG)
@@ -451,28 +589,36 @@ def _train(cfg, ds, out_dir, start, stop_at, quiet, sample_chars, progress, worl
 
     # a resumed run keeps its step, unless it now runs on another number of ranks
     prefer = start.train_step if start.ranks == world.size else None
+    compiling = 0.0  # seconds of the kernels' first compile: not counted in a time budget
     if cfg.kernels:
         from numgpt import kernels
         share = shard_config(world, cfg)  # the rows each rank computes (all of them in one)
         plan = planned_step(share, prefer=prefer)
-        kernels.warmup("float32", say=None if not quiet else (lambda msg: None),
-                       fused=plan in FUSED or (plan is None and "fused" in candidates(share)))
+        fused = plan in FUSED or (plan is None and "fused" in candidates(share))
+        cold, t0 = not kernels.cache_is_warm(fused), clock()
+        kernels.warmup("float32", say=None if not quiet else (lambda msg: None), fused=fused)
+        compiling = clock() - t0 if cold else 0.0
     model, opt, rng = start.model, start.opt, start.rng
     step, best_val, rows = start.step, start.best_val, start.rows
     saved = start.resume  # a checkpoint of this run is on disk
     if start.resume:
-        say(f"resuming from step {step} of {cfg.max_iters} in {out_dir}")
+        fixed = (f" (fixed by its time budget of {format_duration(cfg.max_time)})"
+                 if cfg.max_time else "")
+        say(f"resuming from step {step:,} of {cfg.max_iters:,}{fixed} in {out_dir}")
 
     def kept():
         return (f"the last good checkpoint {ckpt_path} is kept" if saved
                 else "no checkpoint was written")
 
-    def save(at_step):
-        nonlocal saved
-        meta = {"step": at_step, "config": cfg.to_dict(), "vocab": ds.vocab.chars,
+    def checkpoint_meta(at_step):
+        return {"step": at_step, "config": cfg.to_dict(), "vocab": ds.vocab.chars,
                 "rng_state": rng.bit_generator.state, "best_val": best_val,
                 "data": ds.meta.get("source"), "data_sha256": ds.meta.get("sha256"),
                 "train_step": step_name, "ranks": world.size}
+
+    def save(at_step):
+        nonlocal saved
+        meta = checkpoint_meta(at_step)
         bad = [k for k, v in model.params.items() if not np.isfinite(v).all()]
         if bad:
             raise TrainingError(f"parameter {bad[0]} is not finite at step {at_step}; not saving "
@@ -519,46 +665,54 @@ def _train(cfg, ds, out_dir, start, stop_at, quiet, sample_chars, progress, worl
     t_start = time.time()
     tokens_per_step = cfg.batch_size * cfg.block_size
     bar = None
-    if progress and not quiet:
-        from tqdm import tqdm
-        bar = tqdm(total=cfg.max_iters, initial=step, unit="step", dynamic_ncols=True,
-                   file=sys.stderr, mininterval=0.5)
     interrupted = False
     losses = None
-    t_last, tok_rate = time.time(), 0.0
     step_fn, close_step, step_name = train_step(  # the fastest here, measured or cached
         world, model, cfg, prefer=prefer,
         say=None if quiet else (lambda msg: (bar.write(msg) if bar else say(msg))))
     try:
+        if cfg.max_time and not start.resume:  # a new run with a time budget: fix its length
+            n, line = fix_budget(cfg, ds, out_dir, model, opt, step_fn,
+                                 lambda: clock() - t_begin - compiling, clock, checkpoint_meta(0),
+                                 0 if quiet else sample_chars, world)
+            cfg = cfg.replace(max_iters=n)
+            say(line)
+        if progress and not quiet:
+            from tqdm import tqdm
+            bar = tqdm(total=cfg.max_iters, initial=step, unit="step", dynamic_ncols=True,
+                       file=sys.stderr, mininterval=0.5)
+        t_last, tok_rate = None, 0.0
         with _StopFlag() as flag:
             while step < cfg.max_iters:
                 lr = get_lr(step, cfg)
-                if step % cfg.eval_interval == 0:
+                if step % cfg.eval_every == 0:
                     losses = evaluate(step, lr)
                     msg = f"step {step}: train {losses['train']:.4f}, val {losses['val']:.4f}"
                     (bar.write(msg) if bar else say(msg))
+                    t_last = None  # the speed shown is the steps' own, evaluations left out
+                    if bar:
+                        bar.unpause()
                 if world.any(flag.stop, "the stop vote") or (stop_at is not None
                                                              and step >= stop_at):
                     interrupted = True
                     break
-                x, y = ds.get_batch("train", cfg.batch_size, cfg.block_size, rng)
-                loss, grads = step_fn(x, y, train=True, rng=rng)
-                gnorm = clip_grad_norm(grads, cfg.grad_clip)
+                if t_last is None:
+                    t_last = time.perf_counter()
+                loss, gnorm = take_step(ds, cfg, step_fn, opt, rng, lr)
                 if not (math.isfinite(loss) and math.isfinite(gnorm)):
                     raise TrainingError(f"the loss became {loss} (gradient norm {gnorm}) at step "
                                         f"{step}; {kept()}; try a lower --learning_rate or "
                                         "--grad_clip=1")
-                opt.step(grads, lr)
                 step += 1
-                now = time.time()
-                dt = max(now - t_last, 1e-9)
+                now = time.perf_counter()
+                rate = tokens_per_step / max(now - t_last, 1e-9)
                 t_last = now
-                tok_rate = tokens_per_step / dt if tok_rate == 0 else 0.9 * tok_rate + 0.1 * tokens_per_step / dt
+                tok_rate = rate if tok_rate == 0 else 0.9 * tok_rate + 0.1 * rate
                 if bar:
                     bar.set_postfix_str(f"loss {loss:.4f}, {tok_rate:,.0f} tok/s", refresh=False)
                     bar.update(1)
             if interrupted:
-                if step % cfg.eval_interval != 0 and world.is_root:
+                if step % cfg.eval_every != 0 and world.is_root:
                     save(step)
                 if bar:
                     bar.close()
@@ -573,7 +727,11 @@ def _train(cfg, ds, out_dir, start, stop_at, quiet, sample_chars, progress, worl
         if bar:
             bar.close()
     elapsed = time.time() - t_start
-    result = {"step": step, "train_loss": losses["train"], "val_loss": losses["val"],
+    if losses is None:  # a resumed run stopped before it evaluated: the last losses logged
+        losses = ({"train": rows[-1]["train_loss"], "val": rows[-1]["val_loss"]} if rows
+                  else {"train": math.nan, "val": math.nan})
+    result = {"step": step, "max_iters": cfg.max_iters, "train_loss": losses["train"],
+              "val_loss": losses["val"],
               "seconds": elapsed, "checkpoint": ckpt_path, "log": log_path, "plot": plot_path,
               "interrupted": interrupted}
     if not interrupted and sample_chars and not quiet:

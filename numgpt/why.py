@@ -101,7 +101,8 @@ def block_grads(cfg, batch, seed):
     param[i]:  the L2 norm of the gradient of all of block i's parameters as one vector
     stream[i]: the L2 norm of the gradient dx of the residual stream entering block i (dx of the
                embeddings for i = 0), divided by the one entering the final LayerNorm/lm_head
-    zero_head is turned off: with a zero lm_head no gradient reaches the blocks at step 0. The
+    zero_head stays off (as in the rungs): with a zero lm_head no gradient reaches the blocks at
+    step 0. The
     backward is GPT.backward's, step by step, to read dx between the blocks.
     """
     from .layers import linear_backward

@@ -106,6 +106,13 @@ def test_npy_header_with_an_unclosed_bracket(small, tmp_path):
     refused(tmp_path, replace_member(blob, "p.tok_emb.npy", member), "not a readable .npy array")
 
 
+def test_member_names_with_line_breaks_stay_on_one_line(small, tmp_path):
+    blob, _ = small
+    items = [("p.tok\nemb.npy" if n == "p.tok_emb.npy" else n, d) for n, d in members(blob)]
+    bad = [(n, npy(np.array([b"ab"])) if "\n" in n else d) for n, d in items]
+    refused(tmp_path, rezip(bad), "member p.tok emb has dtype")
+
+
 @pytest.mark.parametrize("descr", ["|O", "|V8", "|S4", "<M8[s]", [("a", "<f4")]])
 def test_members_of_other_dtypes_are_refused_before_reading(small, tmp_path, descr):
     blob, _ = small

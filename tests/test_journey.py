@@ -169,6 +169,19 @@ def test_resumed_run_matches_an_uninterrupted_run(text_file, tmp_path):
         np.testing.assert_array_equal(pa[k], pb[k])
 
 
+def test_a_resumed_run_stopped_before_it_evaluates(text_file, tmp_path):
+    """Ctrl-C after a resume and before the next evaluation: a checkpoint, and the losses last
+    logged (it ended in a TypeError)."""
+    ds = load_dataset(text_file)
+    out = str(tmp_path / "o")
+    train(small_cfg(), ds, out, quiet=True, sample_chars=0, stop_at=13)
+    r = train(small_cfg(), ds, out, resume=True, quiet=True, sample_chars=0, stop_at=15)
+    assert r["interrupted"] and r["step"] == 15
+    assert r["val_loss"] == read_log(r["log"])[-1]["val_loss"]  # step 10's
+    _, _, meta = load_checkpoint(r["checkpoint"])
+    assert meta["step"] == 15
+
+
 def test_resume_refuses_another_config_or_vocabulary(text_file, tmp_path):
     ds = load_dataset(text_file)
     out = str(tmp_path / "o")

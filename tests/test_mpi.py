@@ -301,6 +301,35 @@ def test_an_error_under_mpiexec_is_said_once(mpiexec, text_file, tmp_path):
     assert r.returncode == 2 and not (tmp_path / "out").exists()
 
 
+def test_a_time_budget_is_fixed_by_rank_0_and_kept_by_every_rank(mpiexec, text_file, tmp_path):
+    """--max_time under mpiexec: every rank takes the steps rank 0 times (each ends in an
+    Allreduce, so a rank that took one more would hang the job), rank 0 fixes the number and
+    sends it; the job ends with that many steps, said once."""
+    from numgpt.checkpoint import read_model_checkpoint
+    out = tmp_path / "run"
+    r = subprocess.run([mpiexec, "-n", "2", sys.executable, TRAIN_PY, f"--data={text_file}",
+                        f"--out_dir={out}", *LAPTOP_2, "--max_time=15s", "--eval_iters=2"],
+                       env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("time budget 15s: ")]
+    assert len(lines) == 1, r.stdout
+    n = int(lines[0].split(": ")[1].split(" steps")[0].replace(",", ""))
+    meta = read_model_checkpoint(str(out / "ckpt.npz"))[4]
+    assert n >= 1 and meta["step"] == meta["config"]["max_iters"] == n
+    assert meta["ranks"] == 2
+
+
+def test_a_budget_that_holds_no_training_is_said_once_under_mpiexec(mpiexec, text_file, tmp_path):
+    """Rank 0 finds that not one step fits (an evaluation alone is longer than the budget) and
+    sends the reason: one line, exit 2, and the out_dir it made is gone."""
+    out = tmp_path / "run"
+    r = subprocess.run([mpiexec, "-n", "2", sys.executable, TRAIN_PY, f"--data={text_file}",
+                        f"--out_dir={out}", *LAPTOP_2, "--max_time=1s", "--eval_iters=20000"],
+                       env=_env(), capture_output=True, text=True, timeout=300)
+    one_line_error(r, "holds no training here")
+    assert r.returncode == 2 and not out.exists()
+
+
 def test_ranks_started_with_other_options_refuse_to_train(mpiexec, text_file, tmp_path):
     """Two programs in one job (MPMD) whose configs differ: the rank that differs says which
     field, and the job ends before anything is written."""

@@ -488,18 +488,29 @@ if __name__ == "__main__":
 
 # ---- found by a hostile-user review ----
 
-def test_ladder_runs_twice_and_keeps_the_earlier_run(text_file, tmp_path, capsys):
+def test_ladder_run_again_continues_and_keeps_what_it_does_not_continue(text_file, tmp_path,
+                                                                        capsys):
     from numgpt import ladder
     args = ["--stages=bigram", "--iters-scale=0.002", f"--data={text_file}",
             f"--out-dir={tmp_path / 'lad'}"]
     assert ladder.main(args) == 0
     first = ckpt_bytes(tmp_path / "lad" / "bigram-seed1337")
-    assert ladder.main(args) == 0  # a re-run works ...
+    capsys.readouterr()
+    assert ladder.main(args) == 0  # a re-run finds the rung trained: not trained again
+    out = capsys.readouterr().out
+    assert "bigram 0s (trained before)" in out and "trained before, in " in out
+    assert ckpt_bytes(tmp_path / "lad" / "bigram-seed1337") == first
+    assert ladder.main(args + ["--fresh"]) == 0  # --fresh: trained anew ...
     kept = tmp_path / "lad" / "bigram-seed1337.previous"
     assert ckpt_bytes(kept) == first  # ... and the first run is kept whole
-    assert (kept / "log.jsonl").exists()
-    assert ladder.main(args) == 0
+    assert (kept / "log.jsonl").exists() and "--fresh" in capsys.readouterr().out
+    assert ladder.main(args[:1] + ["--iters-scale=0.003"] + args[2:]) == 0  # another length
+    assert "trained with another config" in capsys.readouterr().out
     assert (tmp_path / "lad" / "bigram-seed1337.previous-2" / "ckpt.npz").exists()
+    other = tmp_path / "other.txt"  # the same characters in another text
+    other.write_text("".join(reversed(open(text_file, encoding="utf-8").read())), encoding="utf-8")
+    assert ladder.main(args[:1] + ["--iters-scale=0.003", f"--data={other}"] + args[3:]) == 0
+    assert "trained on other data" in capsys.readouterr().out
 
 
 def test_interrupted_ladder_stops_and_reports_no_losses(text_file, tmp_path, capsys, monkeypatch):
@@ -510,7 +521,64 @@ def test_interrupted_ladder_stops_and_reports_no_losses(text_file, tmp_path, cap
                       f"--out-dir={tmp_path / 'lad'}"])
     out = capsys.readouterr().out
     assert rc == 0 and "interrupted: bigram stopped at step 3" in out
+    assert "the same command continues it" in out
     assert "single_head" not in out.split("interrupted")[1] and "published" not in out
+
+
+def test_an_interrupted_rung_resumes_when_the_ladder_runs_again(text_file, tmp_path, capsys,
+                                                                  monkeypatch):
+    from numgpt import ladder
+    args = ["--stages=bigram,single_head", "--iters-scale=0.01", f"--data={text_file}"]
+    assert ladder.main(args + [f"--out-dir={tmp_path / 'whole'}"]) == 0
+    whole = capsys.readouterr().out
+    real = ladder.train
+    # bigram stops at step 4 (as after Ctrl-C or a kill); run again, it resumes and finishes,
+    # and single_head stops at 7; run again, single_head resumes and finishes
+    stops = iter([4, None, 7, None])
+    monkeypatch.setattr(ladder, "train", lambda *a, **k: real(*a, **k, stop_at=next(stops)))
+    part = str(tmp_path / "part")
+    assert ladder.main(args + [f"--out-dir={part}"]) == 0
+    assert ladder.main(args + [f"--out-dir={part}"]) == 0
+    out = capsys.readouterr().out
+    assert "(resumes at step 4 of 30)" in out and "resumed at step 4" in out
+    assert "interrupted: single_head stopped at step 7" in out
+    assert ladder.main(args + [f"--out-dir={part}"]) == 0
+    out = capsys.readouterr().out
+    assert "(trained before)" in out and "(resumes at step 7 of 50)" in out
+    assert not os.path.exists(os.path.join(part, "bigram-seed1337.previous"))
+
+    def table(text):
+        return [ln for ln in text.splitlines() if ln.startswith(("bigram ", "single_head "))]
+    assert table(out) == table(whole)  # the same losses as the uninterrupted ladder
+    for rung in ("bigram-seed1337", "single_head-seed1337"):
+        assert ckpt_bytes(tmp_path / "whole" / rung) == ckpt_bytes(tmp_path / "part" / rung)
+
+
+def test_ladder_says_how_long_it_will_take_before_it_trains(text_file, tmp_path, capsys,
+                                                            monkeypatch):
+    from numgpt import budget, ladder
+    seen = []
+    monkeypatch.setattr(ladder, "measure_rung", lambda cfg, ds: (
+        seen.append(cfg.max_iters) or budget.Costs(step=0.5, eval_batch=0.01, save=0.2)))
+    real = ladder.train
+
+    before = []
+
+    def train(*a, **k):
+        before.append(before or capsys.readouterr().out)  # what was said before the first rung
+        return real(*a, **k)
+    monkeypatch.setattr(ladder, "train", train)
+    assert ladder.main(["--stages=bigram,single_head", "--iters-scale=0.002", "--seeds=2",
+                        f"--data={text_file}", f"--out-dir={tmp_path / 'lad'}"]) == 0
+    assert "expected time on this machine: bigram " in before[0] and "; total " in before[0]
+    assert seen == [6, 10]  # each rung measured once, whatever the seeds
+    # bigram, per seed: 6 steps at 0.5 s, evaluations at 0 (2 x 10 batches) and 1..6 (2 x 200)
+    # each with a checkpoint: 3 + 0.4 + 6 * 4.2 = 28.6 s; twice: 57.2 s
+    assert ladder._estimate(
+        {"bigram": [ladder.Run("bigram", numgpt.get_config("bigram", max_iters=6, eval_interval=1),
+                               str(tmp_path / "none"))] * 2}, None) == {"bigram": [
+                                   pytest.approx(28.6), pytest.approx(28.6)]}
+    assert "bigram 57.2s at 500 ms a step" in capsys.readouterr().out
 
 
 def test_data_file_with_an_undecodable_name(python, repo, text_file, tmp_path):
