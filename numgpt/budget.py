@@ -11,9 +11,11 @@ step, an evaluation and a checkpoint cost on this machine, measured then (measur
     plot        the loss curve drawn (every evaluation after step 0 redraws it)
     sample      the sample printed at the end
 
-Steps and eval batches are timed after an untimed first call (which pays for first touches of
-memory), for at least MIN_REPS calls and about MEASURE_SECONDS, and the mean is taken; the others
-once (the plot after an untimed first one, which imports matplotlib). The trainer runs the steps on
+Steps and eval batches are timed after untimed calls for WARM_SECONDS (at least one: a first
+call pays for first touches of memory, and a process's first second of steps often runs slower
+than its steady pace), for at least MIN_REPS calls and about MEASURE_SECONDS, and the median is
+taken (a stray slow call moves it little); the others once (the plot after an untimed first one,
+which imports matplotlib). The trainer runs the steps on
 the run's own model and optimizer and puts their state back bit for bit (restored_after), with
 batches and dropout masks from a generator of their own, so the run that follows is exactly the
 run of max_iters=N: the schedule (warmup, cosine decay to max_iters) is fixed before it starts.
@@ -33,11 +35,12 @@ import numpy as np
 
 from .config import EVALS_PER_RUN, ConfigError, format_duration
 
-MEASURE_SECONDS = 1.0  # about this long is spent timing steps, half that eval batches (more
+MEASURE_SECONDS = 2.0  # about this long is spent timing steps, half that eval batches (more
                        # when MIN_REPS of them take longer)
-MIN_REPS = 3  # timed steps at least (after the untimed one)
+WARM_SECONDS = 0.5  # of untimed steps first (at least one), a quarter of that of eval batches
+MIN_REPS = 3  # timed steps at least (after the untimed ones)
 MIN_EVAL_REPS = 2
-MAX_REPS = 50
+MAX_REPS = 100
 RESERVE = 0.02  # of the budget, not planned for
 
 
@@ -55,19 +58,23 @@ class Costs:
     sample: float = 0.0
 
 
-def timed_mean(fn, clock, min_reps, seconds, max_reps=MAX_REPS, agree=None):
-    """Mean seconds of a call of fn(), after one untimed call: at least min_reps timed calls, then
-    more until `seconds` have been spent on them or max_reps were made. agree(more), where
-    given, turns this process's answer to "one more call?" into the one every process takes
-    (under MPI each step is a collective: every rank must make as many calls as rank 0)."""
+def timed_median(fn, clock, min_reps, seconds, max_reps=MAX_REPS, agree=None, warm_seconds=0.0):
+    """Median seconds of a call of fn(), after untimed calls for warm_seconds (at least one): at
+    least min_reps timed calls, then more until `seconds` have been spent on them or max_reps
+    were made. agree(more), where given, turns this process's answer to "one more call?" into
+    the one every process takes (under MPI each step is a collective: every rank must make as
+    many calls as rank 0)."""
     agree = agree or (lambda more: more)
-    fn()
+    t_warm, warm = clock(), True
+    while warm:
+        fn()
+        warm = agree(clock() - t_warm < warm_seconds)
     times = []
     while agree(len(times) < min_reps or (sum(times) < seconds and len(times) < max_reps)):
         t0 = clock()
         fn()
         times.append(clock() - t0)
-    return sum(times) / len(times)
+    return float(np.median(times))
 
 
 def timed_once(fn, clock):
@@ -82,9 +89,11 @@ def measure_costs(step_once, eval_once, save_once, clock, plot_once=None, sample
     batch, save_once() writes one checkpoint, plot_once() draws the loss curve and sample_once()
     the closing sample (the last two may be None: not done). About `seconds` go to timing steps,
     half that to eval batches (more when their least number of calls takes longer); agree: as
-    timed_mean's, for the steps."""
-    step = timed_mean(step_once, clock, MIN_REPS, seconds, agree=agree)
-    eval_batch = timed_mean(eval_once, clock, MIN_EVAL_REPS, seconds / 2)
+    timed_median's, for the steps."""
+    step = timed_median(step_once, clock, MIN_REPS, seconds, agree=agree,
+                        warm_seconds=WARM_SECONDS)
+    eval_batch = timed_median(eval_once, clock, MIN_EVAL_REPS, seconds / 2,
+                              warm_seconds=WARM_SECONDS / 4)
     save = timed_once(save_once, clock)
     plot = 0.0
     if plot_once is not None:

@@ -150,7 +150,20 @@ class FakeClock:
         self.now += s
 
 
-def test_measure_costs_takes_means_after_an_untimed_first_call():
+def test_timed_median_warms_up_for_its_seconds_and_a_stray_slow_call_moves_it_little():
+    clock = FakeClock()
+    costs = iter([0.2, 0.2, 0.2] + [0.1, 0.1, 2.0, 0.1, 0.1] + [9.0] * 10)
+    calls = []
+
+    def fn():
+        calls.append(1)
+        clock.advance(next(costs))
+    # 0.5 s warm: three untimed calls (0.2 + 0.2 + 0.2); then three timed (2.2 s >= 1 s)
+    assert budget.timed_median(fn, clock, 3, 1.0, warm_seconds=0.5) == pytest.approx(0.1)
+    assert len(calls) == 6
+
+
+def test_measure_costs_takes_medians_after_an_untimed_first_call():
     clock = FakeClock()
     steps = iter([5.0] + [0.25, 0.35] * 10)  # the first (untimed) call is slow
     counts = {"step": 0}
@@ -197,7 +210,7 @@ def ticking_clock(tick=0.01):
 
 def budget_cfg(**kw):
     base = dict(n_embd=16, n_head=2, n_layer=2, block_size=16, batch_size=4, eval_iters=2,
-                dropout=0.1, warmup_iters=3, max_time=4.0)
+                dropout=0.1, warmup_iters=3, max_time=10.0)
     base.update(kw)
     return get_config("laptop", **base)
 
@@ -220,14 +233,14 @@ def test_a_budgeted_run_is_the_run_of_the_steps_it_fixed(text_file, tmp_path):
               clock=ticking_clock())
     n = b["max_iters"]
     # every timed call took one tick of 0.01 s, and so did every other reading of the clock
-    # (measuring took a few hundred): what is left of the budget of 4 s holds the evaluations
+    # (measuring took a few hundred): what is left of the budget of 10 s holds the evaluations
     # (6 ticks each) and the steps fixed
     cfg, ticks = budget_cfg(), Costs(0.01, 0.01, 0.01, 0.01)
-    assert budget.steps_that_fit(cfg, ticks, 0.98 * 4 - 3.0, 2) <= n
-    assert n <= budget.steps_that_fit(cfg, ticks, 0.98 * 4 - 1.0, 2)
+    assert budget.steps_that_fit(cfg, ticks, 0.98 * 10 - 6.0, 2) <= n
+    assert n <= budget.steps_that_fit(cfg, ticks, 0.98 * 10 - 3.0, 2)
     assert n >= 10 and b["step"] == n
     _, _, meta = load_checkpoint(b["checkpoint"])
-    assert meta["config"]["max_iters"] == n and meta["config"]["max_time"] == 4.0
+    assert meta["config"]["max_iters"] == n and meta["config"]["max_time"] == 10.0
     # the run with max_iters=n and no budget: the same evaluations, the same weights
     f = train(budget_cfg(max_time=0, max_iters=n), ds, str(tmp_path / "f"), quiet=True,
               sample_chars=0)
@@ -257,11 +270,11 @@ def test_resuming_a_budgeted_run_with_another_length(text_file, tmp_path):
     out = str(tmp_path / "o")
     r = train(budget_cfg(), ds, out, quiet=True, sample_chars=0, clock=ticking_clock(),
               stop_at=4)
-    with pytest.raises(TrainingError, match="has a time budget of 4s, which fixed its length at"):
-        train(budget_cfg(max_time=8.0), ds, out, resume=True, quiet=True, sample_chars=0,
+    with pytest.raises(TrainingError, match="has a time budget of 10s, which fixed its length at"):
+        train(budget_cfg(max_time=20.0), ds, out, resume=True, quiet=True, sample_chars=0,
               max_time_given=True)
     # another budget that was not asked for (a preset's): the run's own length
-    again = train(budget_cfg(max_time=8.0), ds, out, resume=True, quiet=True, sample_chars=0,
+    again = train(budget_cfg(max_time=20.0), ds, out, resume=True, quiet=True, sample_chars=0,
                   stop_at=r["step"] + 1)
     assert again["max_iters"] == r["max_iters"] and again["step"] == r["step"] + 1
     longer = train(budget_cfg(max_time=0, max_iters=r["max_iters"] + 5), ds, out, resume=True,

@@ -11,6 +11,7 @@ import io
 import json
 import math
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -180,7 +181,8 @@ def mutated_checkpoints(draw, base):
             shape = draw(st.sampled_from([same, same, (), (1,), same[::-1], same + (1,)]))
             dtype = draw(st.sampled_from([np.float32, np.float64, np.int64, np.bool_,
                                           np.complex64, None]))
-            with np.errstate(all="ignore"):
+            with np.errstate(all="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", np.exceptions.ComplexWarning)  # 1j as a real
                 items[i] = (name, npy(np.full(shape, value, dtype=dtype)))
     out = rezip(items)
     for _ in range(draw(st.integers(0, 2)) if plan in ("one change", "several") else 0):
