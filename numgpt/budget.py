@@ -13,9 +13,9 @@ step, an evaluation and a checkpoint cost on this machine, measured then (measur
 
 Steps and eval batches are timed after untimed calls for WARM_SECONDS (at least one: a first
 call pays for first touches of memory, and a process's first second of steps often runs slower
-than its steady pace), for at least MIN_REPS calls and about MEASURE_SECONDS, and the median is
-taken (a stray slow call moves it little); the others once (the plot after an untimed first one,
-which imports matplotlib). The trainer runs the steps on
+than its steady pace), for at least MIN_REPS calls and about MEASURE_SECONDS, and the mean is
+taken (a run's steps include their slow ones too); the others once (the plot after an untimed
+first one, which imports matplotlib). The trainer runs the steps on
 the run's own model and optimizer and puts their state back bit for bit (restored_after), with
 batches and dropout masks from a generator of their own, so the run that follows is exactly the
 run of max_iters=N: the schedule (warmup, cosine decay to max_iters) is fixed before it starts.
@@ -24,7 +24,9 @@ steps_that_fit then takes the largest N for which the steps, the evaluations (st
 eval_every steps and the last) and their checkpoints fit in the time left: the budget less what
 the run has spent since it started (the step choice and this measurement), less the sample, and
 less RESERVE of the budget, kept for what is not measured (Python's start, the log written at each
-evaluation, and the machine's speed moving while it trains). The kernels' first compile is not
+evaluation, and the machine's speed moving while it trains: on our shared 2-core machines a
+step's cost over a whole run differs from the one measured in its first seconds by up to about
+5% either way). The kernels' first compile is not
 counted, nor is preparing the data, which come before.
 """
 import os
@@ -41,7 +43,7 @@ WARM_SECONDS = 0.5  # of untimed steps first (at least one), a quarter of that o
 MIN_REPS = 3  # timed steps at least (after the untimed ones)
 MIN_EVAL_REPS = 2
 MAX_REPS = 100
-RESERVE = 0.02  # of the budget, not planned for
+RESERVE = 0.05  # of the budget, not planned for
 
 
 class BudgetError(ConfigError):
@@ -58,8 +60,8 @@ class Costs:
     sample: float = 0.0
 
 
-def timed_median(fn, clock, min_reps, seconds, max_reps=MAX_REPS, agree=None, warm_seconds=0.0):
-    """Median seconds of a call of fn(), after untimed calls for warm_seconds (at least one): at
+def timed_mean(fn, clock, min_reps, seconds, max_reps=MAX_REPS, agree=None, warm_seconds=0.0):
+    """Mean seconds of a call of fn(), after untimed calls for warm_seconds (at least one): at
     least min_reps timed calls, then more until `seconds` have been spent on them or max_reps
     were made. agree(more), where given, turns this process's answer to "one more call?" into
     the one every process takes (under MPI each step is a collective: every rank must make as
@@ -74,7 +76,7 @@ def timed_median(fn, clock, min_reps, seconds, max_reps=MAX_REPS, agree=None, wa
         t0 = clock()
         fn()
         times.append(clock() - t0)
-    return float(np.median(times))
+    return sum(times) / len(times)
 
 
 def timed_once(fn, clock):
@@ -89,10 +91,10 @@ def measure_costs(step_once, eval_once, save_once, clock, plot_once=None, sample
     batch, save_once() writes one checkpoint, plot_once() draws the loss curve and sample_once()
     the closing sample (the last two may be None: not done). About `seconds` go to timing steps,
     half that to eval batches (more when their least number of calls takes longer); agree: as
-    timed_median's, for the steps."""
-    step = timed_median(step_once, clock, MIN_REPS, seconds, agree=agree,
+    timed_mean's, for the steps."""
+    step = timed_mean(step_once, clock, MIN_REPS, seconds, agree=agree,
                         warm_seconds=WARM_SECONDS)
-    eval_batch = timed_median(eval_once, clock, MIN_EVAL_REPS, seconds / 2,
+    eval_batch = timed_mean(eval_once, clock, MIN_EVAL_REPS, seconds / 2,
                               warm_seconds=WARM_SECONDS / 4)
     save = timed_once(save_once, clock)
     plot = 0.0

@@ -538,8 +538,8 @@ def measure_run_costs(cfg, ds, model, opt, step_fn, meta, clock, out_dir=None, s
         return more if world.size == 1 else world.bcast(more, "the budget's measured steps")
     with budget.restored_after(model, opt):
         if not world.is_root:
-            budget.timed_median(step_once, clock, budget.MIN_REPS, seconds, agree=agree,
-                                warm_seconds=budget.WARM_SECONDS)
+            budget.timed_mean(step_once, clock, budget.MIN_REPS, seconds, agree=agree,
+                              warm_seconds=budget.WARM_SECONDS)
             return None
         try:
             return budget.measure_costs(step_once, eval_once, save_once, clock, plot_once,
