@@ -44,7 +44,7 @@ TRAIN_PY = os.path.join(REPO, "train.py")
 # other. One process's own two-thread and one-thread steps differ by as much (4.8e-4 on
 # dropout_relu, same seed, same masks), so ReLU configs get RELU_WEIGHT_ATOL. (When one process
 # and the ranks all take the fused step, the laptop preset comes out bit for bit: one process
-# splits its batch of 12 into the same two halves on its two threads; when the ranks measured
+# splits its batch (8) into the same two halves on its two threads; when the ranks measured
 # their plain step faster, a fresh clone saw 8e-5.)
 LOSS_RTOL = 2e-5
 WEIGHT_ATOL = 5e-5
