@@ -93,9 +93,9 @@ def measure_costs(step_once, eval_once, save_once, clock, plot_once=None, sample
     half that to eval batches (more when their least number of calls takes longer); agree: as
     timed_mean's, for the steps."""
     step = timed_mean(step_once, clock, MIN_REPS, seconds, agree=agree,
-                        warm_seconds=WARM_SECONDS)
+                      warm_seconds=WARM_SECONDS)
     eval_batch = timed_mean(eval_once, clock, MIN_EVAL_REPS, seconds / 2,
-                              warm_seconds=WARM_SECONDS / 4)
+                            warm_seconds=WARM_SECONDS / 4)
     save = timed_once(save_once, clock)
     plot = 0.0
     if plot_once is not None:

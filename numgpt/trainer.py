@@ -509,9 +509,9 @@ def take_step(ds, cfg, step_fn, opt, rng, lr):
 def measure_run_costs(cfg, ds, model, opt, step_fn, meta, clock, out_dir=None, sample_chars=0,
                       seconds=budget.MEASURE_SECONDS, world=SINGLE):
     """budget.Costs of training cfg here: training steps (take_step with step_fn), an eval
-    batch (model.loss, as estimate_loss), a checkpoint (written to a probe file in out_dir and fsynced; only
-    serialised when out_dir is None), a loss plot drawn, and a sample of sample_chars characters
-    (0: none).
+    batch (model.loss, as estimate_loss), a checkpoint (written to a probe file in out_dir and
+    fsynced; only serialised when out_dir is None), a loss plot drawn, and a sample of
+    sample_chars characters (0: none).
     The steps run on model and opt, whose state is put back as it was, with batches and dropout
     masks from a generator of their own (a run's own stream is untouched).
     Under MPI (world) every rank takes as many steps as rank 0 times, each ending in the
@@ -534,6 +534,7 @@ def measure_run_costs(cfg, ds, model, opt, step_fn, meta, clock, out_dir=None, s
 
     def sample_once():
         generate(model, np.zeros((1, 1), dtype=np.int64), sample_chars, rng=rng)
+
     def agree(more):  # rank 0's answer, on every rank
         return more if world.size == 1 else world.bcast(more, "the budget's measured steps")
     with budget.restored_after(model, opt):
