@@ -25,8 +25,8 @@ eval_every steps and the last) and their checkpoints fit in the time left: the b
 the run has spent since it started (the step choice and this measurement), less the sample, and
 less RESERVE of the budget, kept for what is not measured (Python's start, the log written at each
 evaluation, and the machine's speed moving while it trains: on our shared 2-core machines a
-whole run stepped up to 8% slower than its first seconds measured, and up to 20% faster). The kernels' first compile is not
-counted, nor is preparing the data, which come before.
+whole run stepped up to 8% slower than its first seconds measured, and up to 20% faster). The
+kernels' first compile is not counted, nor is preparing the data, which come before.
 """
 import os
 import tempfile
