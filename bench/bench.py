@@ -46,6 +46,7 @@ CONFIGS = {
     "tiny": ("residual", dict(), 8, 50, 1, 100),
     "laptop": ("laptop", dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12),
                8, 5, 1, 5),
+    "hour": ("hour", dict(), 8, 5, 1, 5),  # the hour preset: L4 H6 C192 T128 B8, dropout 0.1
     # numgpt's first mid steps run slow while its heap grows and settles (one in-process run:
     # 2150, 1299, 981, 953, 906, 856, 852, 868 ms): three warm-up steps (the same for PyTorch)
     "mid": ("scaled", dict(batch_size=8), 5, 1, 0, 3),
@@ -339,7 +340,7 @@ def model_flops_per_token(cfg):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--configs", default="tiny,laptop,mid,full")
+    ap.add_argument("--configs", default="tiny,laptop,hour,mid,full")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--torch-python", default=sys.executable,
                     help="a Python that has torch installed (default: this one)")

@@ -2,8 +2,9 @@
 side with numgpt's: the same config, data split, training batches (numgpt's Dataset and the same
 seeded generator as numgpt's trainer), evaluation batches (as trainer.estimate_loss draws them)
 and learning-rate schedule (numgpt.optim.get_lr), with torch's own initialisation, dropout,
-autograd and AdamW. It checkpoints at every evaluation, so a long run can be stopped and
-continued (--resume).
+autograd and AdamW. It checkpoints at every evaluation, every --ckpt_every=N steps if given, and
+when stopped (Ctrl-C, SIGTERM, SIGHUP: after the step under way), so a long run can be continued
+(--resume).
 
     /path/to/venv-with-torch/bin/python bench/torch_train.py --preset=scaled --zero_head=false \\
         --max_iters=500 --eval_interval=250 --eval_iters=20 --out_dir=out-torch-scaled
@@ -14,6 +15,7 @@ out_dir/torch_ckpt.pt. Any config field is taken as --key=value, as train.py tak
 import json
 import math
 import os
+import signal
 import sys
 import time
 
@@ -59,7 +61,8 @@ def make_optimizer(model, cfg):
 
 
 def parse(argv):
-    opts = {"preset": "scaled", "out_dir": "out-torch", "resume": False, "data": None}
+    opts = {"preset": "scaled", "out_dir": "out-torch", "resume": False, "data": None,
+            "ckpt_every": "0"}
     overrides = {}
     for a in argv:
         if a == "--resume":
@@ -81,7 +84,7 @@ def main(argv=None):
     opts, overrides = parse(sys.argv[1:] if argv is None else argv)
     ds = load_dataset(opts["data"])
     cfg = get_config(opts["preset"], **overrides).replace(vocab_size=len(ds.vocab))
-    out_dir = opts["out_dir"]
+    out_dir, ckpt_every = opts["out_dir"], int(opts["ckpt_every"])
     os.makedirs(out_dir, exist_ok=True)
     ckpt_path, log_path = os.path.join(out_dir, CKPT), os.path.join(out_dir, LOG)
     torch.manual_seed(cfg.seed)
@@ -108,18 +111,29 @@ def main(argv=None):
         rows[:] = [r for r in rows if r["step"] < step]
         rows.append({"step": step, "train_loss": losses["train"], "val_loss": losses["val"],
                      "time": round(time.time() - t0 + t_prev, 3)})
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
-                    "torch_rng": torch.get_rng_state(), "rng": rng.bit_generator.state,
-                    "rows": rows, "config": cfg.to_dict()}, ckpt_path + ".tmp")
-        os.replace(ckpt_path + ".tmp", ckpt_path)
+        save()
         with open(log_path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
         print(f"step {step}: train {losses['train']:.4f}, val {losses['val']:.4f} "
               f"({rows[-1]['time']:.0f} s)", flush=True)
 
+    def save():
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
+                    "torch_rng": torch.get_rng_state(), "rng": rng.bit_generator.state,
+                    "rows": rows, "config": cfg.to_dict()}, ckpt_path + ".tmp")
+        os.replace(ckpt_path + ".tmp", ckpt_path)
+
+    stop = []  # SIGINT/SIGTERM/SIGHUP: checkpoint after the step under way, then exit
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda signum, frame: stop.append(signum))
     while True:
         if step % cfg.eval_interval == 0 or step == cfg.max_iters:
             evaluate()
+        elif stop or (ckpt_every and step % ckpt_every == 0):
+            save()
+        if stop:
+            print(f"stopped at step {step}; --resume continues", flush=True)
+            return
         if step >= cfg.max_iters:
             break
         lr = get_lr(step, cfg)

@@ -114,7 +114,7 @@ PRESETS = {
 # an hour on the same recipe: a wider model over a longer context, with dropout against the ~30
 # passes it makes over the training text (the choice: docs/recipes.md; what it reaches: README)
 PRESETS["hour"] = dict(PRESETS["laptop"], block_size=128, n_embd=192, n_head=6, dropout=0.1,
-                       learning_rate=1.5e-3, min_lr=1.5e-4, max_iters=28000, max_time=3600.0)
+                       learning_rate=1.5e-3, min_lr=1.5e-4, max_iters=26000, max_time=3600.0)
 
 LADDER = ["bigram", "single_head", "multi_head", "ffn", "residual", "layernorm", "preln", "scaled"]
 LADDER_TARGETS = {"bigram": 2.49, "single_head": 2.40, "multi_head": 2.28, "ffn": 2.27,

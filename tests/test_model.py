@@ -36,7 +36,7 @@ def test_the_block_is_described_once_from_the_config():
     assert m.arch == arch(m.cfg)
 
 
-@pytest.mark.parametrize("preset", numgpt.LADDER + ["laptop"])
+@pytest.mark.parametrize("preset", numgpt.LADDER + ["laptop", "hour"])
 def test_untrained_loss_is_near_uniform(preset):
     """With the video's init (every rung) an untrained model is near the uniform prediction,
     ln 65 = 4.17 (measured 0.01-0.53 above it: the bigram's N(0, 1) table, residual's sum of
@@ -78,7 +78,7 @@ def batch(m, B=3, seed=0):
     return rng.integers(0, m.cfg.vocab_size, (B, T)), rng.integers(0, m.cfg.vocab_size, (B, T))
 
 
-CASES = [(p, {}) for p in numgpt.LADDER + ["laptop"]] + [
+CASES = [(p, {}) for p in numgpt.LADDER + ["laptop", "hour"]] + [
     ("preln", {"dropout": 0.2}), ("layernorm", {"dropout": 0.2}),
     ("residual", {"activation": "gelu", "dropout": 0.1}), ("laptop", {"dropout": 0.2}),
 ]

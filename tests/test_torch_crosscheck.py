@@ -38,7 +38,7 @@ def _load_reference():
 ref = _load_reference()
 
 PRESETS = ["bigram", "single_head", "multi_head", "ffn", "residual", "layernorm", "preln",
-           "laptop", "scaled"]
+           "laptop", "hour", "scaled"]
 ATTENTION = ["explicit", "sdpa"]
 LOSS_RTOL = 1e-12
 GRAD_RTOL = 1e-10
