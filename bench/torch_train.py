@@ -99,7 +99,7 @@ def main(argv=None):
         torch.set_rng_state(state["torch_rng"])
         rng.bit_generator.state = state["rng"]
         step, rows = state["step"], state["rows"]
-        t_prev = rows[-1]["time"] if rows else 0.0
+        t_prev = state.get("time", rows[-1]["time"] if rows else 0.0)  # seconds trained so far
         print(f"resuming from step {step}", flush=True)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"{sum(p.numel() for p in model.parameters()):,} parameters", flush=True)
@@ -120,7 +120,8 @@ def main(argv=None):
     def save():
         torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
                     "torch_rng": torch.get_rng_state(), "rng": rng.bit_generator.state,
-                    "rows": rows, "config": cfg.to_dict()}, ckpt_path + ".tmp")
+                    "rows": rows, "config": cfg.to_dict(),
+                    "time": time.time() - t0 + t_prev}, ckpt_path + ".tmp")
         os.replace(ckpt_path + ".tmp", ckpt_path)
 
     stop = []  # SIGINT/SIGTERM/SIGHUP: checkpoint after the step under way, then exit
