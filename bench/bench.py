@@ -80,7 +80,7 @@ def numgpt_train_unit(cfg):
     from numgpt.parallel import step_function
     model = numgpt.GPT(cfg, seed=0)
     opt = numgpt.make_optimizer(model)
-    step, _, _ = step_function(model, cfg)  # what train.py uses: the fastest step here, measured
+    step, _, name = step_function(model, cfg)  # what train.py uses: the fastest step here
     rng = np.random.default_rng(0)
     x, y = _batch(cfg)
 
@@ -90,6 +90,7 @@ def numgpt_train_unit(cfg):
         numgpt.clip_grad_norm(grads, 1.0)
         opt.step(grads)
         return time.perf_counter() - t0
+    unit.step_name = name  # reported with the worker's result
     return unit
 
 
@@ -205,7 +206,8 @@ def worker_main(spec):
             print("TURN " + json.dumps(values), flush=True)
         elif cmd and cmd[0] == "END":
             break
-    print("RESULT " + json.dumps({"peak_rss_mb": _peak_rss_mb()}), flush=True)
+    print("RESULT " + json.dumps({"peak_rss_mb": _peak_rss_mb(),
+                                  "step": getattr(unit, "step_name", None)}), flush=True)
 
 
 # ---------------------------------------------------------------- the parent: run and report
@@ -289,7 +291,8 @@ def run_in_turns(jobs, threads, rounds, per_turn, skip):
     """jobs: {name: (python, spec)}. Starts and warms up each worker alone, then runs `rounds`
     rounds in which each takes one turn of per_turn + skip units (the first skip untimed) while
     the others wait; the order rotates every round. Returns {name: {"values": [...],
-    "peak_rss_mb": float}} or {name: {"error": str}} for a worker that failed."""
+    "peak_rss_mb": float, "step": numgpt's step or None}} or {name: {"error": str}} for a
+    worker that failed."""
     workers, out = {}, {}
     try:
         for name, (python, spec) in jobs.items():
@@ -316,7 +319,9 @@ def run_in_turns(jobs, threads, rounds, per_turn, skip):
         for name, w in workers.items():
             w.send("END")
             try:
-                out[name]["peak_rss_mb"] = json.loads(w.expect("RESULT "))["peak_rss_mb"]
+                result = json.loads(w.expect("RESULT "))
+                out[name]["peak_rss_mb"] = result["peak_rss_mb"]
+                out[name]["step"] = result.get("step")
             except (WorkerError, ValueError, KeyError, TypeError):
                 out[name]["peak_rss_mb"] = float("nan")  # its timings stand; its peak is unknown
     finally:
@@ -402,7 +407,8 @@ def main(argv=None):
                 r["median_s"] = median(r["values"])
             sys.stdout.write(f"  {name:<7} {impl:<15} " + (
                 f"{r['median_s'] * 1e3:9.1f} ms/step (median of {len(r['values'])}, "
-                f"{rounds} turns), peak {r['peak_rss_mb']:.0f} MB\n"
+                f"{rounds} turns), peak {r['peak_rss_mb']:.0f} MB"
+                + (f", step {r['step']}" if r.get("step") else "") + "\n"
                 if "error" not in r else f"failed: {r['error']}\n"))
             sys.stdout.flush()
         rows.append((name, cfg, res))
