@@ -111,7 +111,7 @@ PRESETS = {
                    warmup_iters=100, max_iters=25000, max_time=600.0, eval_interval=0,
                    eval_iters=100, weight_decay=0.1, beta2=0.99, grad_clip=1.0),
 }
-# an hour on the same recipe: a wider model over a longer context, with dropout against the ~30
+# an hour on the same recipe: a wider model over a longer context, with dropout against the 25-35
 # passes it makes over the training text (the choice: docs/recipes.md; what it reaches: README)
 PRESETS["hour"] = dict(PRESETS["laptop"], block_size=128, n_embd=192, n_head=6, dropout=0.1,
                        learning_rate=1.5e-3, min_lr=1.5e-4, max_iters=26000, max_time=3600.0)
