@@ -1,0 +1,46 @@
+"""bench/whole_val.py: the loss over the whole validation text, checked against one window at a
+time, and its cut of the text into windows."""
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+
+from numgpt import GPT
+from numgpt.checkpoint import read_model_checkpoint
+from numgpt.data import load_dataset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+from whole_val import windows  # noqa: E402
+
+
+def test_windows_cover_every_character_once():
+    ids = np.arange(23)
+    x, y = windows(ids, 5)
+    assert x.shape == y.shape == (4, 5)
+    assert list(x.ravel()) == list(range(20)) and list(y.ravel()) == list(range(1, 21))
+
+
+def test_whole_val_equals_the_windows_one_by_one(tmp_path, text_file):
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, "train.py", f"--data={text_file}", f"--out_dir={out}",
+                    "--preset=preln", "--n_layer=1", "--n_embd=16", "--block_size=8",
+                    "--batch_size=4", "--max_iters=30", "--eval_iters=2"],
+                   cwd=ROOT, check=True, capture_output=True)
+    r = subprocess.run([sys.executable, os.path.join("bench", "whole_val.py"), str(out)],
+                       cwd=ROOT, capture_output=True, text=True, check=True)
+    m = re.search(r"step 30, val over the whole validation text \(([\d,]+) characters\) "
+                  r"([\d.]+)$", r.stdout.strip())
+    assert m, r.stdout
+    cfg, _, params, _, _ = read_model_checkpoint(str(out / "ckpt.npz"))
+    model = GPT(cfg, seed=0)
+    model.set_params(params)
+    val = load_dataset(text_file).val.astype(np.int64)
+    n = (len(val) - 1) // cfg.block_size
+    assert n > 64  # more windows than one forward pass takes: the batching is exercised
+    each = [model.loss(val[i * 8:i * 8 + 8][None], val[i * 8 + 1:i * 8 + 9][None])
+            for i in range(n)]
+    assert int(m.group(1).replace(",", "")) == n * 8
+    assert abs(float(m.group(2)) - np.mean(each)) < 1e-4
