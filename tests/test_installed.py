@@ -4,8 +4,8 @@ so that another distribution's top-level `kernels` package does not break it (is
 The slow test builds numgpt's wheel, installs it and a dummy distribution owning a top-level
 `kernels` package into one fresh virtual environment (its dependencies are the test's own,
 reached through a .pth file, so nothing is downloaded), and runs the commands there. It is
-skipped, with the reason, where no wheel can be built; with NUMGPT_TEST_REQUIRE_BUILD=1 (as
-.ci/run sets it) or CI=true that is a failure instead.
+skipped, with the reason, where no wheel can be built; under CI (tests/required.py) that is
+a failure instead.
 """
 import os
 import re
@@ -19,6 +19,7 @@ import pytest
 
 import numgpt
 from numgpt import commands, paths
+from required import may_not_skip
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -205,8 +206,7 @@ def _pip(python, *args, cwd=None):
 
 
 def _unbuildable(why):
-    if any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
-           for v in ("NUMGPT_TEST_REQUIRE_BUILD", "CI")):
+    if may_not_skip():
         pytest.fail(f"cannot build or install a wheel here: {why}")
     pytest.skip(f"cannot build or install a wheel here: {why}")
 

@@ -8,8 +8,8 @@ equal one process's to 1e-12, and training (a ladder rung, the laptop preset, a 
 dropout, and a run started in one process and resumed on two) equals one process's to float32
 rounding. Then train.py itself under mpiexec: SIGTERM saves one checkpoint and stops every rank,
 the run resumes in one process as if never stopped; a rank killed or hung ends the job, the
-checkpoint intact. Without mpi4py the MPI tests skip, except where NUMGPT_TEST_REQUIRE_BUILD is
-set (CI), where they fail; the rest (masks of a slice of the batch, the launcher without mpi4py)
+checkpoint intact. Without mpi4py the MPI tests skip, except under CI (tests/required.py),
+where they fail; the rest (masks of a slice of the batch, the launcher without mpi4py)
 always run.
 """
 import os
@@ -27,6 +27,7 @@ from numgpt import distributed
 from numgpt.layers.dropout import BatchRows, keep_mask
 
 from cli_tools import one_line_error
+from required import may_not_skip
 from mpi_job import (FLOAT64_CONFIGS, RESUME_AT, RESUMED, STEPS, TRAIN_CONFIGS, float64_run,
                      recording_losses)
 
@@ -52,25 +53,20 @@ RELU_WEIGHT_ATOL = 2e-3
 FLOAT64_TOL = 1e-12
 
 
-def _required():
-    return os.environ.get("NUMGPT_TEST_REQUIRE_BUILD", "").strip().lower() in ("1", "true",
-                                                                               "yes", "on")
-
-
 @pytest.fixture(scope="module")
 def mpiexec():
     """The mpiexec beside this Python (mpich's wheel puts it there), or on PATH."""
     try:
         import mpi4py  # noqa: F401  (the package only: MPI starts with mpi4py.MPI)
     except ImportError:
-        if _required():
-            pytest.fail('mpi4py is not installed, and NUMGPT_TEST_REQUIRE_BUILD says the MPI '
-                        'tests must run: pip install -e ".[mpi]"')
+        if may_not_skip():
+            pytest.fail('mpi4py is not installed, and this is CI (tests/required.py): the '
+                        'MPI tests must run: pip install -e ".[mpi]"')
         pytest.skip('mpi4py is not installed (pip install -e ".[mpi]")')
     beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")
     found = beside if os.access(beside, os.X_OK) else shutil.which("mpiexec")
     if found is None:
-        if _required():
+        if may_not_skip():
             pytest.fail("mpi4py is installed but no mpiexec was found")
         pytest.skip("no mpiexec")
     return found

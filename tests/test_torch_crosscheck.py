@@ -5,7 +5,8 @@ preset is built small in float64, its parameters are copied into the torch model
 the logits and every parameter gradient must agree to near machine precision.
 
 Skipped when torch is not installed (`pip install -e ".[bench]"` brings it), except under CI
-(CI=true), where a missing torch fails: CI installs it so that a broken gradient anywhere fails CI.
+(tests/required.py), where a missing torch fails: CI installs it so that a broken gradient
+anywhere fails CI.
 """
 import importlib.util
 import os
@@ -13,8 +14,9 @@ import sys
 
 import numpy as np
 import pytest
+from required import may_not_skip
 
-if os.environ.get("CI", "").strip().lower() in ("1", "true", "yes", "on"):
+if may_not_skip():
     import torch  # CI installs the bench extra: a missing torch is an error there, not a skip
 else:
     torch = pytest.importorskip("torch")

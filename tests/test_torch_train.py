@@ -1,7 +1,7 @@
 """bench/torch_train.py, the PyTorch side of the scaled rung's curve: a run stopped by SIGTERM
 checkpoints after the step under way and, resumed, ends exactly where an uninterrupted run ends.
 
-Skipped when torch is not installed, except under CI (CI=true), which installs it.
+Skipped when torch is not installed, except under CI (tests/required.py), which installs it.
 """
 import json
 import os
@@ -10,8 +10,9 @@ import subprocess
 import sys
 
 import pytest
+from required import may_not_skip
 
-if os.environ.get("CI", "").strip().lower() in ("1", "true", "yes", "on"):
+if may_not_skip():
     import torch  # noqa: F401  (CI installs the bench extra: a missing torch is an error there)
 else:
     pytest.importorskip("torch")
