@@ -41,6 +41,12 @@ def _dot_rows(xb, W, bias, yb, j0, j1):
 
 ROW_PARTS = 8  # pieces the rows of a big matrix are dealt out in (to numba's threads)
 
+# how _mv reads the weight matrices (the layout DecodeWeights holds them in)
+BY_INPUT = 0           # W [in, out]: rows of W multiplied into the outputs (small models)
+BY_OUTPUT = 1          # W.T [out, in]: one dot product over a contiguous row per output
+BY_OUTPUT_THREADS = 2  # BY_OUTPUT with the rows dealt out to numba's threads
+TRANSPOSE_ABOVE = 1 << 17  # the q, k, v weights' size (3 C^2) above which matrices go BY_OUTPUT
+
 
 @numba.njit(parallel=True, **OPTIONS)
 def _dot_rows_threads(xb, W, bias, yb):
@@ -56,23 +62,21 @@ def _dot_rows_threads(xb, W, bias, yb):
 def _mv(x, W, bias, y, layout):
     """y[b] = x[b] @ W + bias (bias may be empty) for every row b, in one of three layouts.
 
-    layout 1 or 2 (big models, W given as W.T [out, in]): each output is a dot product over one
-    contiguous row, so the weights stream through memory once, front to back; 2 deals the rows
-    out to numba's threads. Measured here on the scaled preset's 24 matrices (42.5 MB): 28 GB/s
-    on one core; 68 GB/s on two threads (2.4x: a single core's outstanding loads do not fill the
-    memory bandwidth; the threads spin between the calls, so waking them is cheap); the
-    row-by-row form below streams 16 GB/s, and NumPy's BLAS on two threads 21 GB/s.
-    layout 0 (small models, W [in, out] in L2): y += x_i W_i, four rows i per sweep, a
-    vectorised multiply-add over contiguous outputs; for the laptop model's 128-wide layers this
-    beats the dot products, whose short sums end in a horizontal add each.
+    BY_OUTPUT, BY_OUTPUT_THREADS (big models, W given as W.T [out, in]): each output is a dot
+    product over one contiguous row, so the weights stream through memory once, front to back;
+    the threaded form deals the rows out to numba's threads, since one core's outstanding loads
+    do not fill the memory bandwidth (docs/kernels.md has the measured rates).
+    BY_INPUT (small models, W [in, out] in L2): y += x_i W_i, four rows i per sweep, a vectorised
+    multiply-add over contiguous outputs; for 128-wide layers this beats the dot products, whose
+    short sums end in a horizontal add each.
     """
     B = x.shape[0]
     for b in range(B):
         xb = x[b]
         yb = y[b]
-        if layout == 2:
+        if layout == BY_OUTPUT_THREADS:
             _dot_rows_threads(xb, W, bias, yb)
-        elif layout == 1:
+        elif layout == BY_OUTPUT:
             _dot_rows(xb, W, bias, yb, 0, W.shape[0])
         else:
             n, m = W.shape
@@ -218,8 +222,8 @@ def _ffn_sublayer(h, w_fc, b_fc, w_out, b_out, activation, ffn_proj, layout, f, 
 
 class DecodeWeights(NamedTuple):
     """decode_step's parameters (numgpt.generate.KVCache builds them): the blocks' stacked along a
-    leading layer axis. Matrices are [L, in, out] as stored (layout 0) or transposed to
-    [L, out, in] (layouts 1 and 2, w_head [V, C]; see _mv). Absent parts have size 0 (as
+    leading layer axis. Matrices are [L, in, out] as stored (BY_INPUT) or transposed to
+    [L, out, in] (BY_OUTPUT and BY_OUTPUT_THREADS, w_head [V, C]; see _mv). Absent parts have size 0 (as
     [L, 0, 0], or w_fc with 0 outputs): w_proj (no output projection), w_fc (no feed-forward),
     w_out (feed-forward without its second linear); absent LayerNorms are zeros."""
     tok_emb: np.ndarray   # [V, C]
@@ -248,8 +252,8 @@ def decode_step(ids, t, arch, weights, K, V, layout, logits):
     arch: the fields of the model's numgpt.arch.Arch, weights: those of its DecodeWeights, as
     plain tuples (tuple(a)), named again here: numba types a plain tuple argument in compiled
     code, a namedtuple field by field in Python on every call. K, V: [L, B, H, block, hs]
-    caches (positions < t filled). layout: of the weights (see _mv): 1 or 2, transposed, 2 with
-    the rows on numba's threads; 0, as stored.
+    caches (positions < t filled). layout: of the weights, BY_INPUT, BY_OUTPUT or
+    BY_OUTPUT_THREADS (see _mv).
     The blocks run as in GPT._block_forward: per sublayer, its input (LN or x), the sublayer,
     then the residual and post-norm merge.
     """

@@ -47,6 +47,8 @@ _ln_fwd, _ln_bwd = layernorm_fwd.serial, layernorm_bwd.serial
 _act_fwd, _act_bwd = bias_act_fwd.serial, bias_act_bwd.serial
 _xent = cross_entropy_fwd_bwd.serial
 _softmax_fwd, _softmax_bwd = softmax_causal_fwd.serial, softmax_causal_bwd.serial
+ONE_CHUNK = 1     # n_chunks of the serial backward kernels' partial sums: a shard sums its rows
+WITH_GRAD = True  # _xent's want_grad: the loss's gradient dz too
 
 # per-layer slots (column of `slots`); -1 where the config has no such parameter
 LN1_G, LN1_B, W_Q, W_K, W_V, W_PROJ, B_PROJ, LN2_G, LN2_B, W_FC, B_FC, W_OUT, B_OUT = range(13)
@@ -106,7 +108,7 @@ def _layernorm_bwd(dy, x, g, mean, rstd, dx, gg, gb, Gg, Gb):
     """The backward of _layernorm_fwd: with xhat = (x - mean) rstd and dxhat = dy g,
     dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)); Gg = sum over rows of dy xhat,
     Gb = sum over rows of dy (summed in the local rows gg, gb, then copied: see _shard)."""
-    _ln_bwd(dy, x, g[0], mean, rstd, 1, dx, gg, gb)
+    _ln_bwd(dy, x, g[0], mean, rstd, ONE_CHUNK, dx, gg, gb)
     Gg[:] = gg
     Gb[:] = gb
 
@@ -465,7 +467,7 @@ def _ffn_sublayer_bwd(a, w, l, P, G, s, p, df, dh):
         _linear_bwd(w.hid[l], df, P[p[W_OUT]], G[p[W_OUT]][s], G[p[B_OUT]][s], w.gb, w.dhid)
     else:
         w.dhid[:] = df
-    _act_bwd(w.dhid, w.pre[l], a.activation, 1, w.dpre, w.gf)
+    _act_bwd(w.dhid, w.pre[l], a.activation, ONE_CHUNK, w.dpre, w.gf)
     G[p[B_FC]][s][:] = w.gf
     np.dot(w.hin[l, SUB_FFN].T, w.dpre, G[p[W_FC]][s])
     np.dot(w.dpre, P[p[W_FC]].T, dh)
@@ -578,7 +580,7 @@ def _shard(idx, tgt, P, G, s, slots, top, a, lanes, wqkv, weight):
         _block_fwd(a, w, l, P, slots[l], wqkv[l], x)
     _head_fwd(a, w, P, top, x)
     dz = w.dz
-    losses = _xent(w.z, tgt.reshape(w.M), True, dz)   # dz = (softmax - onehot) / M
+    losses = _xent(w.z, tgt.reshape(w.M), WITH_GRAD, dz)   # dz = (softmax - onehot) / M
     dz *= weight
     # ---- backward, in reverse
     ds = w.ds

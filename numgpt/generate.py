@@ -46,7 +46,7 @@ class KVCache:
         cfg = model.cfg
         if self._weights is None:
             P, L, C, dt = model.params, cfg.n_layer, cfg.n_embd, model.dtype
-            tr = 3 * C * C > (1 << 17)  # big weights stream best transposed (kernels/decode._mv)
+            tr = 3 * C * C > decode.TRANSPOSE_ABOVE  # big weights stream best transposed (_mv)
 
             def T(a):
                 return np.ascontiguousarray(a.T) if tr else a
@@ -68,10 +68,10 @@ class KVCache:
                 w_out=stack("ffn.w_out", (0, 0)), b_out=stack("ffn.b_out", (C,)),
                 lnf_g=P.get("ln_f.g", none), lnf_b=P.get("ln_f.b", none),
                 w_head=T(P["lm_head.w"]), b_head=P["lm_head.b"])
-            self._layout = 0
+            self._layout = decode.BY_INPUT
             if tr:  # the big products on numba's threads, where they may run
                 from numgpt.kernels._jit import threads_allowed
-                self._layout = 2 if threads_allowed() else 1
+                self._layout = decode.BY_OUTPUT_THREADS if threads_allowed() else decode.BY_OUTPUT
             # the kernel takes both as plain tuples (see decode_step)
             self._args = (tuple(model.arch), tuple(self._weights))
         ids = np.ascontiguousarray(ids, dtype=np.int64)

@@ -255,13 +255,15 @@ def test_decode_kernel_equals_reference_step(preset, over):
         got = fast.step(m, idx[:, t])
         np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
     np.testing.assert_allclose(fast.K, ref.K, rtol=1e-4, atol=1e-4 * np.abs(ref.K).max())
-    assert fast._layout == (2 if over.get("n_embd", 0) == 256 else 0)  # the layout tested
+    from numgpt.kernels import decode
+    big = over.get("n_embd", 0) == 256
+    assert fast._layout == (decode.BY_OUTPUT_THREADS if big else decode.BY_INPUT)  # the one tested
 
 
 def test_decode_layouts_agree_bit_for_bit(monkeypatch):
-    """The big-model layout on numba's threads (2) and on the calling thread (1) give the same
-    logits, bit for bit: each output is one thread's dot product either way."""
-    from numgpt.kernels import _jit
+    """The big-model layout on numba's threads and on the calling thread give the same logits,
+    bit for bit: each output is one thread's dot product either way."""
+    from numgpt.kernels import _jit, decode
     from numgpt.generate import KVCache
     m = numgpt.build_model("preln", seed=3, zero_head=False, n_embd=256, n_head=4, block_size=10)
     idx = np.random.default_rng(1).integers(0, 65, (2, 10))
@@ -271,7 +273,7 @@ def test_decode_layouts_agree_bit_for_bit(monkeypatch):
         kv = KVCache(m, 2)
         m.forward(idx[:, :4], kv=kv)
         out.append([kv.step(m, idx[:, t]) for t in range(4, 10)])
-        assert kv._layout == (1 if serial else 2)
+        assert kv._layout == (decode.BY_OUTPUT if serial else decode.BY_OUTPUT_THREADS)
     for a, b in zip(*out):
         np.testing.assert_array_equal(a, b)
 
