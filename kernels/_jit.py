@@ -5,8 +5,8 @@ semantics for inf and nan ('nnan'/'ninf' are left out): the kernels bound their 
 causal range instead of writing -inf, and a NaN loss must still be seen as NaN.
 
 Every parallel kernel is compiled twice: `f` runs its prange loops on numba's threads, `f.serial`
-runs them on the calling thread. Waking threads costs tens of microseconds, more than a small
-array's whole work, so the ops call `pick(f, work)` to choose by size.
+runs them on the calling thread. Waking threads costs more than a small array's whole work,
+so the ops call `pick(f, work)` to choose by size.
 """
 import glob
 import hashlib
@@ -29,7 +29,7 @@ _threads.keep_freed_memory()  # before numba's threads make malloc arenas of the
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 # error_model="numpy": a division by zero gives inf or nan, as in NumPy, instead of raising
 # ZeroDivisionError. The Python model tests every divisor, and that branch keeps a loop with a
-# division in it from vectorising (AdamW's update ran several times slower; docs/kernels.md).
+# division in it from vectorising (AdamW's update among them; docs/kernels.md).
 # The kernels' divisors are sums of exponentials, standard deviations with eps added, and
 # constants, never zero.
 OPTIONS = dict(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
@@ -200,19 +200,18 @@ def pick(kernel, work):
 # numba accepts negative indices, so every index it cannot prove >= 0 gets a test (add the
 # length when negative) at each use. LLVM proves it for a loop variable of range(n) counted from
 # 0, not for an expression of one such as h * hs + d when h comes from a division or from an
-# argument: then an inner loop pays the test on every element and does not vectorise. Measured
-# here: the per-row sum D = dy_i . y_i over a head's 64 channels, written dy[b, i, h * hs + d]
-# in a prange over b * H * T rows, took 0.5-2.9 ms for 393k products; with the row first taken
-# as a slice, dyi = dy[b, i, h * hs:(h + 1) * hs], and dyi[d] inside, 0.14 ms. So inner loops
-# take slices (rows, heads' columns) and index them with the loop variable alone.
+# argument: then an inner loop pays the test on every element and does not vectorise (e.g. the
+# per-row sum D = dy_i . y_i written dy[b, i, h * hs + d]). So inner loops take slices first
+# (rows, heads' columns: dyi = dy[b, i, h * hs:(h + 1) * hs]) and index them with the loop
+# variable alone (dyi[d]). Measurements: docs/kernels.md, "Index with loop variables".
 
 
 # ---- exp that vectorises ----
 
 def fast_exp(x):
-    """exp(x). In kernels, float32 takes a polynomial that LLVM can vectorise (5x faster here than
-    libm's expf, which numba calls one element at a time without Intel's SVML); float64 takes
-    math.exp. Python callers get math.exp."""
+    """exp(x). In kernels, float32 takes a polynomial that LLVM can vectorise (libm's expf, which
+    numba calls one element at a time without Intel's SVML, cannot be; docs/kernels.md); float64
+    takes math.exp. Python callers get math.exp."""
     import math
     return math.exp(x)
 

@@ -3,7 +3,8 @@
 NumPy reference: numgpt/optim.py (AdamW.step). Derivation: docs/derivations.md#adamw
 
 The divisions in the loop vectorise only under NumPy's error model (kernels/_jit.OPTIONS): with
-Python's, every divisor is tested for zero and the update ran 4.5x slower.
+Python's, every divisor is tested for zero, and that branch stops the loop vectorising
+(docs/kernels.md).
 """
 import math
 

@@ -7,8 +7,8 @@ Derivation: docs/derivations.md#attention
    per-head products (q k^T, P v, and the four of the backward) with NumPy's batched matmul,
    i.e. BLAS, and these kernels do everything between them: the causal softmax with its
    log-sum-exp and the dropout mask, and in the backward ds = p (dp - D). BLAS computes part
-   of the masked upper half too (the blocks on the diagonal, kernels/ops._causal_bmm), but at
-   several times the speed of the loops below, so this wins wherever the T x T probabilities
+   of the masked upper half too (the blocks on the diagonal, kernels/ops._causal_bmm), but
+   BLAS runs far faster than the loops below, so this wins wherever the T x T probabilities
    of a layer are cheap to keep (kernels/ops.STORE_PROBS_BYTES).
 2. Fused, flash-attention style (attention_fwd / attention_bwd): for long blocks and big
    batches, where storing P for every layer would cost too much memory.

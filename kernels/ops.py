@@ -78,15 +78,15 @@ def layernorm_backward(dy, cache):
 
 # The largest T x T probabilities of one layer (B * H * T * T values) kept for the backward pass:
 # up to this the products run in BLAS and the probabilities are stored (kernels/attention.py,
-# path 1: 1.4-2.5x faster per layer here); above it the fused kernels recompute them, so that
-# memory stays linear in T. 32 MB covers the laptop preset and the scaled one at batch 8; the
+# path 1, the faster one); above it the fused kernels recompute them, so that memory stays
+# linear in T. 32 MB covers the laptop preset and the scaled one at batch 8; the
 # scaled preset at batch 64 would keep 100 MB per layer and takes the fused path.
 STORE_PROBS_BYTES = 32 << 20
 # A feed-forward layer's activation a = act(h) [N, F] above this size is not kept for the
 # backward but computed again from h there: one more pass of the activation kernel, for
-# 100 MB less memory a block in the scaled model at batch 64 (with the dropout caches that
-# kernels/dropout.py no longer keeps, that step's peak went from 3.58 to 2.78 GB). Smaller
-# ones are kept (no cost to speed).
+# 100 MB less memory a block in the scaled model at batch 64 (together with the dropout caches
+# that kernels/dropout.py no longer keeps, this lowers that step's peak memory;
+# docs/benchmarks.md). Smaller ones are kept (no cost to speed).
 RECOMPUTE_BYTES = 32 << 20
 
 

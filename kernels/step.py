@@ -5,13 +5,13 @@ of docs/derivations.md. Tests: tests/test_step.py holds it equal to the referenc
 float64 gradient check through it.
 
 Why: a small model's step is a few hundred small operations, and from Python each costs a
-call (microseconds) that can be longer than its work: the tiny bench config spent more than half
-its step between kernels. Here the batch is split in one piece per core (prange over shards),
-and each piece runs the model's whole forward and backward without returning to Python: the
-matrix products through BLAS (numba's np.dot, and blas.gemm where the operands are column
-slices or transposed; both SciPy's OpenBLAS, one thread per shard), everything between them
-through the serial builds of the other kernels of this folder. Each shard writes its own
-gradient slots; they are summed at the end.
+call that can take longer than its work, so for the smallest models (the bench's tiny config)
+most of a layer-by-layer step is spent between kernels (docs/kernels.md). Here the batch is
+split in one piece per core (prange over shards), and each piece runs the model's whole forward
+and backward without returning to Python: the matrix products through BLAS (numba's np.dot, and
+blas.gemm where the operands are column slices or transposed; both SciPy's OpenBLAS, one thread
+per shard), everything between them through the serial builds of the other kernels of this
+folder. Each shard writes its own gradient slots; they are summed at the end.
 
 The file reads like numgpt/model.py, bottom up: a forward/backward pair per layer (_linear_*,
 _layernorm_*, the attention kernels), per sublayer (_attention_sublayer_*, _ffn_sublayer_*), per
@@ -625,8 +625,8 @@ def train_step(idx, tgt, P, G, slots, top, arch, lanes, n_shards, wqkv, sums):
 
     Only the prange is here: numba runs every array expression of a parallel function as a
     parallel region of its own (thread wake-up and barrier each), so the packing of the weights
-    and the sum over the shards are serial helpers. They were ~50 such regions a step, most of
-    them the gradient sums."""
+    and the sum over the shards are serial helpers (written as array expressions, they would be
+    about 50 regions a step, most of them the gradient sums)."""
     a = Arch(*arch)
     B, T = idx.shape
     dt = wqkv.dtype
@@ -636,9 +636,9 @@ def train_step(idx, tgt, P, G, slots, top, arch, lanes, n_shards, wqkv, sums):
         b1 = ((s + 1) * B) // n_shards
         w = np.empty(1, dtype=dt)
         w[0] = (b1 - b0) / B     # this shard's share of the mean
-        # s as int64: numba types a prange index as uint64 in the parallel build, and _shard was
-        # compiled a second time for it; with one signature the serial build, which shares it,
-        # compiles in 7 s after the parallel one
+        # s as int64: numba types a prange index as uint64 in the parallel build, and would
+        # compile _shard a second time for it; with one signature both builds share one compiled
+        # _shard, so the serial build does not compile it again (docs/kernels.md)
         sums[s] = _shard(idx[b0:b1].copy(), tgt[b0:b1].copy(), P, G, np.int64(s), slots, top,
                          a, lanes, wqkv, w[0])
     _add_shards(G, n_shards)

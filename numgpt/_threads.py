@@ -2,8 +2,8 @@
 
 numgpt alternates BLAS calls (OpenBLAS's threads) with numba kernels (OpenMP's threads) on the
 same cores. Both pools busy-wait after their work by default, so each steals the cores from the
-other: on a 2-core machine a laptop-sized step took 5x longer. A short spin for both
-(OPENBLAS_THREAD_TIMEOUT=4, i.e. 2^4 cycles, and GOMP_SPINCOUNT) removes the fight.
+other, which on a 2-core machine slows a step several-fold (docs/kernels.md). A short spin for
+both (OPENBLAS_THREAD_TIMEOUT=4, i.e. 2^4 cycles, and GOMP_SPINCOUNT) removes the fight.
 
 OpenBLAS reads its timeout when it loads, and NumPy loads it on import, so the setting cannot
 simply be put in the environment by `import numgpt` (which would be a process-wide side effect of
@@ -23,7 +23,7 @@ SHORT_SPINS = {"OPENBLAS_THREAD_TIMEOUT": "4", "GOMP_SPINCOUNT": "10000"}
 
 # Whether the kernels may use numba's threads: false only where an OpenBLAS is loaded whose
 # threads keep spinning and could not be restarted (then the kernels stay on the calling thread:
-# slower than they could be, but never the 5x slowdown). Set by short_spins().
+# slower than they could be, but never slowed by the two pools' fight). Set by short_spins().
 PARALLEL_KERNELS = True
 MALLOC_TUNED = False
 
@@ -83,8 +83,8 @@ def keep_freed_memory():
     The costs: the threads share one malloc lock (numgpt's threads allocate a few hundred arrays
     a step, so it is not contended), and freed memory is not returned to the system until the
     process ends (the resident size stays at the largest it has been: for training, the peak
-    every step reaches anyway). That is why it is not done on import. On the laptop preset's
-    fused step it is worth about a quarter of the step (docs/kernels.md).
+    every step reaches anyway). That is why it is not done on import. What it saves a step is
+    measured in docs/kernels.md ("Freed memory kept").
     """
     global MALLOC_TUNED
     if _opted_out():

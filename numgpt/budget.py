@@ -24,9 +24,10 @@ steps_that_fit then takes the largest N for which the steps, the evaluations (st
 eval_every steps and the last) and their checkpoints fit in the time left: the budget less what
 the run has spent since it started (the step choice and this measurement), less the sample, and
 less RESERVE of the budget, kept for what is not measured (Python's start, the log written at each
-evaluation, and the machine's speed moving while it trains: on our shared 2-core machines a
-whole run stepped up to 8% slower than its first seconds measured, and up to 20% faster). The
-kernels' first compile is not counted, nor is preparing the data, which come before.
+evaluation, and the machine's speed moving while it trains: on a shared machine a whole run can
+step slower or faster than its first seconds measured). RESERVE's value comes from budgeted runs
+(docs/benchmarks.md). The kernels' first compile is not counted, nor is preparing the data,
+which come before.
 """
 import os
 import tempfile

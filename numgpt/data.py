@@ -129,9 +129,10 @@ TEXT_BASE_BYTES = 10 << 20  # and buffers of a few chunks, whatever the size of 
 
 def text_prepare_bytes(n_chars):
     """Memory that preparing a text of n_chars characters takes at its peak (see prepare).
-    Against peaks measured on 100 MB files (RSS above that after imports): ASCII 216 MB for 220
-    estimated, all NUL the same, ASCII with an emoji every 100 characters (a str of 4 bytes a
-    character) 212 for 214, Cyrillic 128 for 132, CJK 75 for 80."""
+    Checked against measured peaks (resident memory above that after imports) for ASCII, all-NUL,
+    ASCII with some 4-byte characters (a str of 4 bytes a character), Cyrillic and CJK text: the
+    estimate came a little above each (docs/benchmarks.md, "Memory estimates against measured
+    peaks")."""
     return TEXT_BASE_BYTES + TEXT_BYTES_PER_CHAR * n_chars
 
 

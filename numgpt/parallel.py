@@ -21,10 +21,10 @@ NUMGPT_FUSED=0 and NUMGPT_DATA_PARALLEL=0 take the fused and the sharded steps o
 
 Sharded steps: each shard draws its rows of the whole batch's dropout masks (BatchRows in
 numgpt/layers/dropout.py), so every step trains a batch with the same masks. A run is
-reproducible from its seed and checkpoint to float32 rounding, but not always bit for bit: now and
-then (3 steps in 600 in one test, in the attention gradients of w_q and w_k) a step comes out one
-unit in the last place apart when the two threads compute at once. The cause is not found yet.
-The other steps are bit-exact, resume included.
+reproducible from its seed and checkpoint to float32 rounding, but not always bit for bit: now
+and then, when the two threads compute at once, a step's attention gradients of w_q and w_k differ
+in the last place; the cause is not known (docs/kernels.md). The other steps are bit-exact, resume
+included.
 """
 import copy
 import json
@@ -220,7 +220,7 @@ class FusedStep:
         self._bind()
         shards = min(self.shards, x.shape[0])
         kernel = ks.train_step if shards > 1 and _jit.threads_allowed() else ks.train_step.serial
-        # OpenBLAS on one thread for the call, set directly (threadpoolctl's limit() took 17 us)
+        # OpenBLAS on one thread for the call, set directly (threadpoolctl's limit() costs more)
         libs = self.blas.lib_controllers
         before = [lib.num_threads for lib in libs]
         for lib, n in zip(libs, before):
@@ -315,7 +315,7 @@ def measure_steps(model, cfg, names, clock=None, seed=0):
             steps[n][0](x, y, train=True, rng=np.random.default_rng(seed))
             warm[n] = clock() - t0
         # far behind already, on a long step (a first call's own costs, typed lists and thread
-        # pools, are milliseconds, so a short one says little): out
+        # pools, can outweigh a short step, so a short warm-up says little): out
         quickest = min(warm.values())
         live = [n for n in names if warm[n] <= max(WARM_FACTOR * quickest, WARM_SECONDS)]
         spent = 0.0

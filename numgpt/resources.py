@@ -22,12 +22,10 @@ The estimate (float32; N = batch_size * block_size tokens, P parameters, F = fee
     sampling  4 bytes * (P + 2 n_layer T C        parameters and the key/value cache
                        + 3 H T T + T (12 C + 3 F))  the prompt's (or a rebuild's) forward pass, whose
                                                   attention builds T x T scores per head
-plus BASE_BYTES for Python, NumPy and numba. Against measured peaks: the scaled preset at batch
-64, 3.4 GB estimated for 2.69-2.78 GB used (before the kernels stopped keeping dropout masks and big
-feed-forward activations, 4.3 GB for 3.5 GB); at batch 8 (which keeps its probabilities) 0.90 GB
-for 0.89-0.92 GB; laptop 218 MB for 201 MB; preln at batch 2048 and the scaled preset at batch 32
-within 10% (before the stored-probabilities path); the NumPy path with 16 heads over 1024 positions and dropout, 2.64 GB for
-2.57 GB; sampling a block-4096 model with a long prompt, 3.4 GB for 3.46 GB.
+plus BASE_BYTES for Python, NumPy and numba. The estimates were checked against measured peaks
+(the presets' training steps at several batch sizes, the NumPy path with dropout, sampling with a
+long prompt): each came within 10% of its peak or above it (docs/benchmarks.md, "Memory
+estimates against measured peaks").
 """
 import dataclasses
 import os
