@@ -14,7 +14,9 @@ step, an evaluation and a checkpoint cost on this machine, measured then (measur
 Steps and eval batches are timed after untimed calls for WARM_SECONDS (at least one: a first
 call pays for first touches of memory, and a process's first second of steps often runs slower
 than its steady pace), for at least MIN_REPS calls and about MEASURE_SECONDS, and the mean is
-taken (a run's steps include their slow ones too); the others once (the plot after an untimed
+taken (a run's steps include their slow ones too), each call counted at most STALL_CAP times the
+median (a single stall, such as one step of 337 ms among steps of 19 ms just after a compile,
+would otherwise stretch the estimate for the whole run); the others once (the plot after an untimed
 first one, which imports matplotlib). The trainer runs the steps on
 the run's own model and optimizer and puts their state back bit for bit (restored_after), with
 batches and dropout masks from a generator of their own, so the run that follows is exactly the
@@ -44,6 +46,7 @@ MIN_REPS = 3  # timed steps at least (after the untimed ones)
 MIN_EVAL_REPS = 2
 MAX_REPS = 100
 RESERVE = 0.08  # of the budget, not planned for
+STALL_CAP = 4.0  # a timed call counts at most this many times the median call
 
 
 class BudgetError(ConfigError):
@@ -63,7 +66,7 @@ class Costs:
 def timed_mean(fn, clock, min_reps, seconds, max_reps=MAX_REPS, agree=None, warm_seconds=0.0):
     """Mean seconds of a call of fn(), after untimed calls for warm_seconds (at least one): at
     least min_reps timed calls, then more until `seconds` have been spent on them or max_reps
-    were made. agree(more), where given, turns this process's answer to "one more call?" into
+    were made; each call counted at most STALL_CAP times the median. agree(more), where given, turns this process's answer to "one more call?" into
     the one every process takes (under MPI each step is a collective: every rank must make as
     many calls as rank 0)."""
     agree = agree or (lambda more: more)
@@ -76,7 +79,11 @@ def timed_mean(fn, clock, min_reps, seconds, max_reps=MAX_REPS, agree=None, warm
         t0 = clock()
         fn()
         times.append(clock() - t0)
-    return sum(times) / len(times)
+    # a one-off stall among a hundred calls would weigh as if every step of the run paid its
+    # share: each call counts at most STALL_CAP times the median (slow calls that recur, such as
+    # every other one at three times the pace, still count in full)
+    cap = STALL_CAP * float(np.median(times))
+    return float(np.minimum(times, cap).mean())
 
 
 def timed_once(fn, clock):

@@ -163,6 +163,20 @@ def test_timed_mean_leaves_out_the_calls_of_its_warm_seconds():
     assert len(calls) == 6
 
 
+def test_timed_mean_caps_a_one_off_stall_but_counts_slow_calls_that_recur():
+    clock = FakeClock()
+    costs = iter([0.1] + [0.1] * 19 + [5.0] + [0.1] * 100)
+
+    def fn():
+        clock.advance(next(costs))
+    # 20 timed calls of 0.1 and one stall of 5.0 (counted as 4 x the median 0.1): 2.4 / 21
+    assert budget.timed_mean(fn, clock, 21, 0.0) == pytest.approx(2.4 / 21)
+    clock = FakeClock()
+    costs = iter([0.1] + [0.1, 0.3] * 20)
+    # every other call three times slower: no cap reaches them, the plain mean
+    assert budget.timed_mean(fn, clock, 20, 0.0) == pytest.approx(0.2)
+
+
 def test_measure_costs_takes_means_after_an_untimed_first_call():
     clock = FakeClock()
     steps = iter([5.0] + [0.25, 0.35] * 10)  # the first (untimed) call is slow
