@@ -223,9 +223,9 @@ def _ffn_sublayer(h, w_fc, b_fc, w_out, b_out, activation, ffn_proj, layout, f, 
 class DecodeWeights(NamedTuple):
     """decode_step's parameters (numgpt.generate.KVCache builds them): the blocks' stacked along a
     leading layer axis. Matrices are [L, in, out] as stored (BY_INPUT) or transposed to
-    [L, out, in] (BY_OUTPUT and BY_OUTPUT_THREADS, w_head [V, C]; see _mv). Absent parts have size 0 (as
-    [L, 0, 0], or w_fc with 0 outputs): w_proj (no output projection), w_fc (no feed-forward),
-    w_out (feed-forward without its second linear); absent LayerNorms are zeros."""
+    [L, out, in] (BY_OUTPUT and BY_OUTPUT_THREADS, w_head [V, C]; see _mv). Absent parts have
+    size 0 (as [L, 0, 0], or w_fc with 0 outputs): w_proj (no output projection), w_fc (no
+    feed-forward), w_out (feed-forward without its second linear); absent LayerNorms are zeros."""
     tok_emb: np.ndarray   # [V, C]
     pos_emb: np.ndarray   # [block, C]
     ln1_g: np.ndarray     # [L, C]

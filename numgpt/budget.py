@@ -11,16 +11,16 @@ step, an evaluation and a checkpoint cost on this machine, measured then (measur
     plot        the loss curve drawn (every evaluation after step 0 redraws it)
     sample      the sample printed at the end
 
-Steps and eval batches are timed after untimed calls for WARM_SECONDS (at least one: a first
-call pays for first touches of memory, and a process's first second of steps often runs slower
-than its steady pace), for at least MIN_REPS calls and about MEASURE_SECONDS, and the mean is
-taken (a run's steps include their slow ones too), each call counted at most STALL_CAP times the
-median (a single stall, such as one step of 337 ms among steps of 19 ms just after a compile,
-would otherwise stretch the estimate for the whole run); the others once (the plot after an untimed
-first one, which imports matplotlib). The trainer runs the steps on
-the run's own model and optimizer and puts their state back bit for bit (restored_after), with
-batches and dropout masks from a generator of their own, so the run that follows is exactly the
-run of max_iters=N: the schedule (warmup, cosine decay to max_iters) is fixed before it starts.
+Steps and eval batches are timed after untimed calls for WARM_SECONDS (at least one: a first call
+pays for first touches of memory, and a process's first second of steps often runs slower than its
+steady pace), for at least MIN_REPS calls and about MEASURE_SECONDS, and the mean is taken (a run's
+steps include their slow ones too), each call counted at most STALL_CAP times the median (a single
+stall, as seen just after a compile, would otherwise stretch the estimate for the whole run;
+docs/benchmarks.md); the others once (the plot after an untimed first one, which imports
+matplotlib). The trainer runs the steps on the run's own model and optimizer and puts their state
+back bit for bit (restored_after), with batches and dropout masks from a generator of their own, so
+the run that follows is exactly the run of max_iters=N: the schedule (warmup, cosine decay to
+max_iters) is fixed before it starts.
 
 steps_that_fit then takes the largest N for which the steps, the evaluations (step 0's, one every
 eval_every steps and the last) and their checkpoints fit in the time left: the budget less what
@@ -64,11 +64,11 @@ class Costs:
 
 
 def timed_mean(fn, clock, min_reps, seconds, max_reps=MAX_REPS, agree=None, warm_seconds=0.0):
-    """Mean seconds of a call of fn(), after untimed calls for warm_seconds (at least one): at
-    least min_reps timed calls, then more until `seconds` have been spent on them or max_reps
-    were made; each call counted at most STALL_CAP times the median. agree(more), where given, turns this process's answer to "one more call?" into
-    the one every process takes (under MPI each step is a collective: every rank must make as
-    many calls as rank 0)."""
+    """Mean seconds of a call of fn(), after untimed calls for warm_seconds (at least one): at least
+    min_reps timed calls, then more until `seconds` have been spent on them or max_reps were made;
+    each call counted at most STALL_CAP times the median. agree(more), where given, turns this
+    process's answer to "one more call?" into the one every process takes (under MPI each step is a
+    collective: every rank must make as many calls as rank 0)."""
     agree = agree or (lambda more: more)
     t_warm, warm = clock(), True
     while warm:
