@@ -19,8 +19,9 @@ import sys
 import numpy as np
 
 from numgpt import GPT
-from numgpt.checkpoint import read_model_checkpoint
-from numgpt.data import load_dataset
+from numgpt.checkpoint import CheckpointError, read_model_checkpoint
+from numgpt.config import ConfigError
+from numgpt.data import DataError, load_dataset
 
 BATCH = 64  # windows a forward pass
 
@@ -53,14 +54,17 @@ def main(argv=None):
                     "checkpoint names, else Tiny Shakespeare)")
     args = ap.parse_args(argv)
     for out_dir in args.out_dirs:
-        cfg, chars, params, _, meta = read_model_checkpoint(os.path.join(out_dir, "ckpt.npz"))
-        src = args.data or meta.get("data")
-        ds = load_dataset(src if isinstance(src, str) and os.path.isfile(src) else None)
-        if ds.vocab.chars != chars:
-            sys.exit(f"error: {out_dir} was trained on another text's vocabulary; give --data")
-        model = GPT(cfg, seed=0)
-        model.set_params(params)
-        loss, n = whole_val_loss(model, ds.val)
+        try:
+            cfg, chars, params, _, meta = read_model_checkpoint(os.path.join(out_dir, "ckpt.npz"))
+            src = args.data or meta.get("data")
+            ds = load_dataset(src if isinstance(src, str) and os.path.isfile(src) else None)
+            if ds.vocab.chars != chars:
+                sys.exit(f"error: {out_dir} was trained on another text's vocabulary; give --data")
+            model = GPT(cfg, seed=0)
+            model.set_params(params)
+            loss, n = whole_val_loss(model, ds.val)
+        except (CheckpointError, ConfigError, DataError, OSError, ValueError) as e:
+            sys.exit(f"error: {out_dir}: {e}")
         print(f"{out_dir}: step {meta['step']}, val over the whole validation text "
               f"({n:,} characters) {loss:.4f}", flush=True)
 

@@ -44,3 +44,10 @@ def test_whole_val_equals_the_windows_one_by_one(tmp_path, text_file):
             for i in range(n)]
     assert int(m.group(1).replace(",", "")) == n * 8
     assert abs(float(m.group(2)) - np.mean(each)) < 1e-4
+
+
+def test_a_missing_checkpoint_is_one_line(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join("bench", "whole_val.py"), str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
