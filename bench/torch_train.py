@@ -1,10 +1,10 @@
 """Train a numgpt preset in PyTorch (bench/torch_reference.TorchGPT), for learning curves side by
 side with numgpt's: the same config, data split, training batches (numgpt's Dataset and the same
-seeded generator as numgpt's trainer), evaluation batches (as trainer.estimate_loss draws them)
-and learning-rate schedule (numgpt.optim.get_lr), with torch's own initialisation, dropout,
-autograd and AdamW. It checkpoints at every evaluation, every --ckpt_every=N steps if given, and
-when stopped (Ctrl-C, SIGTERM, SIGHUP: after the step under way), so a long run can be continued
-(--resume).
+seeded generator as numgpt's trainer), evaluations (the batches trainer.estimate_loss draws, and
+the last over the whole validation text, as numgpt's) and learning-rate schedule
+(numgpt.optim.get_lr), with torch's own initialisation, dropout, autograd and AdamW. It checkpoints
+at every evaluation, every --ckpt_every=N steps if given, and when stopped (Ctrl-C, SIGTERM,
+SIGHUP: after the step under way), so a long run can be continued (--resume).
 
     /path/to/venv-with-torch/bin/python bench/torch_train.py --preset=scaled --zero_head=false \\
         --max_iters=500 --eval_interval=250 --eval_iters=20 --out_dir=out-torch-scaled
@@ -28,19 +28,27 @@ from torch_reference import TorchGPT  # noqa: E402
 from numgpt.config import FIELDS, get_config  # noqa: E402
 from numgpt.data import load_dataset  # noqa: E402
 from numgpt.optim import decays, get_lr  # noqa: E402
-from numgpt.trainer import STEP0_EVAL_ITERS  # noqa: E402
+from numgpt.trainer import STEP0_EVAL_ITERS, text_windows, whole_val_rows  # noqa: E402
 
 CKPT = "torch_ckpt.pt"
 LOG = "log.jsonl"
 
 
 @torch.no_grad()
-def estimate_loss(model, ds, cfg, step):
-    """numgpt.trainer.estimate_loss for the torch model: the same batches, in eval mode."""
+def estimate_loss(model, ds, cfg, step, whole_val=False):
+    """numgpt.trainer.estimate_loss for the torch model: the same batches, in eval mode; with
+    whole_val (the last evaluation) the validation loss over the whole text, in the same windows."""
     model.eval()
     out = {}
     n = cfg.eval_iters if step > 0 else min(cfg.eval_iters, STEP0_EVAL_ITERS)
     for split in ("train", "val"):
+        if split == "val" and whole_val:
+            x, y = text_windows(ds.val, cfg.block_size)
+            rows = whole_val_rows(cfg)
+            total = sum(model(torch.from_numpy(x[a:a + rows]), torch.from_numpy(y[a:a + rows]))[1]
+                        .item() * len(x[a:a + rows]) for a in range(0, len(x), rows))
+            out[split] = total / len(x)
+            continue
         rng = np.random.default_rng([cfg.seed, step, 0 if split == "train" else 1])
         losses = []
         for _ in range(n):
@@ -107,7 +115,7 @@ def main(argv=None):
     t0 = time.time()
 
     def evaluate():
-        losses = estimate_loss(model, ds, cfg, step)
+        losses = estimate_loss(model, ds, cfg, step, whole_val=step == cfg.max_iters)
         rows[:] = [r for r in rows if r["step"] < step]
         rows.append({"step": step, "train_loss": losses["train"], "val_loss": losses["val"],
                      "time": round(time.time() - t0 + t_prev, 3)})

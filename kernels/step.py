@@ -31,7 +31,8 @@ from typing import NamedTuple
 import numpy as np
 from numba import prange
 
-from numgpt.arch import NORM_NONE, NORM_POST, NORM_PRE, SUB_ATTN, SUB_FFN, Arch
+from numgpt.arch import (BLOCK_PARAMS, NORM_NONE, NORM_POST, NORM_PRE, SUB_ATTN, SUB_FFN,
+                         TOP_PARAMS, Arch)
 
 from ._jit import fast_exp, jit
 from .activations import bias_act_bwd, bias_act_fwd
@@ -50,13 +51,14 @@ _softmax_fwd, _softmax_bwd = softmax_causal_fwd.serial, softmax_causal_bwd.seria
 ONE_CHUNK = 1     # n_chunks of the serial backward kernels' partial sums: a shard sums its rows
 WITH_GRAD = True  # _xent's want_grad: the loss's gradient dz too
 
-# per-layer slots (column of `slots`); -1 where the config has no such parameter
-LN1_G, LN1_B, W_Q, W_K, W_V, W_PROJ, B_PROJ, LN2_G, LN2_B, W_FC, B_FC, W_OUT, B_OUT = range(13)
-LAYER_SLOTS = ["ln1.g", "ln1.b", "attn.w_q", "attn.w_k", "attn.w_v", "attn.w_proj", "attn.b_proj",
-               "ln2.g", "ln2.b", "ffn.w_fc", "ffn.b_fc", "ffn.w_out", "ffn.b_out"]
-# model-level slots (entries of `top`)
-TOK, POS, LNF_G, LNF_B, LM_W, LM_B = range(6)
-TOP_SLOTS = ["tok_emb", "pos_emb", "ln_f.g", "ln_f.b", "lm_head.w", "lm_head.b"]
+# a layer's parameters by their place in numgpt.arch.BLOCK_PARAMS (the columns of `slots`; -1 where
+# the config has no such parameter), the model's others by their place in TOP_PARAMS (`top`)
+(LN1_G, LN1_B, W_Q, W_K, W_V, W_PROJ, B_PROJ, LN2_G, LN2_B, W_FC, B_FC, W_OUT,
+ B_OUT) = map(BLOCK_PARAMS.index, ("ln1.g", "ln1.b", "attn.w_q", "attn.w_k", "attn.w_v",
+                                   "attn.w_proj", "attn.b_proj", "ln2.g", "ln2.b", "ffn.w_fc",
+                                   "ffn.b_fc", "ffn.w_out", "ffn.b_out"))
+TOK, POS, LNF_G, LNF_B, LM_W, LM_B = map(TOP_PARAMS.index, ("tok_emb", "pos_emb", "ln_f.g",
+                                                         "ln_f.b", "lm_head.w", "lm_head.b"))
 
 
 # ---- Linear and LayerNorm (docs/derivations.md#linear, #layernorm) ----

@@ -58,9 +58,11 @@ def short_spins():
     """Set both pools' spin short where the user has not chosen otherwise; returns (and stores in
     PARALLEL_KERNELS) whether numba's threads may run beside BLAS's."""
     global PARALLEL_KERNELS
-    user_set = "OPENBLAS_THREAD_TIMEOUT" in os.environ
+    from .env import is_set
+    user_set = is_set("OPENBLAS_THREAD_TIMEOUT")
     for k, v in SHORT_SPINS.items():
-        os.environ.setdefault(k, v)
+        if not is_set(k):
+            os.environ[k] = v
     ok = True
     if not user_set:
         ok = all(_restart_with_env(lib) for lib in _openblas_libraries())

@@ -28,6 +28,13 @@ ACTIVATIONS = {"relu": ACT_RELU, "gelu": ACT_GELU}
 SUB_ATTN = 0
 SUB_FFN = 1
 
+# a block's parameters by their short names (block i's are "blocks.{i}." + name), in the order the
+# model lists them; the fused step addresses them by their place in this tuple (kernels/step.py)
+BLOCK_PARAMS = ("ln1.g", "ln1.b", "attn.w_q", "attn.w_k", "attn.w_v", "attn.w_proj", "attn.b_proj",
+                "ln2.g", "ln2.b", "ffn.w_fc", "ffn.b_fc", "ffn.w_out", "ffn.b_out")
+# the parameters outside the blocks, in order; the blocks come between pos_emb and ln_f
+TOP_PARAMS = ("tok_emb", "pos_emb", "ln_f.g", "ln_f.b", "lm_head.w", "lm_head.b")
+
 
 class Arch(NamedTuple):
     """What a GPT block is made of (see the module notes)."""
@@ -39,6 +46,20 @@ class Arch(NamedTuple):
     ffn: bool         # a feed-forward sublayer follows attention
     ffn_proj: bool    # the feed-forward sublayer ends in its output linear (w_out, b_out)
     activation: int   # ACT_RELU or ACT_GELU
+
+
+def has_param(a, name):
+    """Whether a GPT of Arch a has the parameter name (one of BLOCK_PARAMS or TOP_PARAMS)."""
+    part, _, leaf = name.partition(".")
+    if part in ("ln1", "ln2", "ln_f") and a.norm == NORM_NONE:
+        return False
+    if part in ("ln2", "ffn") and not a.ffn:
+        return False
+    if leaf in ("w_proj", "b_proj"):
+        return a.attn_proj
+    if leaf in ("w_out", "b_out"):
+        return a.ffn_proj
+    return True
 
 
 def arch(cfg):

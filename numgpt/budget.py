@@ -9,6 +9,9 @@ step, an evaluation and a checkpoint cost on this machine, measured then (measur
                 2 x eval_iters of them)
     save        one checkpoint serialised, written and fsynced (to a probe file in out_dir)
     plot        the loss curve drawn (every evaluation after step 0 redraws it)
+    last val    what the last evaluation's validation half takes beyond eval_iters batches (it
+                reads the whole validation text: trainer.whole_text_loss), from the eval batch's
+                cost per token
     sample      the sample printed at the end
 
 Steps and eval batches are timed after untimed calls for WARM_SECONDS (at least one: a first call
@@ -23,13 +26,13 @@ the run that follows is exactly the run of max_iters=N: the schedule (warmup, co
 max_iters) is fixed before it starts.
 
 steps_that_fit then takes the largest N for which the steps, the evaluations (step 0's, one every
-eval_every steps and the last) and their checkpoints fit in the time left: the budget less what
-the run has spent since it started (the step choice and this measurement), less the sample, and
-less RESERVE of the budget, kept for what is not measured (Python's start, the log written at each
-evaluation, and the machine's speed moving while it trains: on a shared machine a whole run can
-step slower or faster than its first seconds measured). RESERVE's value comes from budgeted runs
-(docs/benchmarks.md). The kernels' first compile is not counted, nor is preparing the data,
-which come before.
+eval_every steps and the last, with the whole validation text) and their checkpoints fit in the
+time left: the budget less what the run has spent since it started (the step choice and this
+measurement), less the sample, and less RESERVE of the budget, kept for what is not measured
+(Python's start, the log written at each evaluation, and the machine's speed moving while it
+trains: on a shared machine a whole run can step slower or faster than its first seconds
+measured). RESERVE's value comes from budgeted runs (docs/benchmarks.md). The kernels' first
+compile is not counted, nor is preparing the data, which come before.
 """
 import os
 import tempfile
@@ -61,6 +64,7 @@ class Costs:
     save: float
     plot: float = 0.0
     sample: float = 0.0
+    last_val: float = 0.0  # may be < 0: a large batch's eval_iters can outweigh the whole text
 
 
 def timed_mean(fn, clock, min_reps, seconds, max_reps=MAX_REPS, agree=None, warm_seconds=0.0):
@@ -177,7 +181,7 @@ def run_seconds(cfg, costs, step0_batches, start=0):
     n, every = cfg.max_iters, cfg.eval_every
     evals = len(range(-(-start // every) * every, n, every)) + 1  # the due ones and the last
     seconds = ((n - start) * costs.step + evals * eval_seconds(costs, cfg.eval_iters)
-               + costs.sample)
+               + costs.last_val + costs.sample)
     if start == 0:
         seconds += eval_seconds(costs, step0_batches) - eval_seconds(costs, cfg.eval_iters)
     return seconds
@@ -188,7 +192,7 @@ def steps_that_fit(cfg, costs, seconds, step0_batches):
     def fits(n):
         return (n * costs.step + eval_seconds(costs, step0_batches)
                 + _evaluations_bound(cfg, n) * eval_seconds(costs, cfg.eval_iters)
-                + costs.sample <= seconds)
+                + costs.last_val + costs.sample <= seconds)
     lo, hi = 0, max(1, int(seconds / max(costs.step, 1e-9)) + 1)  # fits(lo); not fits(hi)
     while hi - lo > 1:
         mid = (lo + hi) // 2

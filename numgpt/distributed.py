@@ -37,8 +37,6 @@ INSTALL = 'pip install "numgpt[mpi]" (in a clone: pip install -e ".[mpi]")'
 GRACE_SECONDS = 2.0  # a rank other than 0 with an error waits this long for rank 0 to report it
 ABORT_PAUSE_SECONDS = 0.2  # between a rank's last words and MPI_Abort
 SPIN_SECONDS = 0.05  # a collective is tested without pause this long, then every millisecond
-THREAD_VARIABLES = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-                    "MKL_NUM_THREADS")
 
 
 class World:
@@ -211,9 +209,9 @@ def limit_threads(n):
     """Hold this process to n threads: NumPy's BLAS now (threadpoolctl), numba's and the BLAS
     libraries loaded later through their variables (set unless the user set fewer), numba's
     now too if it is loaded already."""
-    for var in THREAD_VARIABLES:
-        v = os.environ.get(var, "").strip()
-        if not (v.isdigit() and 1 <= int(v) <= n):
+    for var in env.THREAD_VARIABLES:
+        mine = env.threads(var)
+        if mine is None or mine > n:
             os.environ[var] = str(n)
     from threadpoolctl import threadpool_limits
     threadpool_limits(limits=n)

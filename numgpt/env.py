@@ -15,6 +15,13 @@ silent guess. Paths are used as given; unset or empty means the default.
     NUMGPT_SHAKESPEARE      path: an existing copy of Tiny Shakespeare's input.txt
     NUMBA_CACHE_DIR         path (numba's own): where compiled kernels are cached
     XDG_CACHE_HOME          path (the XDG standard's): the per-user cache of an installed numgpt
+    NUMBA_NUM_THREADS, OMP_NUM_THREADS, OPENBLAS_NUM_THREADS, MKL_NUM_THREADS
+                            the libraries' own thread counts: numgpt uses no more threads than the
+                            smallest of them; a value that is not a whole number >= 1 is left to
+                            its library (threads, thread_cap)
+    OPENBLAS_THREAD_TIMEOUT, GOMP_SPINCOUNT
+                            OpenBLAS's and OpenMP's own: how long their threads spin; numgpt
+                            sets them where the user has not (numgpt/_threads.py)
 
 Read, never set by the user: the rank and size an MPI launcher (mpiexec, mpirun, srun) gives each
 process it starts (mpi_launch), so that numgpt knows it runs under one even without mpi4py.
@@ -27,6 +34,9 @@ FALSE = ("0", "false", "no", "off")
 SWITCHES = {"NUMGPT_FUSED": True, "NUMGPT_DATA_PARALLEL": True,
             "NUMGPT_NO_MEMORY_CHECK": False, "NUMGPT_NO_MALLOPT": False}
 CHOICES = {"NUMGPT_STEP": ("fused_lanes", "fused", "sharded", "one_blas", "plain")}
+SPIN_VARIABLES = ("OPENBLAS_THREAD_TIMEOUT", "GOMP_SPINCOUNT")
+THREAD_VARIABLES = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                    "MKL_NUM_THREADS")
 PATHS = ("NUMGPT_DATA_DIR", "NUMGPT_SHAKESPEARE", "NUMBA_CACHE_DIR", "XDG_CACHE_HOME")
 SECONDS = {"NUMGPT_MPI_TIMEOUT": 300.0}
 # (rank, size) variables of the MPI launchers: MPICH's and Intel MPI's hydra, Slurm's PMI-2
@@ -108,3 +118,23 @@ def path(name):
     """The path in `name` (one of PATHS), or None when unset or empty."""
     assert name in PATHS, name
     return os.environ.get(name) or None
+
+
+def threads(name):
+    """The thread count in `name` (one of THREAD_VARIABLES) when it is a whole number >= 1, else
+    None: unset, or a value its library reads by its own rule."""
+    assert name in THREAD_VARIABLES, name
+    v = os.environ.get(name, "").strip()
+    return int(v) if v.isdigit() and int(v) >= 1 else None
+
+
+def thread_cap():
+    """The smallest thread count the user set in THREAD_VARIABLES, or None when none is set."""
+    counts = [n for n in map(threads, THREAD_VARIABLES) if n is not None]
+    return min(counts) if counts else None
+
+
+def is_set(name):
+    """Whether `name` (one of SPIN_VARIABLES, which numgpt sets where the user has not) is set."""
+    assert name in SPIN_VARIABLES, name
+    return name in os.environ

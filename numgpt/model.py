@@ -13,44 +13,35 @@ Parameters live in a flat dict name -> array; weights are stored [in, out] (y = 
 """
 import numpy as np
 
-from .arch import NORM_NONE, NORM_POST, NORM_PRE, SUB_ATTN, SUB_FFN, arch
+from .arch import (BLOCK_PARAMS, NORM_NONE, NORM_POST, NORM_PRE, SUB_ATTN, SUB_FFN, TOP_PARAMS,
+                   arch, has_param)
 from .config import Config, validate
 from .layers import linear_backward, linear_forward, residual_backward, residual_forward
 from .ops import get_ops
 
 
 def param_shapes(cfg):
-    """Ordered dict name -> shape of every parameter tensor of the model described by cfg."""
+    """Ordered dict name -> shape of every parameter tensor of the model described by cfg.
+
+    Which parameters a GPT has, and their order, come from its Arch (numgpt/arch.py): the
+    embeddings, then each block's BLOCK_PARAMS that it has, then the final LayerNorm and lm_head.
+    """
     V, C = cfg.vocab_size, cfg.n_embd
     if cfg.model == "bigram":
         return {"tok_emb": (V, V)}
-    shapes = {"tok_emb": (V, C), "pos_emb": (cfg.block_size, C)}
-    for i in range(cfg.n_layer):
-        b = f"blocks.{i}."
-        if cfg.norm != "none":
-            shapes[b + "ln1.g"] = (C,)
-            shapes[b + "ln1.b"] = (C,)
-        shapes[b + "attn.w_q"] = (C, C)
-        shapes[b + "attn.w_k"] = (C, C)
-        shapes[b + "attn.w_v"] = (C, C)
-        if cfg.attn_proj:
-            shapes[b + "attn.w_proj"] = (C, C)
-            shapes[b + "attn.b_proj"] = (C,)
-        if cfg.ffn_mult > 0:
-            F = cfg.ffn_hidden  # the feed-forward width (docs/derivations.md's F)
-            if cfg.norm != "none":
-                shapes[b + "ln2.g"] = (C,)
-                shapes[b + "ln2.b"] = (C,)
-            shapes[b + "ffn.w_fc"] = (C, F)
-            shapes[b + "ffn.b_fc"] = (F,)
-            if cfg.ffn_proj:
-                shapes[b + "ffn.w_out"] = (F, C)
-                shapes[b + "ffn.b_out"] = (C,)
-    if cfg.norm != "none":
-        shapes["ln_f.g"] = (C,)
-        shapes["ln_f.b"] = (C,)
-    shapes["lm_head.w"] = (C, V)
-    shapes["lm_head.b"] = (V,)
+    a, F = arch(cfg), cfg.ffn_hidden  # F: the feed-forward width (docs/derivations.md's F)
+    shape = {"tok_emb": (V, C), "pos_emb": (cfg.block_size, C),
+             "ln1.g": (C,), "ln1.b": (C,),
+             "attn.w_q": (C, C), "attn.w_k": (C, C), "attn.w_v": (C, C),
+             "attn.w_proj": (C, C), "attn.b_proj": (C,),
+             "ln2.g": (C,), "ln2.b": (C,),
+             "ffn.w_fc": (C, F), "ffn.b_fc": (F,), "ffn.w_out": (F, C), "ffn.b_out": (C,),
+             "ln_f.g": (C,), "ln_f.b": (C,), "lm_head.w": (C, V), "lm_head.b": (V,)}
+    embed, head = TOP_PARAMS[:2], TOP_PARAMS[2:]
+    shapes = {n: shape[n] for n in embed}
+    for i in range(a.n_layer):
+        shapes.update((f"blocks.{i}.{n}", shape[n]) for n in BLOCK_PARAMS if has_param(a, n))
+    shapes.update((n, shape[n]) for n in head if has_param(a, n))
     return shapes
 
 

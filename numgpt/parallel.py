@@ -33,7 +33,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from .env import EnvError, choice, switch
+from .arch import BLOCK_PARAMS, TOP_PARAMS
+from .env import EnvError, choice, switch, thread_cap
 from .layers.dropout import BatchRows
 
 def copy_rng(rng):
@@ -58,11 +59,8 @@ def cores():
         n = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         n = os.cpu_count() or 1
-    for var in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        v = os.environ.get(var, "")
-        if v.isdigit() and int(v) >= 1:
-            n = min(n, int(v))
-    return n
+    cap = thread_cap()
+    return n if cap is None else min(n, cap)
 
 
 class ShardedStep:
@@ -177,7 +175,6 @@ class FusedStep:
         when the model's parameter arrays were replaced (set_params)."""
         from numba.typed import List
 
-        from numgpt.kernels import step as ks
         from .model import param_shapes
         params = self.model.params
         key = tuple(map(id, params.values()))
@@ -193,13 +190,13 @@ class FusedStep:
         grad = {n: g[0].reshape(params[n].shape) for n, g in zip(names, self._G)}
         self._grads = ListedGrads({n: grad[n] for n in order},
                                   List([grad[n].reshape(-1) for n in order]))
-        slots = np.full((cfg.n_layer, len(ks.LAYER_SLOTS)), -1, dtype=np.int64)
+        slots = np.full((cfg.n_layer, len(BLOCK_PARAMS)), -1, dtype=np.int64)
         where = {n: i for i, n in enumerate(names)}
         for layer in range(cfg.n_layer):
-            for j, short in enumerate(ks.LAYER_SLOTS):
+            for j, short in enumerate(BLOCK_PARAMS):
                 slots[layer, j] = where.get(f"blocks.{layer}.{short}", -1)
         self._slots = slots
-        self._top = np.array([where.get(n, -1) for n in ks.TOP_SLOTS], dtype=np.int64)
+        self._top = np.array([where.get(n, -1) for n in TOP_PARAMS], dtype=np.int64)
         C = cfg.n_embd
         self._wqkv = np.empty((cfg.n_layer, C, 3 * C), dtype=views[0].dtype)  # kernel scratch
         self._sums = np.zeros(self.shards, dtype=np.float64)

@@ -36,17 +36,23 @@ class TrainingError(Exception):
 
 
 STEP0_EVAL_ITERS = 10  # the untrained model's loss needs few batches; the first step comes sooner
+WHOLE_VAL_TOKENS = 4096  # tokens a batch at least in the last evaluation (whole_val_rows)
 
 
-def estimate_loss(model, ds, cfg, step, world=SINGLE):
+def estimate_loss(model, ds, cfg, step, world=SINGLE, whole_val=False):
     """Mean loss over eval_iters batches of each split (at most STEP0_EVAL_ITERS at step 0), from a
     generator seeded by (seed, step) so evaluation never disturbs the training stream and a resumed
-    run evaluates the same batches. Under MPI every rank draws every batch and evaluates every
-    world.size-th; an Allreduce of the losses (the others' slots 0) gathers them, so the mean is
-    the single process's, bit for bit."""
+    run evaluates the same batches. With whole_val (the run's last evaluation), the validation
+    loss is over the whole validation text instead (whole_text_loss): the same number however the
+    batches fall. Under MPI every rank draws every batch and evaluates every world.size-th; an
+    Allreduce of the losses (the others' slots 0) gathers them, so the mean is the single
+    process's, bit for bit."""
     out = {}
     n = cfg.eval_iters if step > 0 else min(cfg.eval_iters, STEP0_EVAL_ITERS)
     for split in ("train", "val"):
+        if split == "val" and whole_val:
+            out[split] = whole_text_loss(model, ds.val, cfg.block_size, whole_val_rows(cfg), world)
+            continue
         rng = np.random.default_rng([cfg.seed, step, 0 if split == "train" else 1])
         losses = np.zeros(n)
         for i in range(n):
@@ -55,6 +61,39 @@ def estimate_loss(model, ds, cfg, step, world=SINGLE):
                 losses[i] = model.loss(*batch)
         out[split] = float(np.mean(world.allreduce(losses, "the evaluation")))
     return out
+
+
+def text_windows(ids, block_size):
+    """(x, y): ids cut into consecutive windows of block_size, and the ids one place on (the
+    targets); the tail too short for a window is left out. Every id but the first is a target
+    once."""
+    ids = np.asarray(ids, dtype=np.int64)
+    n = (len(ids) - 1) // block_size
+    x = ids[:n * block_size].reshape(n, block_size)
+    y = ids[1:n * block_size + 1].reshape(n, block_size)
+    return x, y
+
+
+def whole_val_rows(cfg):
+    """Windows a batch of whole_text_loss in the last evaluation: cfg's batch, or more rows when
+    that holds fewer than WHOLE_VAL_TOKENS tokens (a small model's batches cost mostly calls)."""
+    return max(cfg.batch_size, -(-WHOLE_VAL_TOKENS // cfg.block_size))
+
+
+def whole_text_loss(model, ids, block_size, rows, world=SINGLE):
+    """Mean loss of model's predictions of every character of ids but the first (text_windows,
+    `rows` windows a batch; all windows are one size, so the mean of the batches' means weighted
+    by their rows is the mean over the characters). Under MPI each rank takes every
+    world.size-th batch, as estimate_loss does."""
+    x, y = text_windows(ids, block_size)
+    if len(x) == 0:
+        raise ValueError(f"the text is shorter than one block ({block_size} + 1 characters)")
+    starts = range(0, len(x), rows)
+    totals = np.zeros(len(starts))
+    for i, a in enumerate(starts):
+        if i % world.size == world.rank:
+            totals[i] = model.loss(x[a:a + rows], y[a:a + rows]) * len(x[a:a + rows])
+    return float(np.sum(world.allreduce(totals, "the evaluation")) / len(x))
 
 
 LOG_NUMBERS = ("train_loss", "val_loss", "time")  # every row's; "lr" is checked where present
@@ -510,8 +549,9 @@ def measure_run_costs(cfg, ds, model, opt, step_fn, meta, clock, out_dir=None, s
                       seconds=budget.MEASURE_SECONDS, world=SINGLE):
     """budget.Costs of training cfg here: training steps (take_step with step_fn), an eval
     batch (model.loss, as estimate_loss), a checkpoint (written to a probe file in out_dir and
-    fsynced; only serialised when out_dir is None), a loss plot drawn, and a sample of
-    sample_chars characters (0: none).
+    fsynced; only serialised when out_dir is None), a loss plot drawn, a sample of
+    sample_chars characters (0: none), and from the eval batch the last evaluation's extra
+    (last_val_seconds).
     The steps run on model and opt, whose state is put back as it was, with batches and dropout
     masks from a generator of their own (a run's own stream is untouched).
     Under MPI (world) every rank takes as many steps as rank 0 times, each ending in the
@@ -543,11 +583,19 @@ def measure_run_costs(cfg, ds, model, opt, step_fn, meta, clock, out_dir=None, s
                               warm_seconds=budget.WARM_SECONDS)
             return None
         try:
-            return budget.measure_costs(step_once, eval_once, save_once, clock, plot_once,
-                                        sample_once if sample_chars else None, seconds=seconds,
-                                        agree=agree)
+            costs = budget.measure_costs(step_once, eval_once, save_once, clock, plot_once,
+                                         sample_once if sample_chars else None, seconds=seconds,
+                                         agree=agree)
         except OSError as e:
             raise TrainingError(f"cannot write to out_dir {out_dir} ({e.strerror})") from None
+    return dataclasses.replace(costs, last_val=last_val_seconds(cfg, ds, costs.eval_batch))
+
+
+def last_val_seconds(cfg, ds, eval_batch):
+    """budget.Costs.last_val: the whole validation text at an eval batch's cost per token, less
+    the eval_iters batches that an evaluation's validation half otherwise takes."""
+    windows = (len(ds.val) - 1) // cfg.block_size
+    return eval_batch * (windows / cfg.batch_size - cfg.eval_iters)
 
 
 def fix_budget(cfg, ds, out_dir, model, opt, step_fn, spent, clock, meta, sample_chars,
@@ -561,7 +609,8 @@ def fix_budget(cfg, ds, out_dir, model, opt, step_fn, spent, clock, meta, sample
         return budget.plan(cfg, costs, spent(), min(cfg.eval_iters, STEP0_EVAL_ITERS))
     planned = None
     if world.is_root:  # each rank evaluates every world.size-th batch (estimate_loss)
-        costs = dataclasses.replace(costs, eval_batch=costs.eval_batch / world.size)
+        costs = dataclasses.replace(costs, eval_batch=costs.eval_batch / world.size,
+                                    last_val=costs.last_val / world.size)
         try:
             planned = budget.plan(cfg, costs, spent(), min(cfg.eval_iters, STEP0_EVAL_ITERS))
         except budget.BudgetError as e:
@@ -633,9 +682,9 @@ def _train(cfg, ds, out_dir, start, stop_at, quiet, sample_chars, progress, worl
                                                       else "no checkpoint was written")) from None
         saved = True
 
-    def evaluate(at_step, lr):
+    def evaluate(at_step, lr, last=False):
         nonlocal best_val
-        losses = estimate_loss(model, ds, cfg, at_step, world)
+        losses = estimate_loss(model, ds, cfg, at_step, world, whole_val=last)
         if not all(math.isfinite(v) for v in losses.values()):
             raise TrainingError(f"the evaluated loss became {losses['train']} (train) / "
                                 f"{losses['val']} (val) at step {at_step}; {kept()}; try a lower "
@@ -720,10 +769,11 @@ def _train(cfg, ds, out_dir, start, stop_at, quiet, sample_chars, progress, worl
                     bar.close()
                 say(f"stopped at step {step}; checkpoint saved to {ckpt_path}; continue with --resume")
             else:
-                losses = evaluate(step, get_lr(step, cfg))
+                losses = evaluate(step, get_lr(step, cfg), last=True)
                 if bar:
                     bar.close()
-                say(f"step {step}: train {losses['train']:.4f}, val {losses['val']:.4f}")
+                say(f"step {step}: train {losses['train']:.4f}, val {losses['val']:.4f} (the whole "
+                    "validation text)")
     finally:
         close_step()
         if bar:
