@@ -22,9 +22,9 @@ from numgpt import _threads, env, paths
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-# the settings the kernels run best with, applied when they first load (numgpt/_threads.py):
-_threads.short_spins()        # before numba's OpenMP pool first starts
-_threads.keep_freed_memory()  # before numba's threads make malloc arenas of their own
+# the thread pools' short spins, applied when the kernels first load, before numba's OpenMP pool
+# first starts (numgpt/_threads.py); malloc is tuned later, when training starts
+_threads.short_spins()
 
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 # error_model="numpy": a division by zero gives inf or nan, as in NumPy, instead of raising

@@ -1,4 +1,5 @@
-"""Thread and malloc settings for the kernels, applied when they first load, never on import.
+"""Thread and malloc settings for the kernels: the threads' when the kernels first load, malloc's
+when training starts, neither on import.
 
 numgpt alternates BLAS calls (OpenBLAS's threads) with numba kernels (OpenMP's threads) on the
 same cores. Both pools busy-wait after their work by default, so each steals the cores from the
@@ -26,6 +27,7 @@ SHORT_SPINS = {"OPENBLAS_THREAD_TIMEOUT": "4", "GOMP_SPINCOUNT": "10000"}
 # slower than they could be, but never slowed by the two pools' fight). Set by short_spins().
 PARALLEL_KERNELS = True
 MALLOC_TUNED = False
+_TRAINING = False  # training_starts() was called
 
 
 def _openblas_libraries():
@@ -73,8 +75,8 @@ def short_spins():
 def keep_freed_memory():
     """Ask glibc's malloc to keep freed memory for reuse instead of handing it back to the kernel;
     returns whether it took all three settings (False where malloc is not glibc's, or
-    NUMGPT_NO_MALLOPT is on). Called when the kernels first load (the first GPT built with
-    them) and when training starts; importing numgpt does not.
+    NUMGPT_NO_MALLOPT is on). Called when training starts (training_starts); importing numgpt,
+    loading the kernels, sampling and evaluating do not.
 
     A training step allocates the same large temporaries every time. By default glibc serves
     big ones from fresh pages (mmap) and unmaps them on free, and gives every thread an arena of
@@ -100,6 +102,16 @@ def keep_freed_memory():
     except (OSError, AttributeError):  # not glibc: nothing to tune
         MALLOC_TUNED = False
     return MALLOC_TUNED
+
+
+def training_starts():
+    """keep_freed_memory(), once a process: called when training starts (the trainer, and the
+    first gradients computed with the kernels: GPT.loss_and_grads, the fused step), so that
+    sampling and evaluation leave malloc as it was."""
+    global _TRAINING
+    if not _TRAINING:
+        _TRAINING = True
+        keep_freed_memory()
 
 
 def _opted_out():

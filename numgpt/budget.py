@@ -48,7 +48,7 @@ WARM_SECONDS = 0.5  # of untimed steps first (at least one), a quarter of that o
 MIN_REPS = 3  # timed steps at least (after the untimed ones)
 MIN_EVAL_REPS = 2
 MAX_REPS = 100
-RESERVE = 0.08  # of the budget, not planned for
+RESERVE = 0.10  # of the budget, not planned for
 STALL_CAP = 4.0  # a timed call counts at most this many times the median call
 
 

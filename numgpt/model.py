@@ -13,6 +13,7 @@ Parameters live in a flat dict name -> array; weights are stored [in, out] (y = 
 """
 import numpy as np
 
+from ._threads import training_starts
 from .arch import (BLOCK_PARAMS, NORM_NONE, NORM_POST, NORM_PRE, SUB_ATTN, SUB_FFN, TOP_PARAMS,
                    arch, has_param)
 from .config import Config, validate
@@ -279,6 +280,8 @@ class GPT:
         train=True (the default) applies dropout with masks drawn from rng. grad_scale: the
         gradients are those of grad_scale * loss (the data-parallel steps weight each shard so).
         """
+        if self.cfg.kernels:
+            training_starts()  # malloc keeps the steps' freed memory from now on (_threads.py)
         logits, cache = self.forward(x, train, rng)
         loss, dlogits = self.ops.cross_entropy(logits, _check_targets(y, logits), want_grad=True)
         if grad_scale != 1.0:

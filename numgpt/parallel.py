@@ -33,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from ._threads import training_starts
 from .arch import BLOCK_PARAMS, TOP_PARAMS
 from .env import EnvError, choice, switch, thread_cap
 from .layers.dropout import BatchRows
@@ -169,6 +170,7 @@ class FusedStep:
         self.shards = max(1, shards or cores())
         self.blas = ThreadpoolController().select(user_api="blas")  # SciPy's OpenBLAS included
         self._key = None
+        training_starts()  # malloc keeps the steps' freed memory from now on (_threads.py)
 
     def _bind(self):
         """Typed lists of the parameters (as 2-D views) and of the gradient slots, remade only

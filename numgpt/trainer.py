@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from . import budget, make_optimizer
-from ._threads import keep_freed_memory
+from ._threads import training_starts
 from .checkpoint import CheckpointError, checkpoint_bytes, read_model_checkpoint, save_checkpoint
 from .config import Config, format_duration
 from .data import Dataset, atomic_write_bytes
@@ -492,7 +492,7 @@ def train(cfg: Config, ds: Dataset, out_dir, resume=False, stop_at=None, quiet=F
     if world.size > 1:
         _check_same_run(world, cfg)
     if not world.is_root:  # the start comes from rank 0; no file is read or written here
-        keep_freed_memory()
+        training_starts()
         sent = world.bcast(None, "the start")
         cfg, start = sent["config"], _Start.received(sent["config"], sent["start"])
         return _train(cfg, ds, out_dir, start, stop_at, True, sample_chars, False, world, clock,
@@ -512,7 +512,7 @@ def train(cfg: Config, ds: Dataset, out_dir, resume=False, stop_at=None, quiet=F
         if start.resume:
             cfg = resumed_schedule(cfg, start.saved_cfg, out_dir, max_time_given)
         remove_stale_temp_files(out_dir)
-        keep_freed_memory()
+        training_starts()
         if world.size > 1:  # with the config: a resumed run's schedule is rank 0's to read
             world.bcast({"config": cfg, "start": start.shared()}, "the start")
         try:

@@ -250,8 +250,8 @@ def test_a_budgeted_run_is_the_run_of_the_steps_it_fixed(text_file, tmp_path):
     # (measuring took a few hundred): what is left of the budget of 10 s holds the evaluations
     # (6 ticks each) and the steps fixed
     cfg, ticks = budget_cfg(), Costs(0.01, 0.01, 0.01, 0.01)
-    assert budget.steps_that_fit(cfg, ticks, 0.92 * 10 - 6.0, 2) <= n
-    assert n <= budget.steps_that_fit(cfg, ticks, 0.92 * 10 - 3.0, 2)
+    assert budget.steps_that_fit(cfg, ticks, (1 - budget.RESERVE) * 10 - 6.0, 2) <= n
+    assert n <= budget.steps_that_fit(cfg, ticks, (1 - budget.RESERVE) * 10 - 3.0, 2)
     assert n >= 10 and b["step"] == n
     _, _, meta = load_checkpoint(b["checkpoint"])
     assert meta["config"]["max_iters"] == n and meta["config"]["max_time"] == 10.0
