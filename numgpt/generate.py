@@ -12,9 +12,8 @@ import math
 
 import numpy as np
 
-from .layers.attention import merge_heads, split_heads
+from .layers.attention import attention_forward, merge_heads, split_heads
 from .layers.linear import linear_forward
-from .layers.loss import softmax
 from .model import _check_ids
 
 
@@ -85,21 +84,18 @@ class KVCache:
 
         The same computation as layers.attention.multihead_forward restricted to the new rows:
         q, k, v = x w_q, x w_k, x w_v (one product with the packed weights; p supplies the
-        projection); the new k, v are stored at positions t .. t+n-1; row r
-        (absolute position t + r) attends to positions 0 .. t + r.
+        projection); the new k, v are stored at positions t .. t+n-1; row r (absolute position
+        t + r) attends to positions 0 .. t + r (layers.attention.attention_forward with the
+        queries the last n of the t + n cached positions).
         """
-        B, n, C = x.shape
+        C = x.shape[-1]
         t0, t1 = self.t, self.t + x.shape[1]
         qkv = linear_forward(x, self.w_qkv[layer])[0]                        # [B, n, 3C]
         q = split_heads(qkv[..., :C], self.n_head)                           # [B, H, n, hs]
         self.k[layer][:, :, t0:t1] = split_heads(qkv[..., C:2 * C], self.n_head)
         self.v[layer][:, :, t0:t1] = split_heads(qkv[..., 2 * C:], self.n_head)
-        K = self.k[layer][:, :, :t1]
-        V = self.v[layer][:, :, :t1]
-        s = (q @ K.swapaxes(-1, -2)) * x.dtype.type(q.shape[-1] ** -0.5)    # [B, H, n, t1]
-        future = np.arange(t1)[None, :] > (t0 + np.arange(n))[:, None]       # [n, t1]
-        s[..., future] = -np.inf
-        y = merge_heads(softmax(s) @ V)                                       # [B, n, C]
+        y = merge_heads(attention_forward(q, self.k[layer][:, :, :t1],         # [B, n, C]
+                                          self.v[layer][:, :, :t1])[0])
         if "w_proj" in p:
             y = linear_forward(y, p["w_proj"], p["b_proj"])[0]
         return y

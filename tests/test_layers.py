@@ -174,6 +174,19 @@ def test_attention_is_causal():
     np.testing.assert_allclose(p[0, 0, 1, :2], np.exp(s) / np.exp(s).sum(), rtol=1e-13)
 
 
+@pytest.mark.parametrize("n", [1, 3, T])
+def test_attention_of_the_last_queries_is_the_last_rows(n):
+    """With fewer queries than keys (the decoder's cache), the queries are the last positions:
+    the result is the last n rows of the square attention, and the mask is causal_mask's
+    corner."""
+    q, k, v = (rnd(2, 2, T, 4, seed=s) for s in range(3))
+    full, _ = attention_forward(q, k, v)
+    last, cache = attention_forward(q[..., -n:, :], k, v)
+    np.testing.assert_allclose(last, full[..., -n:, :], rtol=1e-12, atol=1e-14)
+    np.testing.assert_array_equal(causal_mask(n, T), causal_mask(T)[-n:])
+    assert np.all(cache[3][..., causal_mask(n, T)] == 0)
+
+
 @pytest.mark.parametrize("proj,H,drop", [(False, 1, 0.0), (False, 3, 0.0), (True, 3, 0.0),
                                          (True, 2, 0.25)])
 def test_multihead_grad(proj, H, drop):

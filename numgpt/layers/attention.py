@@ -9,9 +9,12 @@ from .dropout import dropout_backward, dropout_forward
 from .linear import linear_backward, linear_forward
 
 
-def causal_mask(T):
-    """[T, T] bool, True where key position j is in the future of query position i (j > i)."""
-    return np.triu(np.ones((T, T), dtype=bool), k=1)
+def causal_mask(T, T_keys=None):
+    """[T, T_keys] bool, True where key position j is in the future of query i. The queries are
+    the last T of the T_keys positions (all of them by default, T_keys = T): query i sits at
+    position i + T_keys - T, so j is masked when j > i + T_keys - T."""
+    T_keys = T if T_keys is None else T_keys
+    return np.triu(np.ones((T, T_keys), dtype=bool), k=1 + T_keys - T)
 
 
 def attention_forward(q, k, v, attn_dropout=0.0, rng=None):
@@ -25,12 +28,13 @@ def attention_forward(q, k, v, attn_dropout=0.0, rng=None):
       out = pd v                      [B, H, T, hs]
     One causal head is the case H == 1. The cache keeps p, pd, the scale and mask_scale, the keep-mask
     divided by (1 - attn_dropout) that dropout_forward returns (None when dropout is off).
+    k and v may hold more positions than q (the decoder's cache: the queries are then the last
+    positions, causal_mask(T, T_keys)); the backward pass is for the square case.
     """
     hs = q.shape[-1]
-    T = q.shape[-2]
     scale = q.dtype.type(hs ** -0.5)
     s = (q @ k.swapaxes(-1, -2)) * scale
-    s[..., causal_mask(T)] = -np.inf
+    s[..., causal_mask(q.shape[-2], k.shape[-2])] = -np.inf
     s -= s.max(axis=-1, keepdims=True)   # stable softmax: the diagonal is always finite
     p = np.exp(s)
     p /= p.sum(axis=-1, keepdims=True)
