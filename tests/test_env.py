@@ -68,3 +68,21 @@ def test_a_bad_switch_value_is_one_line(tmp_path, script):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
         "error: NUMGPT_FUSED='maybe' is not a switch value; use 1/true/yes/on or 0/false/no/off"]
+
+
+def test_thread_counts_are_read_in_one_place(monkeypatch):
+    """numgpt uses no more threads than the smallest count set in the libraries' own variables;
+    values that are not whole numbers >= 1 are left to their library (not counted)."""
+    from numgpt.parallel import cores
+    for var in env.THREAD_VARIABLES:
+        monkeypatch.delenv(var, raising=False)
+    assert env.thread_cap() is None
+    every = cores()
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    monkeypatch.setenv("MKL_NUM_THREADS", " 1 ")
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "0")
+    monkeypatch.setenv("NUMBA_NUM_THREADS", "two")
+    assert [env.threads(v) for v in env.THREAD_VARIABLES] == [None, 3, None, 1]
+    assert env.thread_cap() == 1 and cores() == 1
+    monkeypatch.delenv("MKL_NUM_THREADS")
+    assert env.thread_cap() == 3 and cores() == min(every, 3)
