@@ -127,6 +127,30 @@ def test_the_run_counts_its_evaluations_and_the_sample():
     assert budget.run_seconds(cfg, c, 3, start=600) == 400 + 3 * 1200 + 10000
 
 
+def test_the_plan_counts_the_last_evaluations_whole_validation_text():
+    """The last evaluation reads the whole validation text (trainer.whole_text_loss): its cost
+    beyond eval_iters batches (Costs.last_val) is counted once, in the run and in the plan."""
+    from types import SimpleNamespace
+
+    from numgpt.trainer import last_val_seconds
+    cfg = get_config("laptop", max_iters=1000, eval_interval=300, eval_iters=5)
+    c = Costs(step=1.0, eval_batch=10.0, save=100.0, plot=1000.0, sample=10000.0)
+    more = Costs(step=1.0, eval_batch=10.0, save=100.0, plot=1000.0, sample=10000.0,
+                 last_val=250.0)
+    assert budget.run_seconds(cfg, more, 3) == budget.run_seconds(cfg, c, 3) + 250
+    assert budget.run_seconds(cfg, more, 3, start=450) == budget.run_seconds(cfg, c, 3, 450) + 250
+    n, m = budget.steps_that_fit(cfg, c, 20000.0, 3), budget.steps_that_fit(cfg, more, 20000.0, 3)
+    assert m < n
+    for k, costs in ((n, c), (m, more)):  # the most steps that fit, with last_val or without
+        assert budget.run_seconds(cfg.replace(max_iters=k), costs, 3) <= 20000.0
+        assert budget.run_seconds(cfg.replace(max_iters=k + 1), costs, 3) > 20000.0
+    # 1,000 windows of 64 at 8 windows a batch: 125 batches' worth, of which an ordinary
+    # evaluation's val half takes eval_iters
+    ds = SimpleNamespace(val=np.zeros(64 * 1000 + 1, dtype=np.uint16))
+    cfg = get_config("laptop", block_size=64, batch_size=8, eval_iters=100)
+    assert last_val_seconds(cfg, ds, 0.5) == 0.5 * (125 - 100)
+
+
 def test_plan_says_the_budget_in_one_line_and_refuses_one_that_holds_nothing():
     cfg = get_config("laptop", max_time="10m")
     n, line = budget.plan(cfg, COSTS, spent=3.0, step0_batches=10)
