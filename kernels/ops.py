@@ -123,9 +123,8 @@ def _bmm(a, b, out=None):
         if not _BMM:
             from concurrent.futures import ThreadPoolExecutor
 
-            from threadpoolctl import ThreadpoolController
-            _BMM[:] = [ThreadPoolExecutor(cores(), thread_name_prefix="numgpt-bmm"),
-                       ThreadpoolController().select(user_api="blas")]
+            from numgpt._threads import blas_pools
+            _BMM[:] = [ThreadPoolExecutor(cores(), thread_name_prefix="numgpt-bmm"), blas_pools()]
         pool, blas = _BMM
         cuts = np.linspace(0, B, n + 1).round().astype(int)
         with blas.limit(limits=1):

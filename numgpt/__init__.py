@@ -5,6 +5,7 @@
     loss, grads = model.loss_and_grads(x, y, rng=np.random.default_rng(0))
     opt = numgpt.AdamW(model.params, lr=1e-3, weight_decay=0.01)
     opt.step(grads)
+    step = numgpt.training_step(model)    # the step train.py takes (the fastest here)
 """
 import numpy as np
 
@@ -12,6 +13,7 @@ from . import paths as _paths
 from .config import LADDER, LADDER_TARGETS, PRESETS, Config, ConfigError, get_config
 from .model import GPT, param_shapes
 from .optim import AdamW, clip_grad_norm, get_lr
+from .parallel import TrainingStep as training_step
 
 __version__ = "0.1.0"
 
@@ -32,4 +34,4 @@ def make_optimizer(model, cfg=None):
 
 __all__ = ["AdamW", "Config", "ConfigError", "GPT", "LADDER", "LADDER_TARGETS", "PRESETS",
            "build_model", "clip_grad_norm", "get_config", "get_lr", "make_optimizer",
-           "param_shapes"]
+           "param_shapes", "training_step"]

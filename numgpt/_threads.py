@@ -30,14 +30,33 @@ MALLOC_TUNED = False
 _TRAINING = False  # training_starts() was called
 
 
+def threadpoolctl():
+    """The threadpoolctl module, imported without the setting it makes on import: it puts
+    KMP_DUPLICATE_LIB_OK=True in the environment (let a second Intel OpenMP runtime load), a
+    process-wide choice that is the user's to make, not numgpt's. numgpt imports it only here."""
+    import sys
+    if "threadpoolctl" not in sys.modules:
+        had = "KMP_DUPLICATE_LIB_OK" in os.environ
+        import threadpoolctl as module
+        if not had:
+            os.environ.pop("KMP_DUPLICATE_LIB_OK", None)
+        return module
+    return sys.modules["threadpoolctl"]
+
+
+def blas_pools():
+    """threadpoolctl's controller of every BLAS loaded in this process (NumPy's and SciPy's
+    OpenBLAS): .limit(limits=n), .lib_controllers."""
+    return threadpoolctl().ThreadpoolController().select(user_api="blas")
+
+
 def _openblas_libraries():
     """ctypes handles of every OpenBLAS loaded in this process (NumPy's, SciPy's, a system one)."""
     try:
-        from threadpoolctl import ThreadpoolController
+        controller = threadpoolctl().ThreadpoolController()
     except ImportError:
         return []
-    return [c.dynlib for c in ThreadpoolController().lib_controllers
-            if c.internal_api == "openblas"]
+    return [c.dynlib for c in controller.lib_controllers if c.internal_api == "openblas"]
 
 
 def _restart_with_env(lib):

@@ -213,8 +213,8 @@ def limit_threads(n):
         mine = env.threads(var)
         if mine is None or mine > n:
             os.environ[var] = str(n)
-    from threadpoolctl import threadpool_limits
-    threadpool_limits(limits=n)
+    from ._threads import threadpoolctl
+    threadpoolctl().threadpool_limits(limits=n)
     if "numba" in sys.modules:
         import numba
         numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))

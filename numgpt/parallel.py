@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from ._threads import training_starts
+from ._threads import blas_pools, training_starts
 from .arch import BLOCK_PARAMS, TOP_PARAMS
 from .env import EnvError, choice, switch, thread_cap
 from .layers.dropout import BatchRows
@@ -69,7 +69,6 @@ class ShardedStep:
     batch on as many threads. Use as a context manager (or call close()) to stop the threads."""
 
     def __init__(self, model, shards=2):
-        from threadpoolctl import ThreadpoolController
         self.model = model
         self.shards = shards
         # one thread per shard, always the same one, so that no per-thread state can move a
@@ -77,7 +76,7 @@ class ShardedStep:
         # asks for one arena, numgpt/_threads.py, the threads share it)
         self.pools = [ThreadPoolExecutor(1, thread_name_prefix=f"numgpt-shard{i}")
                       for i in range(shards)]
-        self.blas = ThreadpoolController().select(user_api="blas")
+        self.blas = blas_pools()
 
     def __call__(self, x, y, train=True, rng=None):
         from numgpt.kernels import _jit
@@ -122,9 +121,8 @@ class OneBlasThreadStep:
     saves)."""
 
     def __init__(self, model):
-        from threadpoolctl import ThreadpoolController
         self.model = model
-        self.blas = ThreadpoolController().select(user_api="blas")
+        self.blas = blas_pools()
 
     def __call__(self, x, y, train=True, rng=None):
         with self.blas.limit(limits=1):
@@ -162,13 +160,12 @@ class FusedStep:
     (the trainer uses them before the next step; copy them to keep them)."""
 
     def __init__(self, model, shards=None, lanes=False):
-        from threadpoolctl import ThreadpoolController
         if not fused_applies(model.cfg):
             raise ValueError("the fused step needs a GPT with kernels on and no dropout")
         self.model = model
         self.lanes = bool(lanes)
         self.shards = max(1, shards or cores())
-        self.blas = ThreadpoolController().select(user_api="blas")  # SciPy's OpenBLAS included
+        self.blas = blas_pools()  # SciPy's OpenBLAS included
         self._key = None
         training_starts()  # malloc keeps the steps' freed memory from now on (_threads.py)
 
@@ -437,3 +434,39 @@ def step_function(model, cfg=None, prefer=None, say=None):
     name = choose_step(model, cfg, prefer=prefer, say=say)
     step, close = make_step(name, model)
     return step, close, name
+
+
+class TrainingStep:
+    """The training step train.py takes, for a model built with the Python API:
+
+        with numgpt.training_step(model) as step:   # measured here once, then cached
+            loss, grads = step(x, y, rng=rng)       # as model.loss_and_grads(x, y, rng=rng)
+
+    It chooses as train.py does (choose_step: NUMGPT_STEP, else the choice cached for this
+    machine and model shape, else measured now) and says which through say(msg), if given;
+    .name is the step's name (STEPS). The loss and gradients are model.loss_and_grads's up to
+    float rounding, but the fused steps reuse one grads dict: each call overwrites the last
+    call's gradients (copy them to keep them). close() (or the end of the with block) stops the
+    sharded step's threads."""
+
+    def __init__(self, model, say=None):
+        self.model = model
+        cfg = model.cfg
+        if cfg.kernels and planned_step(cfg) is None:
+            # loaded (or compiled, said on stderr) before the candidates are timed, as train.py
+            # does: a first call's loading would otherwise count against its step
+            from numgpt.kernels import warmup
+            warmup(model.dtype.name, say=say, fused=fused_applies(cfg))
+        self._step, self._close, self.name = step_function(model, cfg, say=say)
+
+    def __call__(self, x, y, rng=None, train=True):
+        return self._step(x, y, train=train, rng=rng)
+
+    def close(self):
+        self._close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 
@@ -346,3 +347,22 @@ def test_two_runs_cannot_share_an_out_dir(python, repo, text_file, tmp_path):
     r = run(python, repo, "train.py", f"--data={text_file}", f"--out_dir={out}", "--resume",
             "--max_iters=3", "--eval_interval=1000", *TINY)
     assert r.returncode == 0, r.stderr
+
+
+def test_the_readmes_python_api_runs():
+    """The README's Python API examples, run as written (in one namespace, in order), in a
+    fresh process that imports NumPy first; the fast step says which it took."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(repo, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    section = text.split("\n## Python API\n", 1)[1].split("\n## ", 1)[0]
+    blocks = [b.split("```", 1)[0] for b in section.split("```python\n")[1:]]
+    assert len(blocks) >= 2 and "numgpt.training_step" in blocks[-1]
+    code = "\n".join(blocks) + "\nprint('loss', float(loss), step.name)\n"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=600, cwd=repo, env=dict(os.environ, PYTHONPATH=repo))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("step: ")
+    loss, name = lines[-1].split()[1:]
+    assert np.isfinite(float(loss)) and name in numgpt.parallel.STEPS

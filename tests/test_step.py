@@ -174,6 +174,34 @@ def test_the_fused_step_is_a_candidate_only_where_it_applies(monkeypatch):
         parallel.FusedStep(numgpt.GPT(tiny.replace(dropout=0.1)))
 
 
+@pytest.mark.parametrize("forced", ["fused", "sharded", "plain"])
+def test_the_api_trains_with_the_step_train_py_takes(monkeypatch, forced):
+    """numgpt.training_step(model) is the step train.py chooses (here forced by NUMGPT_STEP), and
+    gives model.loss_and_grads's loss and gradients."""
+    monkeypatch.setattr(parallel, "cores", lambda: 2)
+    monkeypatch.setenv("NUMGPT_STEP", forced)
+    m = _model("residual", {}, np.float32)
+    x, y = _batch(m.cfg)
+    said = []
+    with numgpt.training_step(m, say=said.append) as step:
+        loss, grads = step(x, y, rng=np.random.default_rng(0))
+    assert step.name == forced and said == [f"step: {forced} (NUMGPT_STEP)"]
+    ref_loss, ref = m.loss_and_grads(x, y, rng=np.random.default_rng(0))
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    assert set(grads) == set(ref)
+    for k in ref:
+        np.testing.assert_allclose(grads[k], ref[k], rtol=1e-3, atol=1e-6)
+
+
+def test_the_api_step_is_the_cached_choice(monkeypatch):
+    """Unforced, numgpt.training_step measures (or reads) the choice train.py would take."""
+    monkeypatch.delenv("NUMGPT_STEP", raising=False)
+    m = _model("residual", {}, np.float32)
+    with numgpt.training_step(m) as step:
+        assert step.name in parallel.candidates(m.cfg)
+    assert parallel.planned_step(m.cfg) == step.name  # cached now: train.py would take it
+
+
 def test_blas_runs_on_one_thread_inside_the_fused_step(monkeypatch):
     from threadpoolctl import threadpool_info
     m = _model("residual", {}, np.float32)
