@@ -281,11 +281,13 @@ def make_step(name, model):
 
 
 # the measurement: every candidate warms up with one untimed step, then all take turns, a timed
-# step each per round, until the rounds have taken MEASURE_SECONDS in all (at least one round, at
-# most MAX_ROUNDS); a candidate over SLOW_FACTOR times the best so far drops out after a round,
-# and one whose warm-up took over WARM_FACTOR times the quickest and over WARM_SECONDS does not
-# take turns. The choices file keeps at most MAX_CHOICES entries, the newest.
+# step each per round, until the rounds have taken MEASURE_SECONDS in all (at least MIN_ROUNDS
+# rounds, so that a median decides and not one step's luck; at most MAX_ROUNDS); a candidate over
+# SLOW_FACTOR times the best so far drops out after a round, and one whose warm-up took over
+# WARM_FACTOR times the quickest and over WARM_SECONDS does not take turns. The choices file
+# keeps at most MAX_CHOICES entries, the newest.
 MEASURE_SECONDS = 0.6
+MIN_ROUNDS = 3
 MAX_ROUNDS = 25
 SLOW_FACTOR = 1.5
 WARM_FACTOR = 3.0
@@ -324,7 +326,7 @@ def measure_steps(model, cfg, names, clock=None, seed=0):
                 spent += dt
             best = min(float(np.median(times[n])) for n in live)
             live = [n for n in live if float(np.median(times[n])) <= SLOW_FACTOR * best]
-            if spent >= MEASURE_SECONDS:
+            if spent >= MEASURE_SECONDS and r + 1 >= MIN_ROUNDS:
                 break
     finally:
         for _, close in steps.values():

@@ -91,7 +91,8 @@ def test_lanes_win_where_measured_faster(monkeypatch, tmp_path):
 
 
 class FakeSteps:
-    """Stand-ins for the four steps, each 'taking' its seconds on a fake clock."""
+    """Stand-ins for the steps, each 'taking' its seconds on a fake clock (a number, or a list:
+    the seconds of its first, second, ... call, the last repeated)."""
 
     def __init__(self, monkeypatch, seconds):
         self.now, self.calls = 0.0, []
@@ -99,8 +100,11 @@ class FakeSteps:
 
         def make(name, model):
             def step(x, y, train=True, rng=None):
+                t = seconds[name]
+                if isinstance(t, list):
+                    t = t[min(self.calls.count(name), len(t) - 1)]
                 self.calls.append(name)
-                self.now += seconds[name]
+                self.now += t
                 return 0.0, {}
             return step, (lambda: self.closed.append(name))
         monkeypatch.setattr(parallel, "make_step", make)
@@ -144,6 +148,23 @@ def test_the_fastest_step_is_chosen_by_measurement_and_cached(monkeypatch, tmp_p
     monkeypatch.setenv("NUMGPT_STEP", "one_blas")
     assert parallel.choose_step(None, cfg, say=said.append, clock=fake.clock) == "one_blas"
     assert len(fake.calls) == n and said[-1] == "step: one_blas (NUMGPT_STEP)"
+
+
+def test_long_steps_are_timed_three_times_each(monkeypatch, tmp_path):
+    """A step longer than the whole measurement's time still gets MIN_ROUNDS timings, and the
+    median decides: one slow spell (the second call of sharded, here) does not."""
+    monkeypatch.setattr(parallel, "cores", lambda: 2)
+    for var in ("NUMGPT_FUSED", "NUMGPT_DATA_PARALLEL", "NUMGPT_STEP"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(parallel, "_choices_path", lambda: str(tmp_path / "choices.json"))
+    cfg = numgpt.get_config("residual", dropout=0.1)  # sharded, one_blas, plain
+    fake = FakeSteps(monkeypatch, {"sharded": [1.4, 1.2, 0.85], "one_blas": 1.7,
+                                   "plain": [1.5, 0.92]})
+    said = []
+    assert parallel.choose_step(None, cfg, say=said.append, clock=fake.clock) == "sharded"
+    assert fake.calls.count("sharded") == fake.calls.count("plain") == 1 + parallel.MIN_ROUNDS
+    assert said[-1].startswith("step: sharded, the fastest measured here (sharded 850 ms, "
+                               "plain 920 ms")
 
 
 def test_a_damaged_choices_file_is_measured_over(monkeypatch, tmp_path):
