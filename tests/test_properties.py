@@ -1,7 +1,7 @@
 """Property-based: any small config within the limits builds, trains a step, samples, and passes a
 float64 gradient check, with the kernels on and off."""
 import numpy as np
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import numgpt
@@ -31,6 +31,10 @@ def configs(draw):
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(configs())
+@example(({"model": "gpt", "vocab_size": 9, "block_size": 4, "n_head": 2, "n_embd": 8,
+           "n_layer": 1, "attn_proj": False, "residual": True, "norm": "pre",
+           "activation": "relu", "dropout": 0.0, "kernels": False, "zero_head": False,
+           "init": "normal", "init_std": 0.5, "ffn_mult": 4.0, "ffn_proj": True}, 2, 17776))
 def test_random_small_configs_train_sample_and_check(spec):
     over, B, seed = spec
     cfg = numgpt.get_config("preln", **over)
@@ -47,8 +51,15 @@ def test_random_small_configs_train_sample_and_check(spec):
     # sampled entries whose gradient is ~0 (a dead ReLU, a dropped unit, a token barely seen) are
     # held to an absolute error of 1e-8 instead (tiny=1e-4): central differences cannot resolve
     # them relatively. Random configs (one channel, ReLU kinks) are noisier than the fixed checks
-    # in test_model.py (1e-6), but a wrong backward is off by far more than 1e-4
+    # in test_model.py (1e-6), but a wrong backward is off by far more than 1e-4.
+    # A ReLU input within h of 0 (init_std 0.5 puts many near it) is crossed by x +- h, and the
+    # difference quotient then mixes two slopes; a step ten times smaller does not cross it
+    # (spec: preln, relu, 8 channels, seed 17776: 1e-2 at h=1e-6, nothing above 1e-6 at 1e-7),
+    # while a wrong backward is off at every step size
     errors = check_model_grads(m64, x, y, train=True, seed=seed, per_tensor=6, h=1e-6, tiny=1e-4)
+    if max(errors.values()) >= 1e-4:
+        errors = check_model_grads(m64, x, y, train=True, seed=seed, per_tensor=6, h=1e-7,
+                                   tiny=1e-4)
     for name, err in errors.items():
         assert err < 1e-4, (name, err, over)
     # one float32 training step changes the parameters and keeps the loss finite
