@@ -84,9 +84,9 @@ def layernorm_backward(dy, cache):
 STORE_PROBS_BYTES = 32 << 20
 # A feed-forward layer's activation a = act(h) [N, F] above this size is not kept for the
 # backward but computed again from h there: one more pass of the activation kernel, for
-# 100 MB less memory a block in the scaled model at batch 64 (together with the dropout caches
-# that kernels/dropout.py no longer keeps, this lowers that step's peak memory;
-# docs/benchmarks.md). Smaller ones are kept (no cost to speed).
+# 100 MB less memory a block in the scaled model at batch 64 (kernels/dropout.py likewise keeps
+# no masks, only their seeds; docs/benchmarks.md has the peaks). Smaller ones are kept (no cost
+# to speed).
 RECOMPUTE_BYTES = 32 << 20
 
 

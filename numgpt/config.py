@@ -103,9 +103,9 @@ PRESETS = {
                    eval_iters=200),
     # the default of train.py: a small pre-norm GPT trained for 10 minutes on whatever machine runs
     # it (max_time; what it reaches: README). --max_iters=N instead trains N steps; max_iters
-    # below is what the preset trains with the budget turned off (--max_time=0): what the budget
-    # bought on our AMD EPYC (README). The rate decays to a hundredth of its peak: a tenth
-    # ended higher (docs/recipes.md).
+    # below is the length with the budget turned off (--max_time=0), about what 10 minutes buy
+    # on a machine like ours. The rate decays to a hundredth of its peak: a tenth ended higher
+    # (docs/recipes.md).
     "laptop": dict(model="gpt", block_size=64, n_embd=128, n_head=4, n_layer=4, attn_proj=True,
                    ffn_mult=4.0, residual=True, norm="pre", dropout=0.0, init="normal",
                    zero_head=True, batch_size=8, learning_rate=2e-3, min_lr=2e-5, decay_lr=True,
