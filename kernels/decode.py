@@ -45,7 +45,6 @@ ROW_PARTS = 8  # pieces the rows of a big matrix are dealt out in (to numba's th
 BY_INPUT = 0           # W [in, out]: rows of W multiplied into the outputs (small models)
 BY_OUTPUT = 1          # W.T [out, in]: one dot product over a contiguous row per output
 BY_OUTPUT_THREADS = 2  # BY_OUTPUT with the rows dealt out to numba's threads
-TRANSPOSE_ABOVE = 1 << 17  # the q, k, v weights' size (3 C^2) above which matrices go BY_OUTPUT
 
 
 @numba.njit(parallel=True, **OPTIONS)
@@ -60,7 +59,8 @@ def _dot_rows_threads(xb, W, bias, yb):
 
 @numba.njit(**OPTIONS)
 def _mv(x, W, bias, y, layout):
-    """y[b] = x[b] @ W + bias (bias may be empty) for every row b, in one of three layouts.
+    """y[b] = x[b] @ W + bias (bias may be empty) for every row b, in one of three layouts
+    (numgpt.generate.choose_layout measures which is the fastest for a model on this machine).
 
     BY_OUTPUT, BY_OUTPUT_THREADS (big models, W given as W.T [out, in]): each output is a dot
     product over one contiguous row, so the weights stream through memory once, front to back;

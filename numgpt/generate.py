@@ -36,45 +36,23 @@ class KVCache:
                                for i in range(cfg.n_layer)])
         self.n_head = cfg.n_head
         self.t = 0
-        self._weights = None  # decode.DecodeWeights, made at the first step
+        self.layout = None  # the compiled decoder's weight layout (decode.BY_*): None = measured
+        self._args = None   # decode_step's model arguments, made at the first step
 
     def step(self, model, ids):
-        """Logits [B, V] (float64) of the next token after ids [B] at position t, in one compiled
-        call (kernels/decode.py); the same as model.forward(ids[:, None], kv=self)."""
+        """Logits [B, V] of the next token after ids [B] at position t, in one compiled call
+        (kernels/decode.py); the same as model.forward(ids[:, None], kv=self). The weights' layout
+        is the one measured fastest for this model here (choose_layout, at the first step; cached
+        for this machine and shape), or self.layout where it is set."""
         from numgpt.kernels import decode
-        cfg = model.cfg
-        if self._weights is None:
-            P, L, C, dt = model.params, cfg.n_layer, cfg.n_embd, model.dtype
-            tr = 3 * C * C > decode.TRANSPOSE_ABOVE  # big weights stream best transposed (_mv)
-
-            def T(a):
-                return np.ascontiguousarray(a.T) if tr else a
-
-            def stack(name, shape):  # [L, ...]; matrices [L, out, in] when tr
-                if f"blocks.0.{name}" not in P:
-                    return np.zeros((L,) + shape, dtype=dt)
-                return np.ascontiguousarray(np.stack([T(P[f"blocks.{i}.{name}"])
-                                                      for i in range(L)]))
-            F = cfg.ffn_hidden
-            none = np.zeros(0, dtype=dt)
-            self._weights = decode.DecodeWeights(
-                tok_emb=P["tok_emb"], pos_emb=P["pos_emb"],
-                ln1_g=stack("ln1.g", (C,)), ln1_b=stack("ln1.b", (C,)),
-                w_qkv=np.ascontiguousarray(self.w_qkv.transpose(0, 2, 1)) if tr else self.w_qkv,
-                w_proj=stack("attn.w_proj", (0, 0)), b_proj=stack("attn.b_proj", (C,)),
-                ln2_g=stack("ln2.g", (C,)), ln2_b=stack("ln2.b", (C,)),
-                w_fc=stack("ffn.w_fc", (0, C) if tr else (C, 0)), b_fc=stack("ffn.b_fc", (F,)),
-                w_out=stack("ffn.w_out", (0, 0)), b_out=stack("ffn.b_out", (C,)),
-                lnf_g=P.get("ln_f.g", none), lnf_b=P.get("ln_f.b", none),
-                w_head=T(P["lm_head.w"]), b_head=P["lm_head.b"])
-            self._layout = decode.BY_INPUT
-            if tr:  # the big products on numba's threads, where they may run
-                from numgpt.kernels._jit import threads_allowed
-                self._layout = decode.BY_OUTPUT_THREADS if threads_allowed() else decode.BY_OUTPUT
-            # the kernel takes both as plain tuples (see decode_step)
-            self._args = (tuple(model.arch), tuple(self._weights))
         ids = np.ascontiguousarray(ids, dtype=np.int64)
-        logits = np.empty((ids.shape[0], cfg.vocab_size), dtype=model.dtype)
+        logits = np.empty((ids.shape[0], model.cfg.vocab_size), dtype=model.dtype)
+        if self._args is None:
+            layout, args = self.layout, None
+            if layout is None:
+                layout, args = choose_layout(model, self, ids, logits)
+            self._layout = layout
+            self._args = args or _decode_args(model, self.w_qkv, layout)
         decode.decode_step(ids, self.t, *self._args, self.K, self.V, self._layout, logits)
         self.t += 1
         return logits
@@ -99,6 +77,104 @@ class KVCache:
         if "w_proj" in p:
             y = linear_forward(y, p["w_proj"], p["b_proj"])[0]
         return y
+
+
+# the compiled decoder's weight layouts (kernels/decode.py's _mv), by name
+LAYOUTS = ("by_input", "by_output", "by_output_threads")
+# the layouts' measurement: in turns, a decode step each per round, at least MIN_ROUNDS rounds,
+# then until MEASURE_SECONDS are spent or MAX_ROUNDS rounds are done
+MEASURE_SECONDS = 0.1
+MIN_ROUNDS = 3
+MAX_ROUNDS = 200
+
+
+def _decode_args(model, w_qkv, layout):
+    """decode_step's arguments for the model: its Arch and its DecodeWeights for layout, as plain
+    tuples (see decode_step). The blocks' parameters are stacked along a leading layer axis;
+    matrices transposed to [out, in] for the BY_OUTPUT layouts."""
+    from numgpt.kernels import decode
+    cfg = model.cfg
+    P, L, C, F, dt = model.params, cfg.n_layer, cfg.n_embd, cfg.ffn_hidden, model.dtype
+    tr = layout != decode.BY_INPUT
+
+    def T(a):
+        return np.ascontiguousarray(a.T) if tr else a
+
+    def stack(name, shape):  # [L, ...]; matrices [L, out, in] when tr; zeros where absent
+        if f"blocks.0.{name}" not in P:
+            return np.zeros((L,) + shape, dtype=dt)
+        return np.ascontiguousarray(np.stack([T(P[f"blocks.{i}.{name}"]) for i in range(L)]))
+    none = np.zeros(0, dtype=dt)
+    weights = decode.DecodeWeights(
+        tok_emb=P["tok_emb"], pos_emb=P["pos_emb"],
+        ln1_g=stack("ln1.g", (C,)), ln1_b=stack("ln1.b", (C,)),
+        w_qkv=np.ascontiguousarray(w_qkv.transpose(0, 2, 1)) if tr else w_qkv,
+        w_proj=stack("attn.w_proj", (0, 0)), b_proj=stack("attn.b_proj", (C,)),
+        ln2_g=stack("ln2.g", (C,)), ln2_b=stack("ln2.b", (C,)),
+        w_fc=stack("ffn.w_fc", (0, C) if tr else (C, 0)), b_fc=stack("ffn.b_fc", (F,)),
+        w_out=stack("ffn.w_out", (0, 0)), b_out=stack("ffn.b_out", (C,)),
+        lnf_g=P.get("ln_f.g", none), lnf_b=P.get("ln_f.b", none),
+        w_head=T(P["lm_head.w"]), b_head=P["lm_head.b"])
+    return tuple(model.arch), tuple(weights)
+
+
+def layout_candidates():
+    """The layouts that can run here: the threaded one where the kernels may use threads."""
+    from numgpt.kernels._jit import threads_allowed
+    return [n for n in LAYOUTS if n != "by_output_threads" or threads_allowed()]
+
+
+def measure_layouts(model, kv, ids, logits, names, clock=None):
+    """({name: median seconds}, {name: decode_step's model arguments}) of decode steps of ids at
+    position kv.t in each layout, in turns. The steps are real ones (the keys and values they
+    write at kv.t are the next step's), so nothing is computed for the measurement alone but
+    the repeats."""
+    import time
+
+    from numgpt.kernels import decode
+    clock = clock or time.perf_counter
+    built, args = {}, {}
+    for n in names:
+        layout = getattr(decode, n.upper())
+        tr = layout != decode.BY_INPUT  # the two BY_OUTPUT layouts share their weights
+        if tr not in built:
+            built[tr] = _decode_args(model, kv.w_qkv, layout)
+        args[n] = built[tr] + (kv.K, kv.V, layout, logits)
+        decode.decode_step(ids, kv.t, *args[n])  # warm-up: first calls (threads, caches)
+    times = {n: [] for n in names}
+    spent = 0.0
+    for r in range(MAX_ROUNDS):
+        for n in names[r % len(names):] + names[:r % len(names)]:  # the order rotates
+            t0 = clock()
+            decode.decode_step(ids, kv.t, *args[n])
+            times[n].append(clock() - t0)
+            spent += times[n][-1]
+        if r + 1 >= MIN_ROUNDS and spent >= MEASURE_SECONDS:
+            break
+    return {n: float(np.median(t)) for n, t in times.items()}, {n: a[:2] for n, a in args.items()}
+
+
+def choose_layout(model, kv, ids, logits):
+    """(layout, its decode_step arguments or None): the compiled decoder's fastest weight layout
+    for this model and batch here, cached for this machine and shape (beside the training steps'
+    choices, numgpt/parallel.py), else measured now on the step of ids at kv.t
+    (measure_layouts) and cached."""
+    from numgpt.kernels import decode
+
+    from .parallel import cache_choice, cached_choice, measured_key
+    cfg = model.cfg
+    names = layout_candidates()
+    shape = {"decoder": list(model.arch), "n_embd": cfg.n_embd, "ffn": cfg.ffn_hidden,
+             "block_size": cfg.block_size, "vocab_size": cfg.vocab_size,
+             "dtype": str(model.dtype), "batch": int(ids.shape[0])}
+    key = measured_key(shape, names)
+    best, args = cached_choice(key, names), None
+    if best is None:
+        times, args = measure_layouts(model, kv, ids, logits, names)
+        best = min(times, key=times.get)
+        cache_choice(key, best, times)
+        args = args[best]
+    return getattr(decode, best.upper()), args
 
 
 def next_token_probs(logits, temperature=1.0, top_k=None, top_p=None):

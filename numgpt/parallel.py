@@ -339,9 +339,10 @@ SHAPE_FIELDS = ("model", "vocab_size", "block_size", "n_embd", "n_head", "n_laye
                 "batch_size")
 
 
-def _choice_key(cfg, names):
+def measured_key(shape, names):
     """What a cached choice is valid for: this machine (CPU model, cores, NumPy and numba), the
-    model's shape and the candidates."""
+    shape of the work (a dict) and the candidates (names). Used for the training step here and
+    for the decoder's weight layout (numgpt/generate.py)."""
     import platform
 
     import numba
@@ -352,9 +353,25 @@ def _choice_key(cfg, names):
                         if line.startswith("model name")), cpu)
     except OSError:
         pass
-    shape = {k: getattr(cfg, k) for k in SHAPE_FIELDS}
     return json.dumps([cpu, cores(), np.__version__, numba.__version__, shape, list(names)],
                       sort_keys=True)
+
+
+def _choice_key(cfg, names):
+    """The key of a training step's choice for cfg among names (measured_key)."""
+    return measured_key({k: getattr(cfg, k) for k in SHAPE_FIELDS}, names)
+
+
+def cached_choice(key, names):
+    """The name cached under key (one of names), or None."""
+    row = _read_choices(_choices_path()).get(key)
+    return row["step"] if isinstance(row, dict) and row.get("step") in names else None
+
+
+def cache_choice(key, best, times):
+    """Cache best (and the measured seconds of every candidate) under key."""
+    _write_choice(_choices_path(), key, {"step": best,
+                                         "ms": {n: round(1000 * t, 4) for n, t in times.items()}})
 
 
 def _choices_path():
@@ -396,8 +413,7 @@ def planned_step(cfg, prefer=None):
         return prefer
     if not cfg.kernels:
         return None
-    cached = _read_choices(_choices_path()).get(_choice_key(cfg, names))
-    return cached["step"] if isinstance(cached, dict) and cached.get("step") in names else None
+    return cached_choice(_choice_key(cfg, names), names)
 
 
 def choose_step(model, cfg, prefer=None, say=None, clock=None):
@@ -413,20 +429,18 @@ def choose_step(model, cfg, prefer=None, say=None, clock=None):
     if prefer in names:
         say(f"step: {prefer} (the step this run trained with)")
         return prefer
-    path = _choices_path() if cfg.kernels else None
     key = _choice_key(cfg, names)
-    cached = _read_choices(path).get(key) if path else None
-    if isinstance(cached, dict) and cached.get("step") in names:
-        say(f"step: {cached['step']} (measured on this machine before; cached in {path})")
-        return cached["step"]
+    cached = cached_choice(key, names) if cfg.kernels else None
+    if cached:
+        say(f"step: {cached} (measured on this machine before; cached in {_choices_path()})")
+        return cached
     times = measure_steps(model, cfg, names, clock=clock)
     best = min(times, key=times.get)
     shown = ", ".join(f"{n} {1000 * t:.3g} ms" for n, t in sorted(times.items(),
                                                                   key=lambda kv: kv[1]))
     say(f"step: {best}, the fastest measured here ({shown})")
-    if path:
-        ms = {n: round(1000 * t, 4) for n, t in times.items()}
-        _write_choice(path, key, {"step": best, "ms": ms})
+    if cfg.kernels:
+        cache_choice(key, best, times)
     return best
 
 

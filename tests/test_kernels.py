@@ -238,16 +238,19 @@ def test_kernels_ignore_garbage_in_their_output_buffers():
                                          ("ffn", {}), ("single_head", {}),
                                          ("residual", {"ffn_mult": 2.0}),
                                          ("preln", {"n_embd": 256, "n_head": 4})])
-def test_decode_kernel_equals_reference_step(preset, over):
+@pytest.mark.parametrize("layout", ["by_input", "by_output", "by_output_threads", None])
+def test_decode_kernel_equals_reference_step(preset, over, layout):
     """kernels/decode.py (one token through the whole model) against model.forward with the cache,
-    float32."""
+    float32, in every weight layout, and in the one measured fastest here (None)."""
     from numgpt.generate import KVCache
+    from numgpt.kernels import decode
     m = numgpt.build_model(preset, seed=3, zero_head=False, kernels=True, block_size=10, **over)
     rng = np.random.default_rng(1)
     m.set_params({k: v + 0.2 * rng.standard_normal(v.shape).astype(np.float32)
                   for k, v in m.params.items()})
     idx = rng.integers(0, 65, (3, 10))
     ref, fast = KVCache(m, 3), KVCache(m, 3)
+    fast.layout = None if layout is None else getattr(decode, layout.upper())
     m.forward(idx[:, :4], kv=ref)
     m.forward(idx[:, :4], kv=fast)
     for t in range(4, 10):
@@ -255,27 +258,64 @@ def test_decode_kernel_equals_reference_step(preset, over):
         got = fast.step(m, idx[:, t])
         np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
     np.testing.assert_allclose(fast.K, ref.K, rtol=1e-4, atol=1e-4 * np.abs(ref.K).max())
-    from numgpt.kernels import decode
-    big = over.get("n_embd", 0) == 256
-    assert fast._layout == (decode.BY_OUTPUT_THREADS if big else decode.BY_INPUT)  # the one tested
+    if layout is not None:
+        assert fast._layout == getattr(decode, layout.upper())  # the one tested
 
 
-def test_decode_layouts_agree_bit_for_bit(monkeypatch):
-    """The big-model layout on numba's threads and on the calling thread give the same logits,
+def test_decode_layouts_agree_bit_for_bit():
+    """The by-output layout on numba's threads and on the calling thread give the same logits,
     bit for bit: each output is one thread's dot product either way."""
-    from numgpt.kernels import _jit, decode
+    from numgpt.kernels import decode
     from numgpt.generate import KVCache
     m = numgpt.build_model("preln", seed=3, zero_head=False, n_embd=256, n_head=4, block_size=10)
     idx = np.random.default_rng(1).integers(0, 65, (2, 10))
     out = []
-    for serial in (False, True):
-        monkeypatch.setattr(_jit, "FORCE_SERIAL", serial)
+    for layout in (decode.BY_OUTPUT_THREADS, decode.BY_OUTPUT):
         kv = KVCache(m, 2)
+        kv.layout = layout
         m.forward(idx[:, :4], kv=kv)
         out.append([kv.step(m, idx[:, t]) for t in range(4, 10)])
-        assert kv._layout == (decode.BY_OUTPUT if serial else decode.BY_OUTPUT_THREADS)
     for a, b in zip(*out):
         np.testing.assert_array_equal(a, b)
+
+
+def test_the_decoders_layout_is_measured_once_and_cached(monkeypatch, tmp_path):
+    """The first compiled decode step times the layouts that can run here (in turns, on real
+    steps: the logits are the chosen layout's) and caches the fastest for this machine, model
+    shape and batch; the next cache of that shape reads it. No real time is asserted: the
+    measured times are replaced."""
+    from numgpt import generate, parallel
+    from numgpt.kernels import _jit, decode
+    monkeypatch.setattr(parallel, "_choices_path", lambda: str(tmp_path / "choices.json"))
+    real = generate.measure_layouts
+    seen = []
+
+    def fake(model, kv, ids, logits, names, clock=None):
+        seen.append(list(names))
+        times, args = real(model, kv, ids, logits, names)
+        return {n: {"by_output": 1.0}.get(n, 2.0) for n in times}, args
+    monkeypatch.setattr(generate, "measure_layouts", fake)
+    m = numgpt.build_model("preln", seed=3, zero_head=False, block_size=10)
+    idx = np.random.default_rng(1).integers(0, 65, (2, 10))
+    ref = generate.KVCache(m, 2)
+    ref.layout = decode.BY_OUTPUT
+    m.forward(idx[:, :4], kv=ref)
+    want = [ref.step(m, idx[:, t]) for t in range(4, 7)]
+    for _ in range(2):
+        kv = generate.KVCache(m, 2)
+        m.forward(idx[:, :4], kv=kv)
+        got = [kv.step(m, idx[:, t]) for t in range(4, 7)]
+        assert kv._layout == decode.BY_OUTPUT
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b)
+    assert seen == [generate.layout_candidates()]  # measured once, then read from the cache
+    assert "by_output_threads" in seen[0]
+    kv = generate.KVCache(m, 3)  # another batch: measured again
+    m.forward(idx[:1].repeat(3, 0)[:, :4], kv=kv)
+    kv.step(m, np.array([1, 2, 3]))
+    assert len(seen) == 2
+    monkeypatch.setattr(_jit, "FORCE_SERIAL", True)  # no threads for the kernels: not a candidate
+    assert "by_output_threads" not in generate.layout_candidates()
 
 
 def test_split_batched_products_equal_numpy(monkeypatch):
