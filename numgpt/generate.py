@@ -168,13 +168,17 @@ def choose_layout(model, kv, ids, logits):
              "block_size": cfg.block_size, "vocab_size": cfg.vocab_size,
              "dtype": str(model.dtype), "batch": int(ids.shape[0])}
     key = measured_key(shape, names)
-    best, args = cached_choice(key, names), None
+    best, args = _CHOSEN.get(key) or cached_choice(key, names), None
     if best is None:
         times, args = measure_layouts(model, kv, ids, logits, names)
         best = min(times, key=times.get)
         cache_choice(key, best, times)
         args = args[best]
+    _CHOSEN[key] = best
     return getattr(decode, best.upper()), args
+
+
+_CHOSEN = {}  # choose_layout's choices in this process (the cache file is read once a shape)
 
 
 def next_token_probs(logits, temperature=1.0, top_k=None, top_p=None):

@@ -27,6 +27,7 @@ in the last place; the cause is not known (docs/kernels.md). The other steps are
 included.
 """
 import copy
+import functools
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -339,13 +340,10 @@ SHAPE_FIELDS = ("model", "vocab_size", "block_size", "n_embd", "n_head", "n_laye
                 "batch_size")
 
 
-def measured_key(shape, names):
-    """What a cached choice is valid for: this machine (CPU model, cores, NumPy and numba), the
-    shape of the work (a dict) and the candidates (names). Used for the training step here and
-    for the decoder's weight layout (numgpt/generate.py)."""
+@functools.lru_cache(maxsize=1)
+def _cpu():
+    """The CPU's model name (/proc/cpuinfo, else platform.processor())."""
     import platform
-
-    import numba
     cpu = platform.processor()
     try:
         with open("/proc/cpuinfo") as f:
@@ -353,7 +351,15 @@ def measured_key(shape, names):
                         if line.startswith("model name")), cpu)
     except OSError:
         pass
-    return json.dumps([cpu, cores(), np.__version__, numba.__version__, shape, list(names)],
+    return cpu
+
+
+def measured_key(shape, names):
+    """What a cached choice is valid for: this machine (CPU model, cores, NumPy and numba), the
+    shape of the work (a dict) and the candidates (names). Used for the training step here and
+    for the decoder's weight layout (numgpt/generate.py)."""
+    import numba
+    return json.dumps([_cpu(), cores(), np.__version__, numba.__version__, shape, list(names)],
                       sort_keys=True)
 
 

@@ -287,6 +287,7 @@ def test_the_decoders_layout_is_measured_once_and_cached(monkeypatch, tmp_path):
     from numgpt import generate, parallel
     from numgpt.kernels import _jit, decode
     monkeypatch.setattr(parallel, "_choices_path", lambda: str(tmp_path / "choices.json"))
+    monkeypatch.setattr(generate, "_CHOSEN", {})  # nothing chosen yet in this process
     real = generate.measure_layouts
     seen = []
 
@@ -309,6 +310,11 @@ def test_the_decoders_layout_is_measured_once_and_cached(monkeypatch, tmp_path):
         for a, b in zip(got, want):
             np.testing.assert_array_equal(a, b)
     assert seen == [generate.layout_candidates()]  # measured once, then read from the cache
+    generate._CHOSEN.clear()  # a new process: the cache file's choice
+    kv = generate.KVCache(m, 2)
+    m.forward(idx[:, :4], kv=kv)
+    kv.step(m, idx[:, 4])
+    assert kv._layout == decode.BY_OUTPUT and len(seen) == 1
     assert "by_output_threads" in seen[0]
     kv = generate.KVCache(m, 3)  # another batch: measured again
     m.forward(idx[:1].repeat(3, 0)[:, :4], kv=kv)
