@@ -123,6 +123,18 @@ def keep_freed_memory():
     return MALLOC_TUNED
 
 
+def give_back_freed_memory():
+    """Return the memory malloc holds free to the system (glibc's malloc_trim), once, e.g. after
+    the step measurement, whose candidates' heaps the chosen step need not reuse; returns whether
+    it could (False off glibc)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
 def training_starts():
     """keep_freed_memory(), once a process: called when training starts (the trainer, and the
     first gradients computed with the kernels: GPT.loss_and_grads, the fused step), so that

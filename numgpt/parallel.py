@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from ._threads import blas_pools, training_starts
+from ._threads import blas_pools, give_back_freed_memory, training_starts
 from .arch import BLOCK_PARAMS, TOP_PARAMS
 from .env import EnvError, choice, switch, thread_cap
 from .layers.dropout import BatchRows
@@ -72,6 +72,9 @@ class ShardedStep:
     def __init__(self, model, shards=2):
         self.model = model
         self.shards = shards
+        # malloc's one arena for all threads, asked for before the shards' threads first
+        # allocate (a thread takes its arena then, and keeps it)
+        training_starts()
         # one thread per shard, always the same one, so that no per-thread state can move a
         # shard's float rounding between steps (malloc's arenas were such state; since numgpt
         # asks for one arena, numgpt/_threads.py, the threads share it)
@@ -124,6 +127,7 @@ class OneBlasThreadStep:
     def __init__(self, model):
         self.model = model
         self.blas = blas_pools()
+        training_starts()
 
     def __call__(self, x, y, train=True, rng=None):
         with self.blas.limit(limits=1):
@@ -305,6 +309,7 @@ def measure_steps(model, cfg, names, clock=None, seed=0):
     shape = (cfg.batch_size, cfg.block_size)
     x = rng.integers(0, cfg.vocab_size, shape)
     y = rng.integers(0, cfg.vocab_size, shape)
+    training_starts()  # before any candidate's threads allocate (see ShardedStep)
     steps = {n: make_step(n, model) for n in names}
     times = {n: [] for n in names}
     try:
@@ -332,6 +337,7 @@ def measure_steps(model, cfg, names, clock=None, seed=0):
     finally:
         for _, close in steps.values():
             close()
+        give_back_freed_memory()  # the candidates' heaps, which training's own step need not reuse
     return {n: float(np.median(t)) for n, t in times.items() if t}
 
 

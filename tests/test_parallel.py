@@ -167,6 +167,28 @@ def test_long_steps_are_timed_three_times_each(monkeypatch, tmp_path):
                                "plain 920 ms")
 
 
+def test_malloc_is_tuned_before_any_steps_threads_allocate(monkeypatch):
+    """A thread takes its malloc arena at its first allocation and keeps it, so numgpt asks for
+    one arena (training_starts) before a step's threads exist: the sharded and one-BLAS steps
+    when they are made, the measurement before it makes any; afterwards the measurement gives
+    its candidates' freed memory back."""
+    calls = []
+    monkeypatch.setattr(parallel, "training_starts", lambda: calls.append("tuned"))
+    monkeypatch.setattr(parallel, "give_back_freed_memory", lambda: calls.append("trimmed"))
+    m = numgpt.GPT(numgpt.get_config("residual", vocab_size=20, dropout=0.1), seed=0)
+    s = parallel.ShardedStep(m, 2)
+    assert calls == ["tuned"] and all(not p._threads for p in s.pools)  # no thread started yet
+    s.close()
+    parallel.OneBlasThreadStep(m)
+    assert calls == ["tuned"] * 2
+    calls.clear()
+    monkeypatch.setattr(parallel, "make_step",
+                        lambda n, model: (calls.append(n) or (lambda *a, **k: (0.0, {})),
+                                          lambda: None))
+    parallel.measure_steps(m, m.cfg, ["one_blas", "plain"])
+    assert calls[0] == "tuned" and calls[1:3] == ["one_blas", "plain"] and calls[-1] == "trimmed"
+
+
 def test_a_damaged_choices_file_is_measured_over(monkeypatch, tmp_path):
     monkeypatch.setattr(parallel, "cores", lambda: 2)
     for var in ("NUMGPT_FUSED", "NUMGPT_DATA_PARALLEL", "NUMGPT_STEP"):
