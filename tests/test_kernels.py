@@ -315,7 +315,7 @@ def test_the_decoders_layout_is_measured_once_and_cached(monkeypatch, tmp_path):
     m.forward(idx[:, :4], kv=kv)
     kv.step(m, idx[:, 4])
     assert kv._layout == decode.BY_OUTPUT and len(seen) == 1
-    assert "by_output_threads" in seen[0]
+    assert ("by_output_threads" in seen[0]) == _jit.threads_allowed()
     kv = generate.KVCache(m, 3)  # another batch: measured again
     m.forward(idx[:1].repeat(3, 0)[:, :4], kv=kv)
     kv.step(m, np.array([1, 2, 3]))
