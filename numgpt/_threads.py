@@ -91,6 +91,11 @@ def short_spins():
     return ok
 
 
+def _libc():
+    """The C library, for malloc's settings (OSError where there is none to load)."""
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+
+
 def keep_freed_memory():
     """Ask glibc's malloc to keep freed memory for reuse instead of handing it back to the kernel;
     returns whether it took all three settings (False where malloc is not glibc's, or
@@ -113,7 +118,7 @@ def keep_freed_memory():
     if _opted_out():
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = _libc()
         M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
         took = [libc.mallopt(M_MMAP_THRESHOLD, 1 << 30), libc.mallopt(M_TRIM_THRESHOLD, 1 << 30),
                 libc.mallopt(M_ARENA_MAX, 1)]
@@ -128,8 +133,7 @@ def give_back_freed_memory():
     the step measurement, whose candidates' heaps the chosen step need not reuse; returns whether
     it could (False off glibc)."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
+        _libc().malloc_trim(0)
         return True
     except (OSError, AttributeError):
         return False

@@ -81,10 +81,9 @@ class KVCache:
 
 # the compiled decoder's weight layouts (kernels/decode.py's _mv), by name
 LAYOUTS = ("by_input", "by_output", "by_output_threads")
-# the layouts' measurement: in turns, a decode step each per round, at least MIN_ROUNDS rounds,
-# then until MEASURE_SECONDS are spent or MAX_ROUNDS rounds are done
+# the layouts' measurement (numgpt.parallel.time_in_turns): a decode step each per round, at
+# least three rounds, then until MEASURE_SECONDS are spent or MAX_ROUNDS rounds are done
 MEASURE_SECONDS = 0.1
-MIN_ROUNDS = 3
 MAX_ROUNDS = 200
 
 
@@ -132,6 +131,8 @@ def measure_layouts(model, kv, ids, logits, names, clock=None):
     import time
 
     from numgpt.kernels import decode
+
+    from .parallel import time_in_turns
     clock = clock or time.perf_counter
     built, args = {}, {}
     for n in names:
@@ -141,16 +142,8 @@ def measure_layouts(model, kv, ids, logits, names, clock=None):
             built[tr] = _decode_args(model, kv.w_qkv, layout)
         args[n] = built[tr] + (kv.K, kv.V, layout, logits)
         decode.decode_step(ids, kv.t, *args[n])  # warm-up: first calls (threads, caches)
-    times = {n: [] for n in names}
-    spent = 0.0
-    for r in range(MAX_ROUNDS):
-        for n in names[r % len(names):] + names[:r % len(names)]:  # the order rotates
-            t0 = clock()
-            decode.decode_step(ids, kv.t, *args[n])
-            times[n].append(clock() - t0)
-            spent += times[n][-1]
-        if r + 1 >= MIN_ROUNDS and spent >= MEASURE_SECONDS:
-            break
+    times = time_in_turns(lambda n: decode.decode_step(ids, kv.t, *args[n]), names,
+                          MEASURE_SECONDS, MAX_ROUNDS, clock)
     return {n: float(np.median(t)) for n, t in times.items()}, {n: a[:2] for n, a in args.items()}
 
 

@@ -300,6 +300,28 @@ WARM_SECONDS = 0.5
 MAX_CHOICES = 200
 
 
+def time_in_turns(run, names, seconds, max_rounds, clock, slow=None):
+    """{name: [seconds of each timed run(name)]}: the candidates names run in turns, one timed
+    call each per round, the order rotating, for at least MIN_ROUNDS rounds (so that a median
+    decides, not one call's luck), then until `seconds` are spent or max_rounds are done. With
+    slow, a candidate whose median is over slow times the best one's drops out after a round.
+    The step measurement here and the decoder's layout measurement (numgpt/generate.py) use it."""
+    times = {n: [] for n in names}
+    live, spent = list(names), 0.0
+    for r in range(max_rounds):
+        for n in live[r % len(live):] + live[:r % len(live)]:
+            t0 = clock()
+            run(n)
+            times[n].append(clock() - t0)
+            spent += times[n][-1]
+        if slow is not None:
+            best = min(float(np.median(times[n])) for n in live)
+            live = [n for n in live if float(np.median(times[n])) <= slow * best]
+        if spent >= seconds and r + 1 >= MIN_ROUNDS:
+            break
+    return times
+
+
 def measure_steps(model, cfg, names, clock=None, seed=0):
     """{name: median seconds of a step} for the candidate steps names, timed in turns on batches
     of random ids (the model's parameters and the caller's random streams are not touched)."""
@@ -311,7 +333,7 @@ def measure_steps(model, cfg, names, clock=None, seed=0):
     y = rng.integers(0, cfg.vocab_size, shape)
     training_starts()  # before any candidate's threads allocate (see ShardedStep)
     steps = {n: make_step(n, model) for n in names}
-    times = {n: [] for n in names}
+    times = {}
     try:
         warm = {}
         for n in names:  # warm-up: first-call costs (typed lists, thread pools, page faults)
@@ -322,18 +344,9 @@ def measure_steps(model, cfg, names, clock=None, seed=0):
         # pools, can outweigh a short step, so a short warm-up says little): out
         quickest = min(warm.values())
         live = [n for n in names if warm[n] <= max(WARM_FACTOR * quickest, WARM_SECONDS)]
-        spent = 0.0
-        for r in range(MAX_ROUNDS):
-            for n in live[r % len(live):] + live[:r % len(live)]:  # the order rotates
-                t0 = clock()
-                steps[n][0](x, y, train=True, rng=np.random.default_rng(seed))
-                dt = clock() - t0
-                times[n].append(dt)
-                spent += dt
-            best = min(float(np.median(times[n])) for n in live)
-            live = [n for n in live if float(np.median(times[n])) <= SLOW_FACTOR * best]
-            if spent >= MEASURE_SECONDS and r + 1 >= MIN_ROUNDS:
-                break
+        times = time_in_turns(lambda n: steps[n][0](x, y, train=True,
+                                                    rng=np.random.default_rng(seed)),
+                              live, MEASURE_SECONDS, MAX_ROUNDS, clock, slow=SLOW_FACTOR)
     finally:
         for _, close in steps.values():
             close()
