@@ -107,12 +107,11 @@ def warmup(dtype="float32", say=None, fused=True):
 
     from . import _jit, ops
     dt = np.dtype(dtype)
-    min_work, store = _jit.PARALLEL_MIN_WORK, ops.STORE_PROBS_BYTES
+    store = ops.STORE_PROBS_BYTES
     with _announced(not cache_is_warm(fused), "", say):
         try:
             for serial in (True, False):  # the serial twins, then the parallel kernels
-                _jit.FORCE_SERIAL = serial
-                _jit.PARALLEL_MIN_WORK = 0
+                _jit.FORCE_SERIAL, _jit.FORCE_THREADS = serial, not serial
                 for act, stored in (("relu", True), ("gelu", False)):  # both attention paths
                     ops.STORE_PROBS_BYTES = store if stored else -1
                     cfg = get_config("laptop", n_embd=8, n_head=2, n_layer=1, block_size=4,
@@ -130,6 +129,5 @@ def warmup(dtype="float32", say=None, fused=True):
                         AdamW(m.params, use_kernels=True).step(grads)
             warmup_decode(dtype, say=lambda msg: None)
         finally:
-            _jit.FORCE_SERIAL = False
-            _jit.PARALLEL_MIN_WORK = min_work
+            _jit.FORCE_SERIAL = _jit.FORCE_THREADS = False
             ops.STORE_PROBS_BYTES = store

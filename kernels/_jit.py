@@ -5,14 +5,16 @@ semantics for inf and nan ('nnan'/'ninf' are left out): the kernels bound their 
 causal range instead of writing -inf, and a NaN loss must still be seen as NaN.
 
 Every parallel kernel is compiled twice: `f` runs its prange loops on numba's threads, `f.serial`
-runs them on the calling thread. Waking threads costs more than a small array's whole work,
-so the ops call `pick(f, work)` to choose by size.
+runs them on the calling thread. Waking threads costs more than a small array's whole work, so
+the ops call `pick(f, work)`, which takes the threaded build from an amount of work measured on
+this machine.
 """
 import glob
 import hashlib
 import os
 import shutil
 import tempfile
+import threading
 import types
 
 import numba
@@ -33,7 +35,6 @@ FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 # The kernels' divisors are sums of exponentials, standard deviations with eps added, and
 # constants, never zero.
 OPTIONS = dict(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
-PARALLEL_MIN_WORK = 1 << 17   # elements (or inner-loop iterations) below which threads do not pay
 
 
 # ---- the on-disk cache, keyed by every kernel source and the compile options ----
@@ -180,7 +181,24 @@ def jit(parallel=False, inline=False):
     return wrap
 
 
-FORCE_SERIAL = False  # warm-up switch: compile the serial twins even for big work
+# ---- Serial or threaded: from how much work threads pay, measured ----
+#
+# Whether waking numba's threads pays for a call depends on its work and on the CPU (how fast its
+# threads wake, its caches and memory). So no size fixed here decides: the first call that could
+# run threaded measures, on this machine, from how much work on the threaded build of a typical
+# kernel (LayerNorm's forward) beats its serial twin, and caches that size for the machine
+# (beside the training step's choices, numgpt/parallel.py). A kernel's two builds may round
+# differently (LLVM vectorises their loops apart), so the choice is by size, the same for every
+# call of a kind, not by timing each call.
+
+FORCE_SERIAL = False   # the data-parallel step's shards, and the warm-up: every kernel serial
+FORCE_THREADS = False  # the warm-up and tests: every kernel threaded (where threads may run)
+PARALLEL_MIN_WORK = None  # elements from which the threaded builds run; None: not measured yet
+MIN_WORK_SIZES = [1 << k for k in range(10, 23)]  # the work sizes measured (elements)
+MIN_WORK_ROUNDS = 7  # timed calls of each build per size
+WON_IN_A_ROW = 2     # sizes the threaded build must win in a row to end the measurement
+NEVER = 1 << 62  # PARALLEL_MIN_WORK where threads won at no size
+_MEASURE_LOCK = threading.Lock()
 
 
 def threads_allowed():
@@ -189,10 +207,86 @@ def threads_allowed():
 
 
 def pick(kernel, work):
-    """The parallel kernel for big work, its serial twin for small (or when BLAS threads spin)."""
-    if work >= PARALLEL_MIN_WORK and threads_allowed():
+    """kernel (threaded) for work of at least PARALLEL_MIN_WORK elements, else kernel.serial (and
+    always where threads may not run)."""
+    if not threads_allowed():
+        return kernel.serial
+    if FORCE_THREADS:
         return kernel
-    return kernel.serial
+    least = PARALLEL_MIN_WORK if PARALLEL_MIN_WORK is not None else parallel_min_work()
+    return kernel if work >= least else kernel.serial
+
+
+def parallel_min_work():
+    """PARALLEL_MIN_WORK: cached for this machine, else measured now (measure_min_work)."""
+    global PARALLEL_MIN_WORK
+    with _MEASURE_LOCK:
+        if PARALLEL_MIN_WORK is None:
+            from numgpt import parallel
+            names = [str(n) for n in MIN_WORK_SIZES] + ["never"]
+            key = parallel.measured_key({"threaded kernels from": "layernorm_fwd"}, names)
+            found = parallel.cached_choice(key, names)
+            if found is None:
+                times = measure_min_work()
+                found = min_work_from(times)
+                parallel.cache_choice(key, found, {f"{n} {way}": t for n, pair in times.items()
+                                                   for way, t in zip(("serial", "threads"), pair)})
+            PARALLEL_MIN_WORK = NEVER if found == "never" else int(found)
+    return PARALLEL_MIN_WORK
+
+
+def measure_min_work(clock=None):
+    """{size: (serial seconds, threaded seconds)}: a matrix product (BLAS, [size/64, 64] by
+    [64, 64]) followed by LayerNorm's forward over its size elements, as in a step, timed in
+    turns with each build of the kernel (MIN_WORK_ROUNDS, medians; a small size's timing repeats
+    the pair up to 2^16 elements), for MIN_WORK_SIZES in order until the threaded build has won
+    at WON_IN_A_ROW sizes in a row. The product is part of what is timed: a threaded kernel also
+    costs the product after it (numba's threads keep spinning for a while, on the cores BLAS's
+    threads then want), which timing the kernel alone does not show."""
+    import math
+    import time
+
+    import numpy as np
+
+    from numgpt.parallel import time_in_turns
+
+    from .layernorm import layernorm_fwd
+    clock = clock or time.perf_counter
+    eps = np.float32(1e-5)
+    weight = np.full((64, 64), 1 / 64, dtype=np.float32)
+    times = {}
+    for size in MIN_WORK_SIZES:
+        x = (np.arange(size, dtype=np.float32) % 7).reshape(-1, 64)
+        g, b = np.ones(64, np.float32), np.zeros(64, np.float32)
+        y, z = np.empty_like(x), np.empty_like(x)
+        mean, rstd = np.empty(len(x), np.float32), np.empty(len(x), np.float32)
+        ways = {"serial": layernorm_fwd.serial, "threads": layernorm_fwd}
+        reps = max(1, (1 << 16) // size)
+
+        def run(way):
+            for _ in range(reps):
+                np.dot(x, weight, z)
+                ways[way](z, g, b, eps, y, mean, rstd)
+        for way in ways:  # first calls: threads start, pages fault in
+            run(way)
+        t = time_in_turns(run, list(ways), math.inf, MIN_WORK_ROUNDS, clock)
+        times[size] = tuple(float(np.median(t[w])) / reps for w in ways)
+        wins = [threaded < serial for serial, threaded in times.values()]
+        if wins[-WON_IN_A_ROW:] == [True] * WON_IN_A_ROW:
+            break
+    return times
+
+
+def min_work_from(times):
+    """The least size (as a str) from which the threaded build won at every larger measured size
+    ({size: (serial, threaded)}), or "never"."""
+    found = "never"
+    for size in sorted(times, reverse=True):
+        serial, threaded = times[size]
+        if threaded >= serial:
+            break
+        found = str(size)
+    return found
 
 
 # ---- Index with loop variables ----

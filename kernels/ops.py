@@ -95,22 +95,26 @@ def stores_probs(B, n_head, T, dtype):
     return B * n_head * T * T * np.dtype(dtype).itemsize <= STORE_PROBS_BYTES
 
 
-BMM_MIN_FLOPS = 1 << 26  # per-head products above this are split over the cores (see _bmm)
 _BMM = []  # [thread pool, BLAS controller], made on first use
 _BMM_LOCK = threading.Lock()
+BMM_WAYS = {}  # per kind of stack: _bmm_whole or _bmm_split, once chosen (see _bmm_way)
 
 
 def _bmm(a, b, out=None):
-    """np.matmul(a, b, out=out) of stacks [B, H, m, k] @ [B, H, k, n], for big ones with the batch
-    dealt out to one thread per core, each with a single BLAS thread.
+    """np.matmul(a, b, out=out) of stacks [B, H, m, k] @ [B, H, k, n]: either whole, each small
+    product split over BLAS's threads (_bmm_whole), or with the batch dealt out to one thread per
+    core, each with a single BLAS thread (_bmm_split), whichever is faster for this kind of
+    stack on this machine (_bmm_way).
 
-    A stack is one small product per head, and OpenBLAS splits each of them over its threads,
-    which at the scaled preset's shape (48 heads of 256 x 64 by 64 x 256) runs well below the
-    speed of half the stack per core (docs/kernels.md). The split is fixed by the shapes, so
-    results do not depend on timing.
+    OpenBLAS splits each product of a stack over its threads, which at the scaled preset's
+    shape (48 heads of 256 x 64 by 64 x 256) runs well below the speed of half the stack per
+    core (docs/kernels.md); for small stacks, handing work to other threads costs more than it
+    saves. The two ways can differ in the last bit (OpenBLAS rounds a product split over its
+    threads differently), so a kind of stack keeps one way: the results do not depend on timing
+    after the choice, and the choice is cached for the machine.
     """
     B = a.shape[0]
-    if B < 2 or 2 * a.size * b.shape[-1] < BMM_MIN_FLOPS or not threads_allowed():
+    if B < 2 or not threads_allowed():
         return np.matmul(a, b, out=out)  # (the cheap tests first: this is on every step's path)
     from numgpt.parallel import cores
     n = min(B, cores())
@@ -118,15 +122,53 @@ def _bmm(a, b, out=None):
         return np.matmul(a, b, out=out)
     if out is None:
         out = np.empty(a.shape[:-1] + b.shape[-1:], dtype=np.result_type(a, b))
+    _bmm_way(a, b, out, n)(a, b, out, n)
+    return out
+
+
+def _bmm_way(a, b, out, n):
+    """_bmm_whole or _bmm_split for stacks like a @ b (their batch, dtype and FLOPs to within a
+    factor of two): cached for this machine (beside the training step's choices), else timed in
+    turns on these operands into scratch, the faster remembered and cached."""
+    key = (a.shape[0], n, out.dtype.name, (2 * a.size * b.shape[-1]).bit_length())
+    way = BMM_WAYS.get(key)
+    if way is None:
+        from numgpt import parallel
+        ways = {"whole": _bmm_whole, "split": _bmm_split}
+        names = list(ways)
+        cache_key = parallel.measured_key({"stacked products": list(key)}, names)
+        name = parallel.cached_choice(cache_key, names)
+        if name is None:
+            import time
+            scratch = np.empty_like(out)
+            for w in names:  # first calls: the split's thread pool starts
+                ways[w](a, b, scratch, n)
+            times = parallel.time_in_turns(lambda w: ways[w](a, b, scratch, n), names, 0.0,
+                                           parallel.MIN_ROUNDS, time.perf_counter)
+            medians = {w: float(np.median(t)) for w, t in times.items()}
+            name = min(names, key=medians.get)
+            parallel.cache_choice(cache_key, name, medians)
+        way = BMM_WAYS[key] = ways[name]
+    return way
+
+
+def _bmm_whole(a, b, out, n):
+    np.matmul(a, b, out=out)
+
+
+def _bmm_split(a, b, out, n):
+    """out = a @ b with the stacks' batch cut in n pieces, each on its own thread with one BLAS
+    thread."""
     from concurrent.futures import wait
     with _BMM_LOCK:  # one split at a time: the BLAS thread limit is process-wide
         if not _BMM:
             from concurrent.futures import ThreadPoolExecutor
 
             from numgpt._threads import blas_pools
+            from numgpt.parallel import cores
             _BMM[:] = [ThreadPoolExecutor(cores(), thread_name_prefix="numgpt-bmm"), blas_pools()]
         pool, blas = _BMM
-        cuts = np.linspace(0, B, n + 1).round().astype(int)
+        cuts = np.linspace(0, a.shape[0], n + 1).round().astype(int)
         with blas.limit(limits=1):
             jobs = [pool.submit(_bmm_job, a[i:j], b[i:j], out[i:j])
                     for i, j in zip(cuts[:-1], cuts[1:])]
@@ -135,7 +177,6 @@ def _bmm(a, b, out=None):
                     job.result()
             finally:  # never leave a job writing into out (or BLAS limited) behind an exception
                 wait(jobs)
-    return out
 
 
 def _bmm_job(a, b, out):

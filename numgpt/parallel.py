@@ -128,10 +128,22 @@ class OneBlasThreadStep:
         self.model = model
         self.blas = blas_pools()
         training_starts()
+        threads_measured(model.cfg)  # with BLAS's own threads, before this step limits them
 
     def __call__(self, x, y, train=True, rng=None):
         with self.blas.limit(limits=1):
             return self.model.loss_and_grads(x, y, train=train, rng=rng)
+
+
+def threads_measured(cfg):
+    """For a model with the kernels: from how much work their threaded builds run on this machine
+    (kernels._jit.parallel_min_work: cached, else measured now, with BLAS's threads as a plain
+    step has them; the one-BLAS-thread step and the step measurement ask before they limit
+    them)."""
+    if cfg.kernels:
+        from numgpt.kernels._jit import parallel_min_work, threads_allowed
+        if threads_allowed():
+            parallel_min_work()
 
 
 def fused_applies(cfg):
@@ -332,6 +344,7 @@ def measure_steps(model, cfg, names, clock=None, seed=0):
     x = rng.integers(0, cfg.vocab_size, shape)
     y = rng.integers(0, cfg.vocab_size, shape)
     training_starts()  # before any candidate's threads allocate (see ShardedStep)
+    threads_measured(cfg)
     steps = {n: make_step(n, model) for n in names}
     times = {}
     try:

@@ -324,15 +324,18 @@ def test_the_decoders_layout_is_measured_once_and_cached(monkeypatch, tmp_path):
     assert "by_output_threads" not in generate.layout_candidates()
 
 
-def test_split_batched_products_equal_numpy(monkeypatch):
-    """kernels/ops._bmm deals a stack of per-head products out to threads (one BLAS thread each):
-    the same products as np.matmul, into a fresh array or a strided view."""
+def test_split_batched_products_equal_numpy(monkeypatch, tmp_path):
+    """kernels/ops._bmm computes a stack of per-head products whole (BLAS's threads) or dealt out
+    to threads with one BLAS thread each: both ways give np.matmul's products, into a fresh
+    array or a strided view. Which way a kind of stack takes is timed once, on scratch, and
+    cached for the machine: every call of that kind gives the same bits."""
     import numgpt.kernels.ops as kops
     from numgpt import parallel
     from threadpoolctl import threadpool_info
-    monkeypatch.setattr(kops, "BMM_MIN_FLOPS", 0)
     monkeypatch.setattr(parallel, "cores", lambda: 2)
+    monkeypatch.setattr(parallel, "_choices_path", lambda: str(tmp_path / "choices.json"))
     monkeypatch.setattr(kops, "_BMM", [])  # this test's own pool
+    monkeypatch.setattr(kops, "BMM_WAYS", {})  # nothing chosen yet in this process
     seen = []
     real_job = kops._bmm_job
 
@@ -343,14 +346,31 @@ def test_split_batched_products_equal_numpy(monkeypatch):
         real_job(a, b, out)
     monkeypatch.setattr(kops, "_bmm_job", spy)
     for dtype in DTYPES:
-        a, b = rnd(5, 3, 7, 4, dtype=dtype), rnd(5, 3, 4, 6, seed=1, dtype=dtype)
-        want = np.matmul(a, b)
-        close(kops._bmm(a, b), want, dtype)
-        host = np.zeros((5, 7, 3, 9), dtype=dtype)
-        kops._bmm(a, b, out=host[..., 2:8].transpose(0, 2, 1, 3))
-        close(host[..., 2:8].transpose(0, 2, 1, 3), want, dtype)
-        assert not host[..., :2].any() and not host[..., 8:].any()
+        for a, b in ((rnd(5, 3, 7, 4, dtype=dtype), rnd(5, 3, 4, 6, seed=1, dtype=dtype)),
+                     (rnd(4, 6, 256, 64, dtype=dtype), rnd(4, 6, 64, 256, seed=1, dtype=dtype))):
+            want = np.matmul(a, b)
+            for way in (kops._bmm_whole, kops._bmm_split):
+                host = np.zeros(want.shape[:1] + want.shape[2:3] + want.shape[1:2]
+                                + (want.shape[3] + 3,), dtype=dtype)
+                view = host[..., 2:-1].transpose(0, 2, 1, 3)
+                way(a, b, view, 2)
+                close(view, want, dtype)
+                assert not host[..., :2].any() and not host[..., -1:].any()
+            first = kops._bmm(a, b)
+            close(first, want, dtype)
+            for _ in range(3):
+                np.testing.assert_array_equal(kops._bmm(a, b), first)
     assert seen and all(name.startswith("numgpt-bmm") and set(n) == {1} for name, n in seen)
+    chosen = dict(kops.BMM_WAYS)
+    assert len(chosen) == 4 and set(chosen.values()) <= {kops._bmm_whole, kops._bmm_split}
+    kops.BMM_WAYS.clear()  # a new process: the cached choices, nothing timed
+    timer = parallel.time_in_turns
+    monkeypatch.setattr(parallel, "time_in_turns", None)
+    for dtype in DTYPES:
+        kops._bmm(rnd(5, 3, 7, 4, dtype=dtype), rnd(5, 3, 4, 6, seed=1, dtype=dtype))
+        kops._bmm(rnd(4, 6, 256, 64, dtype=dtype), rnd(4, 6, 64, 256, seed=1, dtype=dtype))
+    assert kops.BMM_WAYS == chosen
+    monkeypatch.setattr(parallel, "time_in_turns", timer)
     # and the whole attention layer through it still equals the reference
     p = {n: rnd(C, C, seed=i) * 0.5 for i, n in enumerate(["w_q", "w_k", "w_v"])}
     x = rnd(B, T, C, seed=7)
@@ -492,8 +512,9 @@ def test_dropout_kernel_equals_reference(dtype, monkeypatch):
         dy = rnd(*x.shape, seed=9, dtype=dtype)
         yr, cr = dropout_forward(x, 0.3, np.random.default_rng(3))
         dxr = dropout_backward(dy, cr)
-        for min_work in (1 << 62, 0):  # the serial kernel, then (where threads may run) threaded
-            monkeypatch.setattr(numgpt.kernels._jit, "PARALLEL_MIN_WORK", min_work)
+        for serial in (True, False):  # the serial kernel, then (where threads may run) threaded
+            monkeypatch.setattr(numgpt.kernels._jit, "FORCE_SERIAL", serial)
+            monkeypatch.setattr(numgpt.kernels._jit, "FORCE_THREADS", not serial)
             yk, ck = kernel_dropout(x, 0.3, np.random.default_rng(3))
             np.testing.assert_array_equal(yk, yr)
             assert yk.dtype == dtype and yk.shape == x.shape
@@ -543,3 +564,43 @@ def test_activation_kernel_keeps_nan_like_the_reference(act):
     np.testing.assert_array_equal(np.isnan(yk), np.isnan(yr))
     assert np.isnan(yk[0, 0, 3])
     close(yk, yr, np.float32)
+
+
+def test_threads_pay_from_a_measured_amount_of_work(monkeypatch, tmp_path):
+    """kernels._jit.pick takes the threaded build from PARALLEL_MIN_WORK elements, which is not a
+    fixed number but measured on the machine at the first pick that could thread (a product and
+    a LayerNorm, each build in turns, until threads win at WON_IN_A_ROW sizes in a row) and
+    cached beside the step choices; a new process reads the cache. No real time is asserted."""
+    from numgpt import parallel
+    from numgpt.kernels import _jit
+    from numgpt.kernels.layernorm import layernorm_fwd
+    # the rule: the least size from which threads won at every larger size measured
+    assert _jit.min_work_from({1: (1, 2), 2: (2, 1), 4: (2, 3), 8: (4, 3), 16: (8, 5)}) == "8"
+    assert _jit.min_work_from({1: (1, 2), 2: (2, 3)}) == "never"
+    assert _jit.min_work_from({1: (2, 1), 2: (3, 2)}) == "1"
+    times = _jit.measure_min_work()  # a real measurement: its shape, not its figures
+    sizes = list(times)
+    assert sizes == _jit.MIN_WORK_SIZES[:len(sizes)] and all(
+        len(t) == 2 and min(t) > 0 for t in times.values())
+    if len(sizes) < len(_jit.MIN_WORK_SIZES):  # stopped early: threads won the last sizes
+        assert all(times[n][1] < times[n][0] for n in sizes[-_jit.WON_IN_A_ROW:])
+    monkeypatch.setattr(parallel, "_choices_path", lambda: str(tmp_path / "choices.json"))
+    monkeypatch.setattr(_jit, "PARALLEL_MIN_WORK", None)
+    measured = []
+
+    def fake():
+        measured.append(1)
+        return {1024: (1.0, 2.0), 2048: (2.0, 1.0), 4096: (4.0, 1.0)}
+    monkeypatch.setattr(_jit, "measure_min_work", fake)
+    if not _jit.threads_allowed():
+        assert _jit.pick(layernorm_fwd, 1 << 30) is layernorm_fwd.serial and not measured
+        return
+    assert _jit.pick(layernorm_fwd, 2047) is layernorm_fwd.serial
+    assert _jit.pick(layernorm_fwd, 2048) is layernorm_fwd and measured == [1]
+    monkeypatch.setattr(_jit, "PARALLEL_MIN_WORK", None)  # a new process: the cached size
+    assert _jit.pick(layernorm_fwd, 2048) is layernorm_fwd and measured == [1]
+    assert _jit.PARALLEL_MIN_WORK == 2048
+    monkeypatch.setattr(_jit, "FORCE_THREADS", True)
+    assert _jit.pick(layernorm_fwd, 1) is layernorm_fwd
+    monkeypatch.setattr(_jit, "FORCE_SERIAL", True)
+    assert _jit.pick(layernorm_fwd, 1 << 30) is layernorm_fwd.serial
