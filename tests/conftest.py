@@ -16,16 +16,21 @@ def _data_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(d, "DATA_DIR", cache)
 
 
-@pytest.fixture
-def text_file(tmp_path):
-    """A small UTF-8 corpus (with a non-ASCII character) written to a temp file."""
+def write_corpus(folder):
+    """A small UTF-8 corpus (with a non-ASCII character) written to folder/corpus.txt: its path."""
     rng = np.random.default_rng(0)
     words = ["to", "be", "or", "not", "that", "is", "the", "question", "whether", "tis",
              "nobler", "in", "mind", "suffer", "é"]
     lines = [" ".join(rng.choice(words, 8)) for _ in range(400)]
-    p = tmp_path / "corpus.txt"
+    p = folder / "corpus.txt"
     p.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return str(p)
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    """A small UTF-8 corpus (with a non-ASCII character) written to a temp file."""
+    return write_corpus(tmp_path)
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from numgpt.layers import layernorm_backward, layernorm_forward
 from numgpt.resources import check_memory, num_params, training_bytes
 from numgpt.trainer import TrainingError, train
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n_embd=16", "--n_head=2", "--n_layer=1", "--block_size=16", "--batch_size=4",
         "--eval_iters=2", "--warmup_iters=2"]
 
@@ -35,13 +36,27 @@ def run(python, repo, script, *args, fsize=None, env_extra=None):
                           preexec_fn=limit if fsize is not None else None)
 
 
-@pytest.fixture
-def trained(python, repo, text_file, tmp_path):
-    """A run trained for 4 steps by train.py: (out_dir, checkpoint bytes)."""
-    out = str(tmp_path / "run")
-    r = run(python, repo, "train.py", f"--data={text_file}", f"--out_dir={out}", "--max_iters=4",
-            "--eval_interval=2", *TINY)
+@pytest.fixture(scope="module")
+def trained_once(tmp_path_factory):
+    """A run trained for 4 steps by train.py on the text_file corpus, once for this module."""
+    from conftest import write_corpus
+    root = tmp_path_factory.mktemp("trained")
+    text = write_corpus(root)  # the text_file fixture's corpus
+    out = str(root / "run")
+    r = run(sys.executable, REPO, "train.py", f"--data={text}", f"--out_dir={out}",
+            "--max_iters=4", "--eval_interval=2", *TINY,
+            env_extra={"NUMGPT_DATA_DIR": str(root / "data-cache")})
     assert r.returncode == 0, r.stderr
+    return out
+
+
+@pytest.fixture
+def trained(trained_once, tmp_path):
+    """A run trained for 4 steps by train.py, a copy of its own for each test: (out_dir,
+    checkpoint bytes)."""
+    import shutil
+    out = str(tmp_path / "run")
+    shutil.copytree(trained_once, out, symlinks=True)
     with open(os.path.join(out, "ckpt.npz"), "rb") as f:
         return out, f.read()
 
