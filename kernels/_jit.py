@@ -193,6 +193,7 @@ def jit(parallel=False, inline=False):
 
 FORCE_SERIAL = False   # the data-parallel step's shards, and the warm-up: every kernel serial
 FORCE_THREADS = False  # the warm-up and tests: every kernel threaded (where threads may run)
+ONE_BLAS_THREAD = False  # the one-BLAS-thread step: stacked products stay whole (kernels/ops._bmm)
 PARALLEL_MIN_WORK = None  # elements from which the threaded builds run; None: not measured yet
 MIN_WORK_SIZES = [1 << k for k in range(10, 23)]  # the work sizes measured (elements)
 MIN_WORK_ROUNDS = 7  # timed calls of each build per size

@@ -13,6 +13,7 @@ from numgpt.arch import ACTIVATIONS as _ACT
 from numgpt.layers import linear_backward, linear_forward
 from numgpt.ops import op_set
 
+from . import _jit
 from ._jit import pick, threads_allowed
 from .activations import bias_act_bwd, bias_act_fwd
 from .attention import attention_bwd, attention_fwd, softmax_causal_bwd, softmax_causal_fwd
@@ -111,10 +112,11 @@ def _bmm(a, b, out=None):
     core (docs/kernels.md); for small stacks, handing work to other threads costs more than it
     saves. The two ways can differ in the last bit (OpenBLAS rounds a product split over its
     threads differently), so a kind of stack keeps one way: the results do not depend on timing
-    after the choice, and the choice is cached for the machine.
+    after the choice, and the choice is cached for the machine. The choice is made with BLAS on
+    its own threads: under the one-BLAS-thread step (_jit.ONE_BLAS_THREAD) stacks stay whole.
     """
     B = a.shape[0]
-    if B < 2 or not threads_allowed():
+    if B < 2 or not threads_allowed() or _jit.ONE_BLAS_THREAD:
         return np.matmul(a, b, out=out)  # (the cheap tests first: this is on every step's path)
     from numgpt.parallel import cores
     n = min(B, cores())

@@ -131,8 +131,16 @@ class OneBlasThreadStep:
         threads_measured(model.cfg)  # with BLAS's own threads, before this step limits them
 
     def __call__(self, x, y, train=True, rng=None):
-        with self.blas.limit(limits=1):
-            return self.model.loss_and_grads(x, y, train=train, rng=rng)
+        if not self.model.cfg.kernels:
+            with self.blas.limit(limits=1):
+                return self.model.loss_and_grads(x, y, train=train, rng=rng)
+        from numgpt.kernels import _jit
+        _jit.ONE_BLAS_THREAD = True  # per-head products whole too (kernels/ops._bmm)
+        try:
+            with self.blas.limit(limits=1):
+                return self.model.loss_and_grads(x, y, train=train, rng=rng)
+        finally:
+            _jit.ONE_BLAS_THREAD = False
 
 
 def threads_measured(cfg):

@@ -604,3 +604,27 @@ def test_threads_pay_from_a_measured_amount_of_work(monkeypatch, tmp_path):
     assert _jit.pick(layernorm_fwd, 1) is layernorm_fwd
     monkeypatch.setattr(_jit, "FORCE_SERIAL", True)
     assert _jit.pick(layernorm_fwd, 1 << 30) is layernorm_fwd.serial
+
+
+def test_the_one_blas_thread_step_keeps_stacked_products_whole(monkeypatch, tmp_path):
+    """Under the one-BLAS-thread step kernels/ops._bmm neither measures nor splits (a choice made
+    with BLAS limited to one thread would be cached for the plain step, whose BLAS has its own)."""
+    import numgpt.kernels.ops as kops
+    from numgpt import parallel
+    from numgpt.config import get_config
+    from numgpt.model import GPT
+    monkeypatch.setattr(parallel, "_choices_path", lambda: str(tmp_path / "choices.json"))
+    monkeypatch.setattr(parallel, "cores", lambda: 2)
+    monkeypatch.setattr(kops, "BMM_WAYS", {})
+    cfg = get_config("laptop", n_embd=24, n_head=3, n_layer=1, block_size=16, vocab_size=11,
+                     dropout=0.1, kernels=True)
+    m = GPT(cfg)
+    x = np.random.default_rng(0).integers(0, 11, (4, 16))
+    want = m.loss_and_grads(x, x, rng=np.random.default_rng(1))[0]
+    seen = dict(kops.BMM_WAYS)
+    kops.BMM_WAYS.clear()
+    got = parallel.OneBlasThreadStep(m)(x, x, rng=np.random.default_rng(1))[0]
+    assert not kops.BMM_WAYS and abs(got - want) < 1e-5
+    from numgpt.kernels import _jit
+    assert _jit.ONE_BLAS_THREAD is False  # set only during the step
+    assert seen or not _jit.threads_allowed()  # the plain path did measure
