@@ -138,18 +138,17 @@ def _bmm_way(a, b, out, n):
         from numgpt import parallel
         ways = {"whole": _bmm_whole, "split": _bmm_split}
         names = list(ways)
-        cache_key = parallel.measured_key({"stacked products": list(key)}, names)
-        name = parallel.cached_choice(cache_key, names)
-        if name is None:
+
+        def measure():
             import time
             scratch = np.empty_like(out)
             for w in names:  # first calls: the split's thread pool starts
                 ways[w](a, b, scratch, n)
             times = parallel.time_in_turns(lambda w: ways[w](a, b, scratch, n), names, 0.0,
                                            parallel.MIN_ROUNDS, time.perf_counter)
-            medians = {w: float(np.median(t)) for w, t in times.items()}
-            name = min(names, key=medians.get)
-            parallel.cache_choice(cache_key, name, medians)
+            return {w: float(np.median(t)) for w, t in times.items()}
+        name, _ = parallel.fastest(parallel.measured_key({"stacked products": list(key)}, names),
+                                   names, measure)
         way = BMM_WAYS[key] = ways[name]
     return way
 

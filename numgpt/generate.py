@@ -154,21 +154,21 @@ def choose_layout(model, kv, ids, logits):
     (measure_layouts) and cached."""
     from numgpt.kernels import decode
 
-    from .parallel import cache_choice, cached_choice, measured_key
+    from .parallel import fastest, measured_key
     cfg = model.cfg
     names = layout_candidates()
     shape = {"decoder": list(model.arch), "n_embd": cfg.n_embd, "ffn": cfg.ffn_hidden,
              "block_size": cfg.block_size, "vocab_size": cfg.vocab_size,
              "dtype": str(model.dtype), "batch": int(ids.shape[0])}
     key = measured_key(shape, names)
-    best, args = _CHOSEN.get(key) or cached_choice(key, names), None
+    best, built = _CHOSEN.get(key), {}
     if best is None:
-        times, args = measure_layouts(model, kv, ids, logits, names)
-        best = min(times, key=times.get)
-        cache_choice(key, best, times)
-        args = args[best]
-    _CHOSEN[key] = best
-    return getattr(decode, best.upper()), args
+        def measure():
+            times, built["args"] = measure_layouts(model, kv, ids, logits, names)
+            return times
+        best, _ = fastest(key, names, measure)
+        _CHOSEN[key] = best
+    return getattr(decode, best.upper()), built["args"][best] if built else None
 
 
 _CHOSEN = {}  # choose_layout's choices in this process (the cache file is read once a shape)

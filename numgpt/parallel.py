@@ -420,6 +420,22 @@ def cache_choice(key, best, times):
                                          "ms": {n: round(1000 * t, 4) for n, t in times.items()}})
 
 
+def fastest(key, names, measure, cache=True):
+    """(name, times): the fastest of names for the work key describes (measured_key): the choice
+    cached under key, with times None, else measure() -> {name: median seconds}, whose fastest is
+    taken (and cached, with cache) and returned with those times. The training step, the
+    decoder's weight layout (numgpt/generate.py) and the stacked products' way (kernels/ops.py)
+    are chosen through it."""
+    best = cached_choice(key, names) if cache else None
+    if best is not None:
+        return best, None
+    times = measure()
+    best = min(times, key=times.get)
+    if cache:
+        cache_choice(key, best, times)
+    return best, times
+
+
 def _choices_path():
     """The file of cached choices: beside the compiled kernels (their folder is named by a hash of
     the kernels' sources, so new kernels measure again)."""
@@ -475,18 +491,14 @@ def choose_step(model, cfg, prefer=None, say=None, clock=None):
     if prefer in names:
         say(f"step: {prefer} (the step this run trained with)")
         return prefer
-    key = _choice_key(cfg, names)
-    cached = cached_choice(key, names) if cfg.kernels else None
-    if cached:
-        say(f"step: {cached} (measured on this machine before; cached in {_choices_path()})")
-        return cached
-    times = measure_steps(model, cfg, names, clock=clock)
-    best = min(times, key=times.get)
+    best, times = fastest(_choice_key(cfg, names), names,
+                          lambda: measure_steps(model, cfg, names, clock=clock), cache=cfg.kernels)
+    if times is None:
+        say(f"step: {best} (measured on this machine before; cached in {_choices_path()})")
+        return best
     shown = ", ".join(f"{n} {1000 * t:.3g} ms" for n, t in sorted(times.items(),
                                                                   key=lambda kv: kv[1]))
     say(f"step: {best}, the fastest measured here ({shown})")
-    if cfg.kernels:
-        cache_choice(key, best, times)
     return best
 
 
