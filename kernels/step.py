@@ -32,7 +32,7 @@ import numpy as np
 from numba import prange
 
 from numgpt.arch import (BLOCK_PARAMS, NORM_NONE, NORM_POST, NORM_PRE, SUB_ATTN, SUB_FFN,
-                         TOP_PARAMS, Arch)
+                         SUBLAYERS, TOP_PARAMS, Arch)
 
 from ._jit import fast_exp, jit
 from .activations import bias_act_bwd, bias_act_fwd
@@ -59,6 +59,10 @@ WITH_GRAD = True  # _xent's want_grad: the loss's gradient dz too
                                    "ffn.b_fc", "ffn.w_out", "ffn.b_out"))
 TOK, POS, LNF_G, LNF_B, LM_W, LM_B = map(TOP_PARAMS.index, ("tok_emb", "pos_emb", "ln_f.g",
                                                          "ln_f.b", "lm_head.w", "lm_head.b"))
+# each sublayer's LayerNorm (g and b), by sublayer: LN_G[SUB_ATTN] is LN1_G
+LN_G = tuple(BLOCK_PARAMS.index(ln + ".g") for _, ln in SUBLAYERS)
+LN_B = tuple(BLOCK_PARAMS.index(ln + ".b") for _, ln in SUBLAYERS)
+N_SUB = len(SUBLAYERS)  # the second axis of the per-sublayer buffers (lnx, mean, rstd, hin)
 
 
 # ---- Linear and LayerNorm (docs/derivations.md#linear, #layernorm) ----
@@ -288,10 +292,10 @@ class _Work(NamedTuple):
     eps: float         # LayerNorm's, in the arrays' dtype
     valid: np.ndarray  # [T, M]: 1 where row r's position r % T >= the offset (lanes only)
     # the forward's, per layer
-    lnx: np.ndarray    # [L, 2, M, C] LayerNorm inputs
-    mean: np.ndarray   # [L, 2, M]
-    rstd: np.ndarray   # [L, 2, M]
-    hin: np.ndarray    # [L, 2, M, C] sublayer inputs
+    lnx: np.ndarray    # [L, N_SUB, M, C] LayerNorm inputs
+    mean: np.ndarray   # [L, N_SUB, M]
+    rstd: np.ndarray   # [L, N_SUB, M]
+    hin: np.ndarray    # [L, N_SUB, M, C] sublayer inputs
     qkv: np.ndarray    # [L, 3C, T + M + T] (lanes, zero pads) or [L, M, 3C]
     att: np.ndarray    # [L, C, M] (lanes) or [L, M, C]: attention's output before the projection
     probs: np.ndarray  # [L, H * T * (M + T)] (lanes) or [L, nb * H * T * T]
@@ -336,10 +340,10 @@ def _workspace(a, nb, T, C, F, V, dt, lanes):
                 if r % T >= o:
                     valid[o, r] = 1
     # the forward's (in the order the step first writes them)
-    lnx = np.empty((L, 2, M, C), dtype=dt)
-    mean = np.empty((L, 2, M), dtype=dt)
-    rstd = np.empty((L, 2, M), dtype=dt)
-    hin = np.empty((L, 2, M, C), dtype=dt)
+    lnx = np.empty((L, N_SUB, M, C), dtype=dt)
+    mean = np.empty((L, N_SUB, M), dtype=dt)
+    rstd = np.empty((L, N_SUB, M), dtype=dt)
+    hin = np.empty((L, N_SUB, M, C), dtype=dt)
     if lanes:
         qkv = np.empty((L, 3 * C, T + M + T), dtype=dt)
         qkv[:, :, :T] = 0
@@ -483,8 +487,9 @@ def _block_fwd(a, w, l, P, p, wqkv, x):
     feed-forward): h = LN(x) (pre-norm) or x; f = sublayer(h); x = x + f (residual) or f;
     x = LN(x) (post-norm)."""
     f = w.f
-    for j in range(2 if a.ffn else 1):
-        g, b = (LN1_G, LN1_B) if j == SUB_ATTN else (LN2_G, LN2_B)
+    last = SUB_FFN if a.ffn else SUB_ATTN
+    for j in range(SUB_ATTN, last + 1):
+        g, b = LN_G[j], LN_B[j]
         h = w.hin[l, j]
         if a.norm == NORM_PRE:
             _layernorm_fwd(x, P[p[g]], P[p[b]], w.eps, w.lnx[l, j], h, w.mean[l, j],
@@ -511,8 +516,9 @@ def _block_bwd(a, w, l, P, G, s, p, wqkv, ds):
     sublayer's output gets df = ds; dh = sublayer'(df); (pre-norm) dh = LN'(dh);
     ds = df + dh (residual: the skip's gradient plus the sublayer's) or dh."""
     df, dh = w.df, w.dh
-    for j in range(1 if a.ffn else 0, -1, -1):
-        g, b = (LN1_G, LN1_B) if j == SUB_ATTN else (LN2_G, LN2_B)
+    last = SUB_FFN if a.ffn else SUB_ATTN
+    for j in range(last, SUB_ATTN - 1, -1):
+        g, b = LN_G[j], LN_B[j]
         if a.norm == NORM_POST:
             _layernorm_bwd(ds, w.lnx[l, j], P[p[g]], w.mean[l, j], w.rstd[l, j], df, w.gg, w.gb,
                            G[p[g]][s], G[p[b]][s])

@@ -24,9 +24,10 @@ ACT_RELU = 0
 ACT_GELU = 1
 ACTIVATIONS = {"relu": ACT_RELU, "gelu": ACT_GELU}
 
-# a block's sublayers, in order
+# a block's sublayers, in order, each with its parameters' prefix and its LayerNorm's
 SUB_ATTN = 0
 SUB_FFN = 1
+SUBLAYERS = (("attn", "ln1"), ("ffn", "ln2"))  # SUBLAYERS[SUB_ATTN], SUBLAYERS[SUB_FFN]
 
 # a block's parameters by their short names (block i's are "blocks.{i}." + name), in the order the
 # model lists them; the fused step addresses them by their place in this tuple (kernels/step.py)
@@ -46,6 +47,11 @@ class Arch(NamedTuple):
     ffn: bool         # a feed-forward sublayer follows attention
     ffn_proj: bool    # the feed-forward sublayer ends in its output linear (w_out, b_out)
     activation: int   # ACT_RELU or ACT_GELU
+
+
+def sublayers(a):
+    """The sublayers a block of Arch a has, in order: SUB_ATTN, then SUB_FFN where a.ffn."""
+    return (SUB_ATTN, SUB_FFN) if a.ffn else (SUB_ATTN,)
 
 
 def has_param(a, name):

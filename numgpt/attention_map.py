@@ -48,7 +48,7 @@ def attention_probs(cfg, params, ids):
     ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
     _, cache = model.forward(ids, train=False)
     out = []
-    for block_cache, _ in cache["blocks"]:
+    for block_cache in cache["blocks"]:
         ca = block_cache["attn"][3]  # attention_forward's cache
         p = ca[3]                    # [B=1, H, T, T], before dropout
         out.append(p[0])

@@ -14,8 +14,8 @@ Parameters live in a flat dict name -> array; weights are stored [in, out] (y = 
 import numpy as np
 
 from ._threads import training_starts
-from .arch import (BLOCK_PARAMS, NORM_NONE, NORM_POST, NORM_PRE, SUB_ATTN, SUB_FFN, TOP_PARAMS,
-                   arch, has_param)
+from .arch import (BLOCK_PARAMS, NORM_NONE, NORM_POST, NORM_PRE, SUB_ATTN, SUBLAYERS, TOP_PARAMS,
+                   arch, has_param, sublayers)
 from .config import Config, validate
 from .layers import linear_backward, linear_forward, residual_backward, residual_forward
 from .ops import get_ops
@@ -172,10 +172,8 @@ class GPT:
         p = {short: self.params[full] for short, full in self._names[i].items()}
         drop = self.cfg.dropout if train else 0.0
         cache = {}
-        sublayers = [(SUB_ATTN, "attn", "ln1")]
-        if a.ffn:
-            sublayers.append((SUB_FFN, "ffn", "ln2"))
-        for kind, name, ln in sublayers:
+        for kind in sublayers(a):
+            name, ln = SUBLAYERS[kind]
             h = x
             if a.norm == NORM_PRE:
                 h, cache[ln] = ops.layernorm_forward(x, p[ln + ".g"], p[ln + ".b"])
@@ -189,13 +187,13 @@ class GPT:
             x = residual_forward(x, f) if a.residual else f
             if a.norm == NORM_POST:
                 x, cache[ln] = ops.layernorm_forward(x, p[ln + ".g"], p[ln + ".b"])
-        return x, (cache, sublayers)
+        return x, cache
 
-    def _block_backward(self, dx, i, bcache, grads):
+    def _block_backward(self, dx, i, cache, grads):
         a, ops = self.arch, self.ops
-        cache, sublayers = bcache
         pre = f"blocks.{i}."
-        for kind, name, ln in reversed(sublayers):
+        for kind in reversed(sublayers(a)):
+            name, ln = SUBLAYERS[kind]
             if a.norm == NORM_POST:
                 dx, grads[pre + ln + ".g"], grads[pre + ln + ".b"] = ops.layernorm_backward(
                     dx, cache[ln])

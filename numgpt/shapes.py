@@ -75,7 +75,7 @@ def walk(cfg, B, T, seed=0):
     tgt = rng.integers(0, V, (B, T))
     logits, cache = model.forward(idx)
     P = model.params
-    bc, _ = cache["blocks"][0]
+    bc = cache["blocks"][0]
     pre = cfg.norm == "pre"
 
     tb.section("Parameters and their gradients (a gradient has its parameter's shape)",

@@ -71,7 +71,7 @@ def model_qk(cfg, ids, seed):
     from .model import GPT
     model = GPT(cfg.replace(kernels=False, dropout=0.0), seed=seed, dtype=np.float64)
     _, cache = model.forward(ids)
-    return [(bc["attn"][3][0], bc["attn"][3][1]) for bc, _ in cache["blocks"]]
+    return [(bc["attn"][3][0], bc["attn"][3][1]) for bc in cache["blocks"]]
 
 
 def model_saturation(cfg, batch, seeds):
