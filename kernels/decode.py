@@ -287,7 +287,7 @@ def decode_step(ids, t, arch, weights, K, V, layout, logits):
     _mv(x, w.w_head, w.b_head, logits, layout)
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=OPTIONS["cache"], nogil=True)
 def sample_rows(logits, temperature, u, out):
     """out[b] = a token drawn from softmax(logits[b] / temperature) by inverse CDF with the uniform
     u[b] in [0, 1): the same draw as numgpt.generate.sample_from(next_token_probs(...)) without

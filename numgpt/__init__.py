@@ -2,10 +2,13 @@
 
     import numpy as np, numgpt
     model = numgpt.build_model("preln", dtype=np.float64, seed=0, n_layer=2)
+    x = np.random.default_rng(0).integers(0, model.cfg.vocab_size, (4, 8))  # ids [B, T]
+    y = np.roll(x, -1, axis=1)                                              # next ids
     loss, grads = model.loss_and_grads(x, y, rng=np.random.default_rng(0))
     opt = numgpt.AdamW(model.params, lr=1e-3, weight_decay=0.01)
     opt.step(grads)
-    step = numgpt.training_step(model)    # the step train.py takes (the fastest here)
+    with numgpt.training_step(model) as step:  # the step train.py takes (the fastest here)
+        loss, grads = step(x, y, rng=np.random.default_rng(0))
 """
 import numpy as np
 

@@ -11,7 +11,7 @@ from . import streams
 from .config import FIELDS, PRESETS, ConfigError, get_config, parse_whole_number
 from .data import DataError, Vocab, load_dataset, strip_bom
 from .distributed import end_with_error, get_world
-from .env import EnvError, check_all
+from .env import FALSE, TRUE, EnvError, check_all
 from .trainer import TrainingError
 
 
@@ -40,9 +40,9 @@ def parse_flags(argv, known, flags=()):
             raise ConfigError(f"--{key} needs a value: --{key}=VALUE")
         if key in flags:  # --resume=false and the like
             v = value.strip().lower()
-            if v not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            if v not in TRUE + FALSE:
                 raise ConfigError(f"--{key} is a switch: --{key}, or --{key}=true / false")
-            value = v in ("1", "true", "yes", "on")
+            value = v in TRUE
         if key not in known and key not in flags:
             raise ConfigError(f"unknown option --{key}; see --help")
         if key in out:

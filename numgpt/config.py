@@ -10,6 +10,9 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
+from .arch import ACTIVATIONS, NORMS
+from .env import FALSE, TRUE
+
 
 EPS_MIN = 1e-30  # AdamW's eps: a normal float32 with room to spare (the smallest is 1.2e-38)
 EVALS_PER_RUN = 10  # evaluations after step 0 of a run with eval_interval=0 (a time budget's)
@@ -181,9 +184,9 @@ def _coerce(name, value):
         raise ConfigError(f"{name} must be {typ.__name__}, got {value!r}")
     s = value.strip()
     if typ is bool:
-        if s.lower() in ("1", "true", "yes", "on"):
+        if s.lower() in TRUE:
             return True
-        if s.lower() in ("0", "false", "no", "off"):
+        if s.lower() in FALSE:
             return False
         raise ConfigError(f"{name} must be true or false, got {value!r}")
     if typ is int:
@@ -229,9 +232,9 @@ def validate(cfg):
              f"ffn_mult {cfg.ffn_mult} gives a feed-forward of width 0")
         need(cfg.ffn_proj or cfg.ffn_mult == 0 or cfg.ffn_hidden == cfg.n_embd,
              "ffn_proj=false needs ffn_mult=1 (the feed-forward must return n_embd channels)")
-    need(cfg.activation in ("relu", "gelu"),
+    need(cfg.activation in ACTIVATIONS,
          f"activation must be 'relu' or 'gelu', got {cfg.activation!r}")
-    need(cfg.norm in ("none", "post", "pre"),
+    need(cfg.norm in NORMS,
          f"norm must be 'none', 'post' or 'pre', got {cfg.norm!r}")
     need(cfg.init in ("torch", "normal"), f"init must be 'torch' or 'normal', got {cfg.init!r}")
     need(0.0 <= cfg.dropout < 1.0, f"dropout must be in [0, 1), got {cfg.dropout}")

@@ -24,7 +24,7 @@ from .cli import USER_ERRORS
 from .config import LADDER, LADDER_TARGETS, format_duration, get_config
 from .data import load_dataset
 from .distributed import SINGLE, end_with_error
-from .env import mpi_launch
+from .env import check_all, mpi_launch
 from .model import GPT
 from .trainer import STEP0_EVAL_ITERS, TrainingError, new_axes, read_log, save_figure, train
 
@@ -121,6 +121,7 @@ def main(argv=None, prog="python -m numgpt.ladder"):
 
 
 def _run(args):
+    check_all()  # an unreadable NUMGPT_* value: one line now, not partway up the ladder
     launch = mpi_launch()
     if launch is not None and launch[1] != 1:
         raise TrainingError("the ladder trains in one process; run it without mpiexec (train.py "

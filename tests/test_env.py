@@ -58,16 +58,21 @@ def test_step_choice_is_checked(monkeypatch):
         env.check_all()
 
 
-@pytest.mark.parametrize("script", ["train.py", "sample.py"])
-def test_a_bad_switch_value_is_one_line(tmp_path, script):
+@pytest.mark.parametrize("command", [["train.py", "--out_dir"], ["sample.py", "--out_dir"],
+                                     ["-m", "numgpt.ladder", "--stages=bigram", "--out-dir"]])
+def test_a_bad_switch_value_is_one_line(tmp_path, command):
     import os
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, os.path.join(root, script), "--out_dir", str(tmp_path)],
+    *run, out = command
+    if run[0].endswith(".py"):
+        run = [os.path.join(root, run[0])]
+    r = subprocess.run([sys.executable, *run, out, str(tmp_path / "out")],
                        capture_output=True, text=True, cwd=tmp_path,
                        env=dict(os.environ, NUMGPT_FUSED="maybe"), timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
         "error: NUMGPT_FUSED='maybe' is not a switch value; use 1/true/yes/on or 0/false/no/off"]
+    assert not (tmp_path / "out").exists()  # said before anything starts
 
 
 def test_thread_counts_are_read_in_one_place(monkeypatch):
