@@ -47,8 +47,8 @@ CONFIGS = {
     "laptop": ("laptop", dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12),
                8, 5, 1, 5),
     "hour": ("hour", dict(), 8, 5, 1, 5),  # the hour preset: L4 H6 C192 T128 B8, dropout 0.1
-    # numgpt's first mid steps run slow while its heap grows and settles (one in-process run:
-    # 2150, 1299, 981, 953, 906, 856, 852, 868 ms): three warm-up steps (the same for PyTorch)
+    # numgpt's first mid steps run slow while its heap grows and settles (the first about 2.5x a
+    # later one, the next few up to 1.5x): three warm-up steps (the same for PyTorch)
     "mid": ("scaled", dict(batch_size=8), 5, 1, 0, 3),
     "full": ("scaled", dict(batch_size=64), 2, 1, 0, 1),
 }

@@ -2,10 +2,10 @@
 
 NumPy reference: np.matmul (tests/test_kernels.py holds gemm equal to it).
 
-numba's np.dot takes contiguous arrays only, so the fused step (kernels/step.py) copied each
-attention head's [T, hs] slice of the packed q, k, v (row stride 3C) into a buffer before every
-product, and copied the result back: on the laptop shape that copying, and the array views it
-made row by row (each one an atomic reference count), took more time than the products. BLAS
+numba's np.dot takes contiguous arrays only, so with it the fused step (kernels/step.py) would
+copy each attention head's [T, hs] slice of the packed q, k, v (row stride 3C) into a buffer
+before every product, and copy the result back: on the laptop shape that copying, and the array
+views it makes row by row (each one an atomic reference count), cost more than the products. BLAS
 itself reads any row stride (its lda): gemm(A, ta, B, tb, C, beta) passes the views as they are,
 as NumPy's matmul does for the layer-by-layer path. It is the same library numba's np.dot
 calls: SciPy's OpenBLAS (LP64) through scipy.linalg.cython_blas, here by its Fortran symbols

@@ -74,7 +74,7 @@ def _apply(x, seed, thr, inv):
 def dropout_forward(x, p, rng=None):
     """As numgpt.layers.dropout.dropout_forward (without its mask argument), in one pass over x,
     but the cache is (seed, threshold, 1 / (1 - p)) instead of the scaled mask: dropout_backward
-    draws the mask again. For the scaled model at batch 64 the stored masks were 300 MB of the
+    draws the mask again. For the scaled model at batch 64 stored masks would be 300 MB of the
     step's peak memory (two [B, T, C] float32 arrays a block)."""
     if p == 0.0:
         return x, None
