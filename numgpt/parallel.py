@@ -309,7 +309,7 @@ def make_step(name, model):
 # step each per round, until the rounds have taken MEASURE_SECONDS in all (at least MIN_ROUNDS
 # rounds, so that a median decides and not one step's luck; at most MAX_ROUNDS); a candidate over
 # SLOW_FACTOR times the best so far drops out after a round, and one whose warm-up took over
-# WARM_FACTOR times the quickest and over WARM_SECONDS does not take turns. The choices file
+# WARM_FACTOR times the quickest and over WARM_SECONDS, twice, does not take turns. The choices file
 # keeps at most MAX_CHOICES entries, the newest.
 MEASURE_SECONDS = 0.6
 MIN_ROUNDS = 3
@@ -356,18 +356,20 @@ def measure_steps(model, cfg, names, clock=None, seed=0):
     steps = {n: make_step(n, model) for n in names}
     times = {}
     try:
-        warm = {}
-        for n in names:  # warm-up: first-call costs (typed lists, thread pools, page faults)
+        def run(n):
             t0 = clock()
             steps[n][0](x, y, train=True, rng=np.random.default_rng(seed))
-            warm[n] = clock() - t0
-        # far behind already, on a long step (a first call's own costs, typed lists and thread
-        # pools, can outweigh a short step, so a short warm-up says little): out
-        quickest = min(warm.values())
-        live = [n for n in names if warm[n] <= max(WARM_FACTOR * quickest, WARM_SECONDS)]
-        times = time_in_turns(lambda n: steps[n][0](x, y, train=True,
-                                                    rng=np.random.default_rng(seed)),
-                              live, MEASURE_SECONDS, MAX_ROUNDS, clock, slow=SLOW_FACTOR)
+            return clock() - t0
+
+        # warm-up: first-call costs (typed lists, thread pools, page faults, compiled code loaded)
+        warm = {n: run(n) for n in names}
+
+        def behind(n):  # far behind, on a long step (a short warm-up says little)
+            return warm[n] > max(WARM_FACTOR * min(warm.values()), WARM_SECONDS)
+        for n in [n for n in names if behind(n)]:
+            warm[n] = run(n)  # once more: its first call may have been loading code
+        live = [n for n in names if not behind(n)]
+        times = time_in_turns(run, live, MEASURE_SECONDS, MAX_ROUNDS, clock, slow=SLOW_FACTOR)
     finally:
         for _, close in steps.values():
             close()

@@ -131,7 +131,8 @@ def test_the_fastest_step_is_chosen_by_measurement_and_cached(monkeypatch, tmp_p
                                "fused_lanes 350 ms, fused 400")
     assert len(said) == 1
     assert fake.calls[:5] == ["fused_lanes", "fused", "sharded", "one_blas", "plain"]  # warm-ups
-    assert "one_blas" not in fake.calls[5:]  # a long warm-up 6x the quickest: out before the turns
+    assert fake.calls[5] == "one_blas"  # a long warm-up 6x the quickest is repeated, and again:
+    assert "one_blas" not in fake.calls[6:]  # out before the turns
     assert sorted(fake.closed) == sorted(parallel.STEPS)
     n = len(fake.calls)
     assert parallel.planned_step(cfg) == "sharded"
@@ -165,6 +166,20 @@ def test_long_steps_are_timed_three_times_each(monkeypatch, tmp_path):
     assert fake.calls.count("sharded") == fake.calls.count("plain") == 1 + parallel.MIN_ROUNDS
     assert said[-1].startswith("step: sharded, the fastest measured here (sharded 850 ms, "
                                "plain 920 ms")
+
+
+def test_a_first_call_that_loads_code_does_not_cut_a_step(monkeypatch, tmp_path):
+    """A candidate whose first call is slow (its compiled code loading, when nothing warmed the
+    kernels before) is warmed up once more before the cut, and so still takes turns and wins."""
+    monkeypatch.setattr(parallel, "cores", lambda: 2)
+    for var in ("NUMGPT_FUSED", "NUMGPT_DATA_PARALLEL", "NUMGPT_STEP"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(parallel, "_choices_path", lambda: str(tmp_path / "choices.json"))
+    cfg = numgpt.get_config("residual")
+    fake = FakeSteps(monkeypatch, {"fused_lanes": [3.0, 0.012], "fused": [2.5, 0.01],
+                                   "sharded": 0.02, "one_blas": 0.03, "plain": 0.04})
+    assert parallel.choose_step(None, cfg, clock=fake.clock) == "fused"
+    assert fake.calls[5:7] == ["fused_lanes", "fused"]  # the two over the cut, once more
 
 
 def test_malloc_is_tuned_before_any_steps_threads_allocate(monkeypatch):
