@@ -45,6 +45,38 @@ ROW_PARTS = 8  # pieces the rows of a big matrix are dealt out in (to numba's th
 BY_INPUT = 0           # W [in, out]: rows of W multiplied into the outputs (small models)
 BY_OUTPUT = 1          # W.T [out, in]: one dot product over a contiguous row per output
 BY_OUTPUT_THREADS = 2  # BY_OUTPUT with the rows dealt out to numba's threads
+BY_INPUT_THREADS = 3   # BY_INPUT with the rows of W dealt out to numba's threads, their sums added
+TRANSPOSED = (BY_OUTPUT, BY_OUTPUT_THREADS)  # the layouts that read W.T
+
+
+@numba.njit(**OPTIONS)
+def _add_rows(xb, W, yb, i0, i1):
+    """yb = sum over i0 <= i < i1 of xb[i] W[i] (W [in, out]), four rows i per sweep: a vectorised
+    multiply-add over the contiguous outputs."""
+    m = W.shape[1]
+    yb[:] = 0
+    i = i0
+    while i + 4 <= i1:
+        x0, x1, x2, x3 = xb[i], xb[i + 1], xb[i + 2], xb[i + 3]
+        W0, W1, W2, W3 = W[i], W[i + 1], W[i + 2], W[i + 3]
+        for j in range(m):
+            yb[j] += x0 * W0[j] + x1 * W1[j] + x2 * W2[j] + x3 * W3[j]
+        i += 4
+    while i < i1:
+        xi, Wi = xb[i], W[i]
+        for j in range(m):
+            yb[j] += xi * Wi[j]
+        i += 1
+
+
+@numba.njit(parallel=True, **OPTIONS)
+def _add_rows_threads(xb, W, parts):
+    """parts [ROW_PARTS, out]: part p = _add_rows over the p-th piece of W's rows, the pieces on
+    numba's threads (each streams a contiguous block of W)."""
+    n = W.shape[0]
+    per = (n + ROW_PARTS - 1) // ROW_PARTS
+    for p in numba.prange(ROW_PARTS):
+        _add_rows(xb, W, parts[p], min(n, p * per), min(n, (p + 1) * per))
 
 
 @numba.njit(parallel=True, **OPTIONS)
@@ -59,18 +91,22 @@ def _dot_rows_threads(xb, W, bias, yb):
 
 @numba.njit(**OPTIONS)
 def _mv(x, W, bias, y, layout):
-    """y[b] = x[b] @ W + bias (bias may be empty) for every row b, in one of three layouts
+    """y[b] = x[b] @ W + bias (bias may be empty) for every row b, in one of four layouts
     (numgpt.generate.choose_layout measures which is the fastest for a model on this machine).
 
     BY_OUTPUT, BY_OUTPUT_THREADS (big models, W given as W.T [out, in]): each output is a dot
     product over one contiguous row, so the weights stream through memory once, front to back;
     the threaded form deals the rows out to numba's threads, since one core's outstanding loads
     do not fill the memory bandwidth (docs/kernels.md has the measured rates).
-    BY_INPUT (small models, W [in, out] in L2): y += x_i W_i, four rows i per sweep, a vectorised
-    multiply-add over contiguous outputs; for 128-wide layers this beats the dot products, whose
-    short sums end in a horizontal add each.
+    BY_INPUT (small models, W [in, out] in L2): y = sum_i x_i W_i, four rows i per sweep, a
+    vectorised multiply-add over contiguous outputs (_add_rows); for 128-wide layers this beats
+    the dot products, whose short sums end in a horizontal add each.
+    BY_INPUT_THREADS (big models, W as stored): the rows of W dealt out in ROW_PARTS contiguous
+    pieces to numba's threads, each piece's sums added in order at the end (no transposed copy
+    of the weights; its sums run in another order than BY_INPUT's, so the last bits differ).
     """
     B = x.shape[0]
+    parts = np.empty((ROW_PARTS if layout == BY_INPUT_THREADS else 0, W.shape[1]), W.dtype)
     for b in range(B):
         xb = x[b]
         yb = y[b]
@@ -79,21 +115,15 @@ def _mv(x, W, bias, y, layout):
         elif layout == BY_OUTPUT:
             _dot_rows(xb, W, bias, yb, 0, W.shape[0])
         else:
-            n, m = W.shape
-            for j in range(m):
-                yb[j] = bias[j] if bias.size else W[0, 0] * 0
-            i = 0
-            while i + 4 <= n:
-                x0, x1, x2, x3 = xb[i], xb[i + 1], xb[i + 2], xb[i + 3]
-                W0, W1, W2, W3 = W[i], W[i + 1], W[i + 2], W[i + 3]
-                for j in range(m):
-                    yb[j] += x0 * W0[j] + x1 * W1[j] + x2 * W2[j] + x3 * W3[j]
-                i += 4
-            while i < n:
-                xi, Wi = xb[i], W[i]
-                for j in range(m):
-                    yb[j] += xi * Wi[j]
-                i += 1
+            if layout == BY_INPUT_THREADS:
+                _add_rows_threads(xb, W, parts)
+                yb[:] = parts[0]
+                for p in range(1, ROW_PARTS):
+                    yb += parts[p]
+            else:
+                _add_rows(xb, W, yb, 0, W.shape[0])
+            if bias.size:
+                yb += bias
 
 
 _layernorm_rows = layernorm_fwd.serial  # the training kernel's forward, on the calling thread
@@ -174,11 +204,32 @@ def _attend(q, Kh, Vh, t, scale, s, yh):
 
 
 @numba.njit(**OPTIONS)
+def _attend_head(qkv, K, V, t, scale, s, y, b, hd):
+    """Head hd of row b: _attend with its query from qkv [B, 3C], its cache K[b, hd], V[b, hd],
+    its output into y [B, C]."""
+    hs = K.shape[3]
+    o = hd * hs
+    _attend(qkv[b, o:o + hs], K[b, hd], V[b, hd], t, scale, s, y[b, o:o + hs])
+
+
+@numba.njit(parallel=True, **OPTIONS)
+def _attend_heads_threads(qkv, K, V, t, scale, s, y):
+    """_attend_head for every (row, head), dealt out to numba's threads (s [B * H, t + 1]: each its
+    own scratch). Each head is one thread's, so the result is the serial loop's bit for bit; for
+    a big model the cached keys and values a token reads (L x 2 x H x t x hs numbers) are worth
+    two cores' memory bandwidth."""
+    H = K.shape[1]
+    for bh in numba.prange(y.shape[0] * H):
+        _attend_head(qkv, K, V, t, scale, s[bh], y, bh // H, bh % H)
+
+
+@numba.njit(**OPTIONS)
 def _attention_sublayer(h, w_qkv, w_proj, b_proj, K, V, t, n_head, attn_proj, layout, qkv, s, y):
     """y [B, C] = the attention sublayer of one new position per row of h [B, C]
     (layers.attention.multihead_forward on the last row): qkv = h [w_q w_k w_v]; the new k, v are
-    stored at t in K, V [B, H, block, hs]; every head attends over positions 0..t (_attend);
-    y = att w_proj + b_proj (attn_proj). qkv, s and h are scratch (h is overwritten)."""
+    stored at t in K, V [B, H, block, hs]; every head attends over positions 0..t (_attend; on
+    numba's threads in the threaded layouts); y = att w_proj + b_proj (attn_proj). qkv, s
+    ([B * H or 1, t + 1]) and h are scratch (h is overwritten)."""
     B, C = h.shape
     hs = C // n_head
     scale = y.dtype.type(1 / math.sqrt(hs))
@@ -188,7 +239,12 @@ def _attention_sublayer(h, w_qkv, w_proj, b_proj, K, V, t, n_head, attn_proj, la
             o = hd * hs
             K[b, hd, t] = qkv[b, C + o:C + o + hs]
             V[b, hd, t] = qkv[b, 2 * C + o:2 * C + o + hs]
-            _attend(qkv[b, o:o + hs], K[b, hd], V[b, hd], t, scale, s, y[b, o:o + hs])
+    if s.shape[0] > 1:
+        _attend_heads_threads(qkv, K, V, t, scale, s, y)
+    else:
+        for b in range(B):
+            for hd in range(n_head):
+                _attend_head(qkv, K, V, t, scale, s[0], y, b, hd)
     if attn_proj:
         h[:] = y
         _mv(h, w_proj, b_proj, y, layout)
@@ -222,8 +278,9 @@ def _ffn_sublayer(h, w_fc, b_fc, w_out, b_out, activation, ffn_proj, layout, f, 
 
 class DecodeWeights(NamedTuple):
     """decode_step's parameters (numgpt.generate.KVCache builds them): the blocks' stacked along a
-    leading layer axis. Matrices are [L, in, out] as stored (BY_INPUT) or transposed to
-    [L, out, in] (BY_OUTPUT and BY_OUTPUT_THREADS, w_head [V, C]; see _mv). Absent parts have
+    leading layer axis. Matrices are [L, in, out] as stored (BY_INPUT, BY_INPUT_THREADS) or
+    transposed to [L, out, in] (BY_OUTPUT and BY_OUTPUT_THREADS, w_head [V, C]; see _mv,
+    TRANSPOSED). Absent parts have
     size 0 (as [L, 0, 0], or w_fc with 0 outputs): w_proj (no output projection), w_fc (no
     feed-forward), w_out (feed-forward without its second linear); absent LayerNorms are zeros."""
     tok_emb: np.ndarray   # [V, C]
@@ -252,8 +309,8 @@ def decode_step(ids, t, arch, weights, K, V, layout, logits):
     arch: the fields of the model's numgpt.arch.Arch, weights: those of its DecodeWeights, as
     plain tuples (tuple(a)), named again here: numba types a plain tuple argument in compiled
     code, a namedtuple field by field in Python on every call. K, V: [L, B, H, block, hs]
-    caches (positions < t filled). layout: of the weights, BY_INPUT, BY_OUTPUT or
-    BY_OUTPUT_THREADS (see _mv).
+    caches (positions < t filled). layout: of the weights, BY_INPUT, BY_OUTPUT, BY_OUTPUT_THREADS
+    or BY_INPUT_THREADS (see _mv; the threaded two run the heads' attention on the threads too).
     The blocks run as in GPT._block_forward: per sublayer, its input (LN or x), the sublayer,
     then the residual and post-norm merge.
     """
@@ -267,7 +324,8 @@ def decode_step(ids, t, arch, weights, K, V, layout, logits):
     y = np.empty((B, C), dt)
     qkv = np.empty((B, 3 * C), dt)
     f = np.empty((B, w.b_fc.shape[1]), dt)
-    s = np.empty(t + 1, dt)
+    threads = layout == BY_OUTPUT_THREADS or layout == BY_INPUT_THREADS
+    s = np.empty((B * a.n_head if threads else 1, t + 1), dt)
     for b in range(B):   # x = tok_emb[ids] + pos_emb[t]
         for c in range(C):
             x[b, c] = w.tok_emb[ids[b], c] + w.pos_emb[t, c]

@@ -80,7 +80,7 @@ class KVCache:
 
 
 # the compiled decoder's weight layouts (kernels/decode.py's _mv), by name
-LAYOUTS = ("by_input", "by_output", "by_output_threads")
+LAYOUTS = ("by_input", "by_output", "by_output_threads", "by_input_threads")
 # the layouts' measurement (numgpt.parallel.time_in_turns): a decode step each per round, at
 # least three rounds, then until MEASURE_SECONDS are spent or MAX_ROUNDS rounds are done
 MEASURE_SECONDS = 0.1
@@ -94,7 +94,7 @@ def _decode_args(model, w_qkv, layout):
     from numgpt.kernels import decode
     cfg = model.cfg
     P, L, C, F, dt = model.params, cfg.n_layer, cfg.n_embd, cfg.ffn_hidden, model.dtype
-    tr = layout != decode.BY_INPUT
+    tr = layout in decode.TRANSPOSED
 
     def T(a):
         return np.ascontiguousarray(a.T) if tr else a
@@ -118,9 +118,9 @@ def _decode_args(model, w_qkv, layout):
 
 
 def layout_candidates():
-    """The layouts that can run here: the threaded one where the kernels may use threads."""
+    """The layouts that can run here: the threaded ones where the kernels may use threads."""
     from numgpt.kernels._jit import threads_allowed
-    return [n for n in LAYOUTS if n != "by_output_threads" or threads_allowed()]
+    return [n for n in LAYOUTS if not n.endswith("_threads") or threads_allowed()]
 
 
 def measure_layouts(model, kv, ids, logits, names, clock=None):
@@ -137,7 +137,7 @@ def measure_layouts(model, kv, ids, logits, names, clock=None):
     built, args = {}, {}
     for n in names:
         layout = getattr(decode, n.upper())
-        tr = layout != decode.BY_INPUT  # the two BY_OUTPUT layouts share their weights
+        tr = layout in decode.TRANSPOSED  # layouts of one orientation share their weights
         if tr not in built:
             built[tr] = _decode_args(model, kv.w_qkv, layout)
         args[n] = built[tr] + (kv.K, kv.V, layout, logits)

@@ -238,7 +238,8 @@ def test_kernels_ignore_garbage_in_their_output_buffers():
                                          ("ffn", {}), ("single_head", {}),
                                          ("residual", {"ffn_mult": 2.0}),
                                          ("preln", {"n_embd": 256, "n_head": 4})])
-@pytest.mark.parametrize("layout", ["by_input", "by_output", "by_output_threads", None])
+@pytest.mark.parametrize("layout", ["by_input", "by_output", "by_output_threads", "by_input_threads",
+                                    None])
 def test_decode_kernel_equals_reference_step(preset, over, layout):
     """kernels/decode.py (one token through the whole model) against model.forward with the cache,
     float32, in every weight layout, and in the one measured fastest here (None)."""
@@ -264,7 +265,9 @@ def test_decode_kernel_equals_reference_step(preset, over, layout):
 
 def test_decode_layouts_agree_bit_for_bit():
     """The by-output layout on numba's threads and on the calling thread give the same logits,
-    bit for bit: each output is one thread's dot product either way."""
+    bit for bit: each output is one thread's dot product either way, and each head's attention
+    one thread's (dealt out to the threads in the threaded layout, in turn on the calling
+    thread in the other)."""
     from numgpt.kernels import decode
     from numgpt.generate import KVCache
     m = numgpt.build_model("preln", seed=3, zero_head=False, n_embd=256, n_head=4, block_size=10)
