@@ -70,13 +70,17 @@ def _add_rows(xb, W, yb, i0, i1):
 
 
 @numba.njit(parallel=True, **OPTIONS)
-def _add_rows_threads(xb, W, parts):
-    """parts [ROW_PARTS, out]: part p = _add_rows over the p-th piece of W's rows, the pieces on
-    numba's threads (each streams a contiguous block of W)."""
+def _add_rows_threads(xb, W, yb):
+    """yb = sum_i xb[i] W[i] with W's rows cut in ROW_PARTS contiguous pieces, each piece's sum
+    (_add_rows) on one of numba's threads, the pieces' sums then added in order."""
     n = W.shape[0]
     per = (n + ROW_PARTS - 1) // ROW_PARTS
+    parts = np.empty((ROW_PARTS, W.shape[1]), W.dtype)
     for p in numba.prange(ROW_PARTS):
         _add_rows(xb, W, parts[p], min(n, p * per), min(n, (p + 1) * per))
+    yb[:] = parts[0]
+    for p in range(1, ROW_PARTS):
+        yb += parts[p]
 
 
 @numba.njit(parallel=True, **OPTIONS)
@@ -106,7 +110,6 @@ def _mv(x, W, bias, y, layout):
     of the weights; its sums run in another order than BY_INPUT's, so the last bits differ).
     """
     B = x.shape[0]
-    parts = np.empty((ROW_PARTS if layout == BY_INPUT_THREADS else 0, W.shape[1]), W.dtype)
     for b in range(B):
         xb = x[b]
         yb = y[b]
@@ -116,10 +119,7 @@ def _mv(x, W, bias, y, layout):
             _dot_rows(xb, W, bias, yb, 0, W.shape[0])
         else:
             if layout == BY_INPUT_THREADS:
-                _add_rows_threads(xb, W, parts)
-                yb[:] = parts[0]
-                for p in range(1, ROW_PARTS):
-                    yb += parts[p]
+                _add_rows_threads(xb, W, yb)
             else:
                 _add_rows(xb, W, yb, 0, W.shape[0])
             if bias.size:
