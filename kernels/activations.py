@@ -43,7 +43,7 @@ def bias_act_fwd(h, b, act, a):
     """h [N, F] (x W without bias) gets the bias added in place (the pre-activation, kept for the
     backward); a [N, F] = act(h + b)."""
     N, F = h.shape
-    zero = np.zeros(1, dtype=a.dtype)[0]  # typed 0 (never from an uninitialised output)
+    zero = a.dtype.type(0)  # typed 0 (np.zeros(1)[0] would be a parallel loop of its own)
     c, A, half, one, two = gelu_consts(a)
     for n in prange(N):
         for f in range(F):
@@ -60,7 +60,7 @@ def bias_act_fwd(h, b, act, a):
 def bias_act_bwd(da, h, act, n_chunks, dh, db_part):
     """da [N, F] -> dh [N, F] = da * act'(h); db_part [n_chunks, F] partial row sums of dh."""
     N, F = h.shape
-    zero = np.zeros(1, dtype=dh.dtype)[0]
+    zero = dh.dtype.type(0)
     c, A, half, one, two = gelu_consts(dh)
     three = one + two
     per = (N + n_chunks - 1) // n_chunks

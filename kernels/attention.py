@@ -68,7 +68,7 @@ def attention_fwd(qkv, n_head, scale, keep, inv_keep, has_drop, y, lse):
     C = C3 // 3
     hs = C // n_head
     dt = y.dtype
-    zero = np.zeros(1, dtype=dt)[0]  # typed 0 (never from an uninitialised buffer)
+    zero = dt.type(0)  # typed 0 (np.zeros(1)[0] would be a parallel loop of its own)
     for bh in prange(B * n_head):
         b = bh // n_head
         h = bh % n_head
@@ -114,7 +114,7 @@ def attention_bwd(qkv, y, dy, lse, n_head, scale, keep, inv_keep, has_drop, dqkv
     C = C3 // 3
     hs = C // n_head
     dt = y.dtype
-    zero = np.zeros(1, dtype=dt)[0]  # typed 0 (never from an uninitialised buffer)
+    zero = dt.type(0)  # typed 0 (np.zeros(1)[0] would be a parallel loop of its own)
     for bh in prange(B * n_head):
         b = bh // n_head
         h = bh % n_head
@@ -176,8 +176,8 @@ def softmax_causal_fwd(S, scale, keep, inv_keep, has_drop, P, Pd, lse):
     reads S's row and writes P's does not vectorise, because LLVM's run-time check that the
     two do not overlap fails; with the copy it does."""
     B, H, T, _ = S.shape
-    zero = np.zeros(1, dtype=P.dtype)[0]
-    one = np.ones(1, dtype=P.dtype)[0]  # typed: 1 / tot stays in P's dtype
+    zero = P.dtype.type(0)
+    one = P.dtype.type(1)  # typed: 1 / tot stays in P's dtype
     for bh in prange(B * H):
         b = bh // H
         h = bh % H
@@ -216,7 +216,7 @@ def softmax_causal_bwd(P, dPd, dy, y, scale, keep, inv_keep, has_drop, Pd, dS):
     with dropout, also Pd = P with the mask applied again (for dv = Pd^T dy). dS may be dPd."""
     B, H, T, _ = P.shape
     hs = y.shape[2] // H
-    zero = np.zeros(1, dtype=P.dtype)[0]
+    zero = P.dtype.type(0)
     for r in prange(B * H * T):
         b = r // (H * T)
         h = (r // T) % H

@@ -70,14 +70,21 @@ def _add_rows(xb, W, yb, i0, i1):
 
 
 @numba.njit(parallel=True, **OPTIONS)
-def _add_rows_threads(xb, W, yb):
-    """yb = sum_i xb[i] W[i] with W's rows cut in ROW_PARTS contiguous pieces, each piece's sum
-    (_add_rows) on one of numba's threads, the pieces' sums then added in order."""
+def _add_rows_threads(xb, W, parts):
+    """parts [ROW_PARTS, out]: parts[p] = _add_rows over the p-th of ROW_PARTS contiguous pieces
+    of W's rows, the pieces on numba's threads. (Nothing else in here: in a parallel function
+    numba runs every array expression as a parallel loop of its own.)"""
     n = W.shape[0]
     per = (n + ROW_PARTS - 1) // ROW_PARTS
-    parts = np.empty((ROW_PARTS, W.shape[1]), W.dtype)
     for p in numba.prange(ROW_PARTS):
         _add_rows(xb, W, parts[p], min(n, p * per), min(n, (p + 1) * per))
+
+
+@numba.njit(**OPTIONS)
+def _add_rows_in_parts(xb, W, yb):
+    """yb = sum_i xb[i] W[i], as the pieces' sums of _add_rows_threads added in order."""
+    parts = np.empty((ROW_PARTS, W.shape[1]), W.dtype)
+    _add_rows_threads(xb, W, parts)
     yb[:] = parts[0]
     for p in range(1, ROW_PARTS):
         yb += parts[p]
@@ -119,7 +126,7 @@ def _mv(x, W, bias, y, layout):
             _dot_rows(xb, W, bias, yb, 0, W.shape[0])
         else:
             if layout == BY_INPUT_THREADS:
-                _add_rows_threads(xb, W, yb)
+                _add_rows_in_parts(xb, W, yb)
             else:
                 _add_rows(xb, W, yb, 0, W.shape[0])
             if bias.size:

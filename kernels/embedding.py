@@ -2,7 +2,6 @@
 
 NumPy reference: numgpt/layers/embedding.py. Derivation: docs/derivations.md#embedding
 """
-import numpy as np
 from numba import prange
 
 from ._jit import jit
@@ -31,7 +30,7 @@ def embed_bwd(idx, dx, dW, dP):
     B, T = idx.shape
     C = dx.shape[2]
     n_blocks = (C + 15) // 16
-    zero = np.zeros(1, dtype=dx.dtype)[0]
+    zero = dx.dtype.type(0)
     for blk in prange(n_blocks):
         c0 = blk * 16
         c1 = min(C, c0 + 16)

@@ -7,7 +7,6 @@ are added at the end, so parallel chunks never write the same element.
 """
 import math
 
-import numpy as np
 from numba import prange
 
 from ._jit import jit
@@ -17,7 +16,7 @@ from ._jit import jit
 def layernorm_fwd(x, g, b, eps, y, mean, rstd):
     """x [N, C] -> y [N, C], mean [N], rstd [N]; two passes per row (mean, then centred variance)."""
     N, C = x.shape
-    zero = np.zeros(1, dtype=y.dtype)[0]  # typed 0 (never from an uninitialised output)
+    zero = y.dtype.type(0)  # typed 0 (np.zeros(1)[0] would be a parallel loop of its own)
     for n in prange(N):
         mu = zero
         for c in range(C):
@@ -42,7 +41,7 @@ def layernorm_bwd(dy, x, g, mean, rstd, n_chunks, dx, dg_part, db_part):
     dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)),  dxhat = dy g
     """
     N, C = x.shape
-    zero = np.zeros(1, dtype=dx.dtype)[0]
+    zero = dx.dtype.type(0)
     per = (N + n_chunks - 1) // n_chunks
     for k in prange(n_chunks):
         for c in range(C):

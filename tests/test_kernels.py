@@ -631,3 +631,42 @@ def test_the_one_blas_thread_step_keeps_stacked_products_whole(monkeypatch, tmp_
     from numgpt.kernels import _jit
     assert _jit.ONE_BLAS_THREAD is False  # set only during the step
     assert seen or not _jit.threads_allowed()  # the plain path did measure
+
+
+# array-making calls that numba turns into a parallel loop of their own inside a parallel function
+_PARALLEL_LOOP_MAKERS = ("zeros", "ones", "full", "zeros_like", "ones_like", "full_like", "arange")
+
+
+def test_threaded_kernels_start_one_parallel_loop_a_call():
+    """Inside a parallel=True kernel, numba runs array expressions outside its prange loop (a
+    typed zero made as np.zeros(1)[0], a slice assignment) as parallel loops of their own, each
+    waking the threads once more a call. Every threaded kernel keeps such work inside its one
+    prange loop or in a serial caller (checked on the sources: a fresh compile to ask numba
+    itself takes minutes)."""
+    import ast
+    import glob
+    import os
+
+    from numgpt.kernels import _jit
+    found, offending = 0, []
+    for path in sorted(glob.glob(os.path.join(_jit.HERE, "*.py"))):
+        with open(path, encoding="utf-8") as f:
+            src = f.read()
+        for fn in ast.walk(ast.parse(src)):
+            if not (isinstance(fn, ast.FunctionDef) and any(
+                    "parallel=True" in ast.get_source_segment(src, d) for d in fn.decorator_list)):
+                continue
+            found += 1
+            outside = [s for s in fn.body
+                       if not (isinstance(s, ast.For) and "prange" in ast.unparse(s.iter))]
+            for stmt in outside:
+                for node in ast.walk(stmt):
+                    makes = (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                             and node.func.attr in _PARALLEL_LOOP_MAKERS)
+                    slices = (isinstance(node, (ast.Assign, ast.AugAssign)) and any(
+                        isinstance(t, ast.Subscript) and isinstance(t.slice, ast.Slice)
+                        for t in (node.targets if isinstance(node, ast.Assign) else [node.target])))
+                    if makes or slices:
+                        offending.append(f"{os.path.basename(path)}:{node.lineno} {fn.name}")
+    assert found >= 15  # every threaded kernel was read
+    assert not offending, offending
