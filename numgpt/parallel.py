@@ -309,14 +309,17 @@ def make_step(name, model):
 # step each per round, until the rounds have taken MEASURE_SECONDS in all (at least MIN_ROUNDS
 # rounds, so that a median decides and not one step's luck; at most MAX_ROUNDS); a candidate over
 # SLOW_FACTOR times the best so far drops out after a round, and one whose warm-up took over
-# WARM_FACTOR times the quickest and over WARM_SECONDS, twice, does not take turns. The choices file
-# keeps at most MAX_CHOICES entries, the newest.
+# WARM_FACTOR times the quickest and over WARM_SECONDS, twice, does not take turns. Where the two
+# best end within CLOSE_FACTOR of each other, those two take turns as long again (at least
+# MIN_ROUNDS rounds more): a close call on three long steps is a coin toss on a noisy machine.
+# The choices file keeps at most MAX_CHOICES entries, the newest.
 MEASURE_SECONDS = 0.6
 MIN_ROUNDS = 3
 MAX_ROUNDS = 25
 SLOW_FACTOR = 1.5
 WARM_FACTOR = 3.0
 WARM_SECONDS = 0.5
+CLOSE_FACTOR = 1.1
 MAX_CHOICES = 200
 
 
@@ -370,6 +373,12 @@ def measure_steps(model, cfg, names, clock=None, seed=0):
             warm[n] = run(n)  # once more: its first call may have been loading code
         live = [n for n in names if not behind(n)]
         times = time_in_turns(run, live, MEASURE_SECONDS, MAX_ROUNDS, clock, slow=SLOW_FACTOR)
+        best = sorted(live, key=lambda n: float(np.median(times[n])))[:2]
+        if len(best) == 2 and (float(np.median(times[best[1]]))
+                               <= CLOSE_FACTOR * float(np.median(times[best[0]]))):
+            more = time_in_turns(run, best, MEASURE_SECONDS, MAX_ROUNDS, clock)
+            for n in best:
+                times[n] += more[n]
     finally:
         for _, close in steps.values():
             close()

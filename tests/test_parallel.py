@@ -160,12 +160,32 @@ def test_long_steps_are_timed_three_times_each(monkeypatch, tmp_path):
     monkeypatch.setattr(parallel, "_choices_path", lambda: str(tmp_path / "choices.json"))
     cfg = numgpt.get_config("residual", dropout=0.1)  # sharded, one_blas, plain
     fake = FakeSteps(monkeypatch, {"sharded": [1.4, 1.2, 0.85], "one_blas": 1.7,
-                                   "plain": [1.5, 0.92]})
+                                   "plain": [1.5, 0.96]})  # not a close call (CLOSE_FACTOR)
     said = []
     assert parallel.choose_step(None, cfg, say=said.append, clock=fake.clock) == "sharded"
     assert fake.calls.count("sharded") == fake.calls.count("plain") == 1 + parallel.MIN_ROUNDS
     assert said[-1].startswith("step: sharded, the fastest measured here (sharded 850 ms, "
-                               "plain 920 ms")
+                               "plain 960 ms")
+
+
+def test_a_close_call_is_timed_again(monkeypatch, tmp_path):
+    """Where the two best steps end within CLOSE_FACTOR, those two take turns again and the
+    median over both measurements decides: here sharded's first three steps are a slow spell."""
+    monkeypatch.setattr(parallel, "cores", lambda: 2)
+    for var in ("NUMGPT_FUSED", "NUMGPT_DATA_PARALLEL", "NUMGPT_STEP"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(parallel, "_choices_path", lambda: str(tmp_path / "choices.json"))
+    cfg = numgpt.get_config("residual", dropout=0.1)  # sharded, one_blas, plain
+    fake = FakeSteps(monkeypatch, {"sharded": [1.5, 1.1, 1.1, 1.1, 0.8], "one_blas": 3.0,
+                                   "plain": [1.5, 1.0]})
+    assert parallel.choose_step(None, cfg, clock=fake.clock) == "sharded"
+    n = parallel.MIN_ROUNDS
+    assert fake.calls.count("sharded") == fake.calls.count("plain") == 1 + 2 * n
+    assert fake.calls.count("one_blas") == 2  # its warm-up and one round: far behind, out
+    # a clear lead is not timed again
+    fake2 = FakeSteps(monkeypatch, {"sharded": [1.5, 0.8], "one_blas": 3.0, "plain": [1.5, 1.0]})
+    assert parallel.choose_step(None, cfg.replace(batch_size=16), clock=fake2.clock) == "sharded"
+    assert fake2.calls.count("sharded") == 1 + n
 
 
 def test_a_first_call_that_loads_code_does_not_cut_a_step(monkeypatch, tmp_path):
