@@ -53,13 +53,12 @@ WITH_GRAD = True  # _xent's want_grad: the loss's gradient dz too
 
 # a layer's parameters by their place in numgpt.arch.BLOCK_PARAMS (the columns of `slots`; -1 where
 # the config has no such parameter), the model's others by their place in TOP_PARAMS (`top`)
-(LN1_G, LN1_B, W_Q, W_K, W_V, W_PROJ, B_PROJ, LN2_G, LN2_B, W_FC, B_FC, W_OUT,
- B_OUT) = map(BLOCK_PARAMS.index, ("ln1.g", "ln1.b", "attn.w_q", "attn.w_k", "attn.w_v",
-                                   "attn.w_proj", "attn.b_proj", "ln2.g", "ln2.b", "ffn.w_fc",
-                                   "ffn.b_fc", "ffn.w_out", "ffn.b_out"))
+W_Q, W_K, W_V, W_PROJ, B_PROJ, W_FC, B_FC, W_OUT, B_OUT = map(
+    BLOCK_PARAMS.index, ("attn.w_q", "attn.w_k", "attn.w_v", "attn.w_proj", "attn.b_proj",
+                         "ffn.w_fc", "ffn.b_fc", "ffn.w_out", "ffn.b_out"))
 TOK, POS, LNF_G, LNF_B, LM_W, LM_B = map(TOP_PARAMS.index, ("tok_emb", "pos_emb", "ln_f.g",
                                                          "ln_f.b", "lm_head.w", "lm_head.b"))
-# each sublayer's LayerNorm (g and b), by sublayer: LN_G[SUB_ATTN] is LN1_G
+# each sublayer's LayerNorm (g and b), by sublayer: LN_G[SUB_ATTN] is ln1.g's place
 LN_G = tuple(BLOCK_PARAMS.index(ln + ".g") for _, ln in SUBLAYERS)
 LN_B = tuple(BLOCK_PARAMS.index(ln + ".b") for _, ln in SUBLAYERS)
 N_SUB = len(SUBLAYERS)  # the second axis of the per-sublayer buffers (lnx, mean, rstd, hin)

@@ -308,7 +308,8 @@ def make_step(name, model):
 # the measurement: every candidate warms up with one untimed step, then all take turns, a timed
 # step each per round, until the rounds have taken MEASURE_SECONDS in all (at least MIN_ROUNDS
 # rounds, so that a median decides and not one step's luck; at most MAX_ROUNDS); a candidate over
-# SLOW_FACTOR times the best so far drops out after a round, and one whose warm-up took over
+# SLOW_FACTOR times the best so far drops out after a round (the rounds end when one is left:
+# a long step is not timed again with nothing to compare it to), and one whose warm-up took over
 # WARM_FACTOR times the quickest and over WARM_SECONDS, twice, does not take turns. Where the two
 # best end within CLOSE_FACTOR of each other, those two take turns as long again (at least
 # MIN_ROUNDS rounds more): a close call on three long steps is a coin toss on a noisy machine.
@@ -327,7 +328,8 @@ def time_in_turns(run, names, seconds, max_rounds, clock, slow=None):
     """{name: [seconds of each timed run(name)]}: the candidates names run in turns, one timed
     call each per round, the order rotating, for at least MIN_ROUNDS rounds (so that a median
     decides, not one call's luck), then until `seconds` are spent or max_rounds are done. With
-    slow, a candidate whose median is over slow times the best one's drops out after a round.
+    slow, a candidate whose median is over slow times the best one's drops out after a round,
+    and the rounds end when one is left.
     The step measurement here and the decoder's layout measurement (numgpt/generate.py) use it."""
     times = {n: [] for n in names}
     live, spent = list(names), 0.0
@@ -340,6 +342,8 @@ def time_in_turns(run, names, seconds, max_rounds, clock, slow=None):
         if slow is not None:
             best = min(float(np.median(times[n])) for n in live)
             live = [n for n in live if float(np.median(times[n])) <= slow * best]
+            if len(live) == 1:  # the others are far behind: nothing left to compare
+                break
         if spent >= seconds and r + 1 >= MIN_ROUNDS:
             break
     return times

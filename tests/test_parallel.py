@@ -405,3 +405,22 @@ def test_import_order_changes_nothing(order):
     import platform
     assert tuned is (platform.libc_ver()[0] == "glibc" and not _threads_opted_out())
     assert timeouts and all(t == 4 for t in timeouts)
+
+
+def test_the_rounds_end_when_one_step_is_left(monkeypatch, tmp_path):
+    """Where after a round every other step is over SLOW_FACTOR times the best, the best is not
+    timed again (a long step would only spend time with nothing left to compare it to)."""
+    monkeypatch.setattr(parallel, "cores", lambda: 2)
+    for var in ("NUMGPT_FUSED", "NUMGPT_DATA_PARALLEL", "NUMGPT_STEP"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(parallel, "_choices_path", lambda: str(tmp_path / "choices.json"))
+    cfg = numgpt.get_config("residual", dropout=0.1)  # sharded, one_blas, plain
+    fake = FakeSteps(monkeypatch, {"sharded": [1.5, 1.0], "one_blas": 2.0, "plain": [1.5, 1.6]})
+    said = []
+    assert parallel.choose_step(None, cfg, say=said.append, clock=fake.clock) == "sharded"
+    assert sorted(fake.calls) == sorted(["sharded", "one_blas", "plain"] * 2)  # warm-up, a round
+    assert said[-1].startswith("step: sharded, the fastest measured here (sharded 1e+03 ms")
+    # where two stay within SLOW_FACTOR, both are timed MIN_ROUNDS times
+    fake2 = FakeSteps(monkeypatch, {"sharded": [1.5, 1.0], "one_blas": 2.0, "plain": [1.5, 1.4]})
+    parallel.choose_step(None, cfg.replace(batch_size=16), clock=fake2.clock)
+    assert fake2.calls.count("sharded") == fake2.calls.count("plain") == 1 + parallel.MIN_ROUNDS
