@@ -28,9 +28,6 @@ KERNEL_NAMES = {"attention": ["attention_fwd", "attention_bwd", "softmax_causal_
                 "adamw": ["adamw_update"], "dropout": ["keep_fill", "dropout_fill"]}
 FUSED_NAMES = {"step": ["train_step"]}  # compiled where SciPy is there (numgpt.parallel.FusedStep)
 SINGLE_NAMES = {"adamw": ["adamw_update_lists", "sum_squares_lists", "scale_lists"]}
-DECODE_NAMES = ["decode_step", "_sublayer_input", "_attention_sublayer", "_attend",
-                "_ffn_sublayer", "_activate", "_merge", "_mv", "_dot_rows", "_dot_rows_threads",
-                "_layernorm", "sample_rows"]
 
 
 def _cache_dir():
@@ -77,8 +74,17 @@ def _fused_possible():
     return True
 
 
+def decode_names():
+    """The compiled functions of kernels/decode.py (each caches its own code)."""
+    from numba.core.registry import CPUDispatcher
+
+    from . import decode
+    return [name for name, f in vars(decode).items() if isinstance(f, CPUDispatcher)
+            and f.py_func.__module__ == decode.__name__]
+
+
 def decode_cache_is_warm():
-    return all(_cached("decode", name) for name in DECODE_NAMES)
+    return all(_cached("decode", name) for name in decode_names())
 
 
 def warmup_decode(dtype="float32", say=None):

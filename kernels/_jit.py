@@ -20,7 +20,7 @@ import types
 import numba
 
 import numgpt
-from numgpt import _threads, env, paths
+from numgpt import _threads, arch, env, paths
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -50,8 +50,10 @@ OPTIONS = dict(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
 # the numgpt package: installed, these files are numgpt/kernels/, in a clone the top-level kernels/)
 NUMGPT_DIR = os.path.dirname(os.path.abspath(numgpt.__file__))
 DROPOUT_REFERENCE = os.path.join(NUMGPT_DIR, "layers", "dropout.py")
-# numgpt/arch.py too: the kernels compile its constants in (NORM_PRE, ACT_RELU, ...)
+# numgpt/arch.py too: the kernels compile its constants in (NORM_PRE, ACT_RELU, ...); and
+# numgpt/layers/layernorm.py: LayerNorm's EPS
 ARCH_DESCRIPTION = os.path.join(NUMGPT_DIR, "arch.py")
+LAYERNORM_REFERENCE = os.path.join(NUMGPT_DIR, "layers", "layernorm.py")
 
 
 def _stamp():
@@ -60,7 +62,8 @@ def _stamp():
     h = hashlib.sha256(f"{numba.__version__} {sorted(options.items())}".encode())
     sources = [(os.path.basename(p), p) for p in sorted(glob.glob(os.path.join(HERE, "*.py")))]
     for name, path in sources + [("numgpt/layers/dropout.py", DROPOUT_REFERENCE),
-                                 ("numgpt/arch.py", ARCH_DESCRIPTION)]:
+                                 ("numgpt/arch.py", ARCH_DESCRIPTION),
+                                 ("numgpt/layers/layernorm.py", LAYERNORM_REFERENCE)]:
         with open(path, "rb") as f:
             h.update(name.encode() + b"\0" + f.read())
     return h.hexdigest()[:16]
@@ -156,6 +159,11 @@ except (ImportError, AttributeError):  # another numba's internals: its own cach
     CACHE_DIR = CACHE_BASE
     if not IN_TREE and not env.path("NUMBA_CACHE_DIR"):
         OPTIONS["cache"] = False  # numba's own would be beside the sources, in site-packages
+
+
+# numgpt.arch.n_sublayers, for the compiled step and decoder to loop over a block's sublayers
+# (inlined into its callers and cached in theirs; arch.py is part of the cache's stamp)
+n_sublayers = numba.njit(inline="always", nogil=True)(arch.n_sublayers)
 
 
 def _renamed(fn, suffix):

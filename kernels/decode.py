@@ -21,9 +21,10 @@ from typing import NamedTuple
 import numba
 import numpy as np
 
-from numgpt.arch import ACT_GELU, NORM_NONE, NORM_POST, NORM_PRE, Arch
+from numgpt.arch import ACT_GELU, NORM_NONE, NORM_POST, NORM_PRE, SUB_ATTN, Arch
+from numgpt.layers.layernorm import EPS as LN_EPS
 
-from ._jit import OPTIONS
+from ._jit import OPTIONS, n_sublayers
 from .activations import gelu_consts, tanh_by_exp
 from .layernorm import layernorm_fwd
 
@@ -140,7 +141,7 @@ _layernorm_rows = layernorm_fwd.serial  # the training kernel's forward, on the 
 def _layernorm(x, g, b, out):
     """LayerNorm of each row of x [B, C] into out, by kernels/layernorm.py's forward."""
     stats = np.empty((2, x.shape[0]), x.dtype)  # mean and 1/std, not needed here
-    _layernorm_rows(x, g, b, x.dtype.type(1e-5), out, stats[0], stats[1])
+    _layernorm_rows(x, g, b, x.dtype.type(LN_EPS), out, stats[0], stats[1])
 
 
 @numba.njit(**OPTIONS)
@@ -287,18 +288,17 @@ class DecodeWeights(NamedTuple):
     """decode_step's parameters (numgpt.generate.KVCache builds them): the blocks' stacked along a
     leading layer axis. Matrices are [L, in, out] as stored (BY_INPUT, BY_INPUT_THREADS) or
     transposed to [L, out, in] (BY_OUTPUT and BY_OUTPUT_THREADS, w_head [V, C]; see _mv,
-    TRANSPOSED). Absent parts have
-    size 0 (as [L, 0, 0], or w_fc with 0 outputs): w_proj (no output projection), w_fc (no
-    feed-forward), w_out (feed-forward without its second linear); absent LayerNorms are zeros."""
+    TRANSPOSED). The sublayers' LayerNorms are by sublayer (numgpt.arch.SUBLAYERS: ln_g[l, j] is
+    block l's sublayer j's). Absent parts have size 0 (as [L, 0, 0], or w_fc with 0 outputs):
+    w_proj (no output projection), w_fc (no feed-forward), w_out (feed-forward without its
+    second linear); absent LayerNorms are zeros."""
     tok_emb: np.ndarray   # [V, C]
     pos_emb: np.ndarray   # [block, C]
-    ln1_g: np.ndarray     # [L, C]
-    ln1_b: np.ndarray
+    ln_g: np.ndarray      # [L, N_SUB, C]: ln1, ln2
+    ln_b: np.ndarray
     w_qkv: np.ndarray     # [L, C, 3C]: w_q, w_k, w_v side by side
     w_proj: np.ndarray    # [L, C, C]
     b_proj: np.ndarray    # [L, C]
-    ln2_g: np.ndarray
-    ln2_b: np.ndarray
     w_fc: np.ndarray      # [L, C, F]
     b_fc: np.ndarray      # [L, F]
     w_out: np.ndarray     # [L, F, C]
@@ -318,8 +318,8 @@ def decode_step(ids, t, arch, weights, K, V, layout, logits):
     code, a namedtuple field by field in Python on every call. K, V: [L, B, H, block, hs]
     caches (positions < t filled). layout: of the weights, BY_INPUT, BY_OUTPUT, BY_OUTPUT_THREADS
     or BY_INPUT_THREADS (see _mv; the threaded two run the heads' attention on the threads too).
-    The blocks run as in GPT._block_forward: per sublayer, its input (LN or x), the sublayer,
-    then the residual and post-norm merge.
+    The blocks run as in GPT._block_forward: per sublayer (numgpt.arch.n_sublayers), its input
+    (LN or x), the sublayer, then the residual and post-norm merge.
     """
     a = Arch(*arch)
     w = DecodeWeights(*weights)
@@ -337,15 +337,16 @@ def decode_step(ids, t, arch, weights, K, V, layout, logits):
         for c in range(C):
             x[b, c] = w.tok_emb[ids[b], c] + w.pos_emb[t, c]
     for l in range(a.n_layer):
-        _sublayer_input(x, a.norm, w.ln1_g[l], w.ln1_b[l], h)
-        _attention_sublayer(h, w.w_qkv[l], w.w_proj[l], w.b_proj[l], K[l], V[l], t, a.n_head,
-                            a.attn_proj, layout, qkv, s, y)
-        _merge(x, y, h, a.residual, a.norm, w.ln1_g[l], w.ln1_b[l])
-        if a.ffn:
-            _sublayer_input(x, a.norm, w.ln2_g[l], w.ln2_b[l], h)
-            _ffn_sublayer(h, w.w_fc[l], w.b_fc[l], w.w_out[l], w.b_out[l], a.activation,
-                          a.ffn_proj, layout, f, y)
-            _merge(x, y, h, a.residual, a.norm, w.ln2_g[l], w.ln2_b[l])
+        for j in range(n_sublayers(a)):
+            g, beta = w.ln_g[l, j], w.ln_b[l, j]  # the sublayer's LayerNorm
+            _sublayer_input(x, a.norm, g, beta, h)
+            if j == SUB_ATTN:
+                _attention_sublayer(h, w.w_qkv[l], w.w_proj[l], w.b_proj[l], K[l], V[l], t,
+                                    a.n_head, a.attn_proj, layout, qkv, s, y)
+            else:
+                _ffn_sublayer(h, w.w_fc[l], w.b_fc[l], w.w_out[l], w.b_out[l], a.activation,
+                              a.ffn_proj, layout, f, y)
+            _merge(x, y, h, a.residual, a.norm, g, beta)
     if a.norm != NORM_NONE:   # the head: logits = LN_f(x) w_head + b_head
         h[:] = x
         _layernorm(h, w.lnf_g, w.lnf_b, x)

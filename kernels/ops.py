@@ -11,6 +11,7 @@ import numpy as np
 
 from numgpt.arch import ACTIVATIONS as _ACT
 from numgpt.layers import linear_backward, linear_forward
+from numgpt.layers.layernorm import EPS as LN_EPS
 from numgpt.ops import op_set
 
 from . import _jit
@@ -52,7 +53,7 @@ def embed_backward(dx, cache):
 
 # ---- LayerNorm ----
 
-def layernorm_forward(x, g, b, eps=1e-5):
+def layernorm_forward(x, g, b, eps=LN_EPS):
     C = x.shape[-1]
     x2 = np.ascontiguousarray(x).reshape(-1, C)
     N = x2.shape[0]

@@ -33,8 +33,9 @@ from numba import prange
 
 from numgpt.arch import (BLOCK_PARAMS, NORM_NONE, NORM_POST, NORM_PRE, SUB_ATTN, SUB_FFN,
                          SUBLAYERS, TOP_PARAMS, Arch)
+from numgpt.layers.layernorm import EPS as LN_EPS
 
-from ._jit import fast_exp, jit
+from ._jit import fast_exp, jit, n_sublayers
 from .activations import bias_act_bwd, bias_act_fwd
 from .attention import softmax_causal_bwd, softmax_causal_fwd
 from .blas import gemm
@@ -331,7 +332,7 @@ def _workspace(a, nb, T, C, F, V, dt, lanes):
     L, H = a.n_layer, a.n_head
     sc = np.empty(2, dtype=dt)   # constants in the arrays' dtype
     sc[0] = (C // H) ** -0.5
-    sc[1] = 1e-5
+    sc[1] = LN_EPS
     valid = np.zeros((T, M) if lanes else (0, 0), dtype=dt)
     if lanes:
         for o in range(T):
@@ -486,8 +487,7 @@ def _block_fwd(a, w, l, P, p, wqkv, x):
     feed-forward): h = LN(x) (pre-norm) or x; f = sublayer(h); x = x + f (residual) or f;
     x = LN(x) (post-norm)."""
     f = w.f
-    last = SUB_FFN if a.ffn else SUB_ATTN
-    for j in range(SUB_ATTN, last + 1):
+    for j in range(n_sublayers(a)):
         g, b = LN_G[j], LN_B[j]
         h = w.hin[l, j]
         if a.norm == NORM_PRE:
@@ -515,8 +515,7 @@ def _block_bwd(a, w, l, P, G, s, p, wqkv, ds):
     sublayer's output gets df = ds; dh = sublayer'(df); (pre-norm) dh = LN'(dh);
     ds = df + dh (residual: the skip's gradient plus the sublayer's) or dh."""
     df, dh = w.df, w.dh
-    last = SUB_FFN if a.ffn else SUB_ATTN
-    for j in range(last, SUB_ATTN - 1, -1):
+    for j in range(n_sublayers(a) - 1, -1, -1):
         g, b = LN_G[j], LN_B[j]
         if a.norm == NORM_POST:
             _layernorm_bwd(ds, w.lnx[l, j], P[p[g]], w.mean[l, j], w.rstd[l, j], df, w.gg, w.gb,

@@ -49,9 +49,16 @@ class Arch(NamedTuple):
     activation: int   # ACT_RELU or ACT_GELU
 
 
+def n_sublayers(a):
+    """How many sublayers a block of Arch a has: the first n_sublayers(a) of SUBLAYERS, i.e.
+    attention, then the feed-forward where a.ffn. The compiled step and decoder loop over
+    range(n_sublayers(a)) (kernels/step.py, kernels/decode.py)."""
+    return 2 if a.ffn else 1
+
+
 def sublayers(a):
     """The sublayers a block of Arch a has, in order: SUB_ATTN, then SUB_FFN where a.ffn."""
-    return (SUB_ATTN, SUB_FFN) if a.ffn else (SUB_ATTN,)
+    return tuple(range(n_sublayers(a)))
 
 
 def has_param(a, name):

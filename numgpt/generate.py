@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 
+from .arch import SUBLAYERS, has_param
 from .layers.attention import attention_forward, merge_heads, split_heads
 from .layers.linear import linear_forward
 from .model import _check_ids
@@ -89,32 +90,36 @@ MAX_ROUNDS = 200
 
 def _decode_args(model, w_qkv, layout):
     """decode_step's arguments for the model: its Arch and its DecodeWeights for layout, as plain
-    tuples (see decode_step). The blocks' parameters are stacked along a leading layer axis;
-    matrices transposed to [out, in] for the BY_OUTPUT layouts."""
+    tuples (see decode_step). The blocks' parameters are stacked along a leading layer axis (the
+    LayerNorms [L, sublayer, C], by numgpt.arch.SUBLAYERS); matrices transposed to [out, in] for
+    the BY_OUTPUT layouts; zeros where the model has no such parameter."""
     from numgpt.kernels import decode
-    cfg = model.cfg
+    cfg, a = model.cfg, model.arch
     P, L, C, F, dt = model.params, cfg.n_layer, cfg.n_embd, cfg.ffn_hidden, model.dtype
     tr = layout in decode.TRANSPOSED
 
-    def T(a):
-        return np.ascontiguousarray(a.T) if tr else a
+    def T(m):
+        return np.ascontiguousarray(m.T) if tr else m
 
-    def stack(name, shape):  # [L, ...]; matrices [L, out, in] when tr; zeros where absent
-        if f"blocks.0.{name}" not in P:
+    def stack(name, shape):  # [L, ...] of block parameter name; shape where absent
+        if not has_param(a, name):
             return np.zeros((L,) + shape, dtype=dt)
         return np.ascontiguousarray(np.stack([T(P[f"blocks.{i}.{name}"]) for i in range(L)]))
-    none = np.zeros(0, dtype=dt)
+
+    def norms(leaf):  # [L, N_SUB, C]: every sublayer's LayerNorm g or b
+        return np.ascontiguousarray(np.stack([stack(f"{ln}.{leaf}", (C,)) for _, ln in SUBLAYERS],
+                                             axis=1))
+
+    def top(name):
+        return P[name] if has_param(a, name) else np.zeros(0, dtype=dt)
     weights = decode.DecodeWeights(
-        tok_emb=P["tok_emb"], pos_emb=P["pos_emb"],
-        ln1_g=stack("ln1.g", (C,)), ln1_b=stack("ln1.b", (C,)),
+        tok_emb=P["tok_emb"], pos_emb=P["pos_emb"], ln_g=norms("g"), ln_b=norms("b"),
         w_qkv=np.ascontiguousarray(w_qkv.transpose(0, 2, 1)) if tr else w_qkv,
         w_proj=stack("attn.w_proj", (0, 0)), b_proj=stack("attn.b_proj", (C,)),
-        ln2_g=stack("ln2.g", (C,)), ln2_b=stack("ln2.b", (C,)),
         w_fc=stack("ffn.w_fc", (0, C) if tr else (C, 0)), b_fc=stack("ffn.b_fc", (F,)),
         w_out=stack("ffn.w_out", (0, 0)), b_out=stack("ffn.b_out", (C,)),
-        lnf_g=P.get("ln_f.g", none), lnf_b=P.get("ln_f.b", none),
-        w_head=T(P["lm_head.w"]), b_head=P["lm_head.b"])
-    return tuple(model.arch), tuple(weights)
+        lnf_g=top("ln_f.g"), lnf_b=top("ln_f.b"), w_head=T(P["lm_head.w"]), b_head=P["lm_head.b"])
+    return tuple(a), tuple(weights)
 
 
 def layout_candidates():

@@ -5,6 +5,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 import numgpt.kernels._jit as jit
 
 
@@ -22,11 +24,14 @@ def test_cache_folder_is_named_by_the_kernel_sources(tmp_path, monkeypatch):
     assert len({jit._stamp(), same}) == 2
 
 
-def test_cache_folder_follows_the_dropout_reference(tmp_path, monkeypatch):
-    """kernels/dropout.py compiles in the hash constants of numgpt/layers/dropout.py."""
-    ref = tmp_path / "dropout.py"
-    shutil.copy(jit.DROPOUT_REFERENCE, ref)
-    monkeypatch.setattr(jit, "DROPOUT_REFERENCE", str(ref))
+@pytest.mark.parametrize("attr", ["DROPOUT_REFERENCE", "ARCH_DESCRIPTION", "LAYERNORM_REFERENCE"])
+def test_cache_folder_follows_the_files_outside_kernels_it_compiles_in(tmp_path, monkeypatch, attr):
+    """The kernels compile in constants from numgpt/layers/dropout.py (the hash), numgpt/arch.py
+    (the block's structure flags) and numgpt/layers/layernorm.py (EPS): a change to any of them
+    names another cache folder."""
+    ref = tmp_path / "copy.py"
+    shutil.copy(getattr(jit, attr), ref)
+    monkeypatch.setattr(jit, attr, str(ref))
     same = jit._stamp()
     assert os.path.basename(jit.CACHE_DIR) == "numba-" + same
     with open(ref, "a") as f:
@@ -60,3 +65,24 @@ def test_typed_list_helpers_are_cached_with_the_kernels(tmp_path):
     assert cache_dir.startswith(str(tmp_path))
     assert any(f.startswith("typedlist._make_list") for f in os.listdir(cache_dir))
     assert int(runs[0][1]) == 0 and int(runs[1][1]) >= 3  # compiled once, then loaded
+
+
+def test_the_decoder_counts_as_cached_only_when_all_of_it_is():
+    """kernels.decode_cache_is_warm (whether sampling will say it compiles) checks every compiled
+    function of kernels/decode.py, found in the module (a hand-kept list fell behind the decoder),
+    and after a sample they are all in the cache."""
+    import glob
+
+    from numgpt import kernels
+    from numgpt.kernels import decode
+    names = kernels.decode_names()
+    assert {"decode_step", "sample_rows", "_mv", "_add_rows_threads", "_attend_heads_threads",
+            "_ffn_sublayer"} <= set(names)
+    assert "_layernorm_rows" not in names  # kernels/layernorm.py's, cached as its own
+    assert all(getattr(decode, n).py_func.__module__ == decode.__name__ for n in names)
+    if not jit.OPTIONS["cache"]:
+        return  # nothing is cached where the cache folder cannot be written
+    kernels.warmup_decode()
+    assert kernels.decode_cache_is_warm()
+    for n in names:
+        assert glob.glob(os.path.join(jit.CACHE_DIR, f"decode.{n}-*.nbi")), n

@@ -5,8 +5,11 @@ Gradient check: tests/test_layers.py::test_layernorm_grad
 """
 import numpy as np
 
+EPS = 1e-5  # in var + eps, torch.nn.LayerNorm's default; the kernels, the fused step and the decoder
+#             use this one too
 
-def layernorm_forward(x, g, b, eps=1e-5):
+
+def layernorm_forward(x, g, b, eps=EPS):
     """x: [..., C], g: [C], b: [C] -> y [..., C], cache
 
     The variance is the biased one (divide by C), as in torch.nn.LayerNorm.
