@@ -1,7 +1,7 @@
 """numba twins of numgpt's hot layers (issue: speed). Each kernel has its NumPy reference in
 numgpt/layers; tests/test_kernels.py holds the two equal, and the gradient checks run with both.
 
-    attention.py    causal attention: softmax between BLAS products, or fused (flash style)
+    attention.py    causal attention's softmax between BLAS's products, forward and backward
     layernorm.py    LayerNorm forward/backward
     activations.py  bias + ReLU/GELU forward/backward
     loss.py         softmax cross-entropy with its gradient in one pass
@@ -20,8 +20,7 @@ import time
 
 from . import _jit  # noqa: F401  (first: the thread settings, numgpt/_threads.py)
 
-KERNEL_NAMES = {"attention": ["attention_fwd", "attention_bwd", "softmax_causal_fwd",
-                              "softmax_causal_bwd"],
+KERNEL_NAMES = {"attention": ["softmax_causal_fwd", "softmax_causal_bwd"],
                 "layernorm": ["layernorm_fwd", "layernorm_bwd"],
                 "activations": ["bias_act_fwd", "bias_act_bwd"],
                 "loss": ["cross_entropy_fwd_bwd"], "embedding": ["embed_fwd", "embed_bwd"],
@@ -118,7 +117,7 @@ def warmup(dtype="float32", say=None, fused=True):
         try:
             for serial in (True, False):  # the serial twins, then the parallel kernels
                 _jit.FORCE_SERIAL, _jit.FORCE_THREADS = serial, not serial
-                for act, stored in (("relu", True), ("gelu", False)):  # both attention paths
+                for act, stored in (("relu", True), ("gelu", False)):  # probabilities kept or not
                     ops.STORE_PROBS_BYTES = store if stored else -1
                     cfg = get_config("laptop", n_embd=8, n_head=2, n_layer=1, block_size=4,
                                      vocab_size=5, dropout=0.1, activation=act, kernels=True)

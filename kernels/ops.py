@@ -17,7 +17,7 @@ from numgpt.ops import op_set
 from . import _jit
 from ._jit import pick, threads_allowed
 from .activations import bias_act_bwd, bias_act_fwd
-from .attention import attention_bwd, attention_fwd, softmax_causal_bwd, softmax_causal_fwd
+from .attention import softmax_causal_bwd, softmax_causal_fwd
 from .dropout import dropout_backward, dropout_forward, keep_mask
 from .embedding import embed_bwd, embed_fwd
 from .layernorm import layernorm_bwd, layernorm_fwd
@@ -79,11 +79,16 @@ def layernorm_backward(dy, cache):
 # ---- attention ----
 
 # The largest T x T probabilities of one layer (B * H * T * T values) kept for the backward pass:
-# up to this the products run in BLAS and the probabilities are stored (kernels/attention.py,
-# path 1, the faster one); above it the fused kernels recompute them, so that memory stays
-# linear in T. 32 MB covers the laptop preset and the scaled one at batch 8; the
-# scaled preset at batch 64 would keep 100 MB per layer and takes the fused path.
+# up to this they are stored; above it they are computed again in the backward, so that memory
+# stays linear in the batch. 32 MB covers the laptop preset and the scaled one at batch 8; the
+# scaled preset at batch 64 would keep 100 MB per layer and computes them again. Either way the
+# products run in BLAS with the causal softmax kernels between them (kernels/attention.py).
 STORE_PROBS_BYTES = 32 << 20
+# Where they are computed again, a layer goes through the batch in chunks of a few sequences
+# whose probabilities (and their gradient's, in the backward) take at most this much memory at a
+# time; how many sequences a chunk holds is measured on this machine (_chunk_sequences): small
+# chunks stay in the caches, bigger ones give BLAS more work per call.
+CHUNK_BYTES = 8 << 20
 # A feed-forward layer's activation a = act(h) [N, F] above this size is not kept for the
 # backward but computed again from h there: one more pass of the activation kernel, for
 # 100 MB less memory a block in the scaled model at batch 64 (kernels/dropout.py likewise keeps
@@ -93,7 +98,7 @@ RECOMPUTE_BYTES = 32 << 20
 
 
 def stores_probs(B, n_head, T, dtype):
-    """Whether attention over [B, T] with n_head heads takes the stored-probabilities path."""
+    """Whether attention over [B, T] with n_head heads keeps its probabilities for the backward."""
     return B * n_head * T * T * np.dtype(dtype).itemsize <= STORE_PROBS_BYTES
 
 
@@ -223,6 +228,113 @@ def _head_view(a, n_head, C, part=0):
     return a[:, :, part * C:(part + 1) * C].reshape(B, T, n_head, C // n_head).transpose(0, 2, 1, 3)
 
 
+def _attention_probs(qkv, n_head, scale, keep, inv_keep, has_drop, lse):
+    """P [B, H, T, T]: the causal softmax of scale q k^T for the sequences of qkv [B, T, 3C]
+    (zeros above the diagonal), and Pd, P with dropout (P itself without); lse [B, H, T] is
+    written. The scores in BLAS (kernels/ops._causal_bmm), the softmax by its kernel."""
+    C = qkv.shape[2] // 3
+    q, k = _head_view(qkv, n_head, C, 0), _head_view(qkv, n_head, C, 1)
+    P = _causal_bmm("scores", q, k.transpose(0, 1, 3, 2), None)   # S = q k^T, then P in place
+    Pd = np.empty_like(P) if has_drop else P
+    pick(softmax_causal_fwd, P.size)(P, scale, keep, inv_keep, has_drop, P, Pd, lse)
+    return P, Pd
+
+
+def _attention_probs_bwd(qkv, P, att, dy, n_head, scale, keep, inv_keep, has_drop, dqkv):
+    """dqkv [B, T, 3C] of attention's output gradient dy [B, T, C], given its probabilities P
+    (undropped) and output att: dv = Pd^T dy, dS = scale P (dPd - D) (softmax_causal_bwd, with
+    dPd = dy v^T), dq = dS k, dk = dS^T q; the products in BLAS."""
+    C = att.shape[2]
+    q, k, v = (_head_view(qkv, n_head, C, i) for i in range(3))
+    dyh = _head_view(dy, n_head, C)
+    dPd = _causal_bmm("scores", dyh, v.transpose(0, 1, 3, 2), None)  # dy v^T
+    Pd = np.empty_like(P) if has_drop else P
+    pick(softmax_causal_bwd, P.size)(P, dPd, dy, att, scale, keep, inv_keep, has_drop, Pd, dPd)
+    dS = dPd                                                    # overwritten in place
+    _causal_bmm("upper", Pd.transpose(0, 1, 3, 2), dyh, _head_view(dqkv, n_head, C, 2))  # dv
+    _causal_bmm("lower", dS, k, _head_view(dqkv, n_head, C, 0))                        # dq
+    _causal_bmm("upper", dS.transpose(0, 1, 3, 2), q, _head_view(dqkv, n_head, C, 1))  # dk
+
+
+def _chunked(B, chunk):
+    return [(b, min(B, b + chunk)) for b in range(0, B, chunk)]
+
+
+def _mask_rows(keep, has_drop, b0, b1):
+    return keep[b0:b1] if has_drop else keep
+
+
+def _attention_fwd_chunks(qkv, n_head, scale, keep, inv_keep, has_drop, y, lse, chunk):
+    """y = attention of qkv, chunk sequences at a time, the probabilities not kept (lse is)."""
+    C = y.shape[2]
+    for b0, b1 in _chunked(qkv.shape[0], chunk):
+        _, Pd = _attention_probs(qkv[b0:b1], n_head, scale, _mask_rows(keep, has_drop, b0, b1),
+                                 inv_keep, has_drop, lse[b0:b1])
+        _causal_bmm("lower", Pd, _head_view(qkv[b0:b1], n_head, C, 2),
+                    _head_view(y[b0:b1], n_head, C))                 # y = dropout(P) v
+
+
+def _attention_bwd_chunks(qkv, att, dy, n_head, scale, keep, inv_keep, has_drop, dqkv, chunk):
+    """dqkv of _attention_fwd_chunks, chunk sequences at a time: each chunk's probabilities
+    computed again as the forward computed them (the same products and kernel on the same
+    numbers: the same bits), then _attention_probs_bwd."""
+    B, H, T = qkv.shape[0], n_head, qkv.shape[1]
+    lse = np.empty((min(chunk, B), H, T), dtype=qkv.dtype)  # the forward's again, not needed
+    for b0, b1 in _chunked(B, chunk):
+        P, _ = _attention_probs(qkv[b0:b1], n_head, scale, keep, inv_keep, False,
+                                lse[:b1 - b0])
+        _attention_probs_bwd(qkv[b0:b1], P, att[b0:b1], dy[b0:b1], n_head, scale,
+                             _mask_rows(keep, has_drop, b0, b1), inv_keep, has_drop,
+                             dqkv[b0:b1])
+
+
+CHUNKS = {}  # per kind of attention call: sequences per chunk, once chosen (_chunk_sequences)
+_CHUNKS_LOCK = threading.Lock()
+
+
+def _chunk_sequences(qkv, n_head, scale, keep, inv_keep, has_drop):
+    """How many sequences a chunk of _attention_fwd/bwd_chunks holds for calls like this one
+    (its shape, dtype, and whether the kernels and BLAS run threaded): cached for this machine
+    (beside the training step's choices), else timed now: a forward and backward of the first
+    sequences of qkv (as many as the largest candidate) into scratch, for 1, 2, 4, ... sequences
+    a chunk up to CHUNK_BYTES of probabilities, in turns (numgpt.parallel.fastest)."""
+    B, T, C3 = qkv.shape
+    per_seq = n_head * T * T * qkv.dtype.itemsize
+    most = max(1, min(B, CHUNK_BYTES // per_seq))
+    sizes = [c for c in (1 << i for i in range(most.bit_length())) if c <= most]
+    key = (B, n_head, T, C3, qkv.dtype.name, threads_allowed(), _jit.ONE_BLAS_THREAD)
+    chunk = CHUNKS.get(key)
+    if chunk is not None or len(sizes) == 1:
+        return chunk or 1
+    with _CHUNKS_LOCK:  # the sharded step's two threads ask at once: one measures
+        chunk = CHUNKS.get(key)
+        if chunk is None:
+            from numgpt import parallel
+            n = sizes[-1]
+            part, kp = qkv[:n], _mask_rows(keep, has_drop, 0, n)
+            y = np.empty((n, T, C3 // 3), dtype=qkv.dtype)
+            lse = np.empty((n, n_head, T), dtype=qkv.dtype)
+            dqkv = np.empty_like(part)
+
+            def run(name):
+                c = int(name)
+                _attention_fwd_chunks(part, n_head, scale, kp, inv_keep, has_drop, y, lse, c)
+                _attention_bwd_chunks(part, y, y, n_head, scale, kp, inv_keep, has_drop, dqkv, c)
+
+            def measure():
+                import time
+                for name in names:  # first calls
+                    run(name)
+                times = parallel.time_in_turns(run, names, 0.0, parallel.MIN_ROUNDS,
+                                               time.perf_counter)
+                return {w: float(np.median(t)) for w, t in times.items()}
+            names = [str(c) for c in sizes]
+            shape = {"attention chunks": list(key[:5]), "threads": key[5], "one BLAS": key[6]}
+            best, _ = parallel.fastest(parallel.measured_key(shape, names), names, measure)
+            chunk = CHUNKS[key] = int(best)
+    return chunk
+
+
 def multihead_forward(x, params, n_head, attn_dropout=0.0, resid_dropout=0.0, rng=None):
     """As numgpt.layers.attention.multihead_forward, with q, k, v from one packed product."""
     B, T, C = x.shape
@@ -240,47 +352,34 @@ def multihead_forward(x, params, n_head, attn_dropout=0.0, resid_dropout=0.0, rn
     y = np.empty((B, T, C), dtype=x.dtype)
     lse = np.empty((B, n_head, T), dtype=x.dtype)
     scale = dt((C // n_head) ** -0.5)
-    P = None
-    if stores_probs(B, n_head, T, x.dtype):
-        q, k, v = (_head_view(qkv, n_head, C, i) for i in range(3))
-        P = _causal_bmm("scores", q, k.transpose(0, 1, 3, 2), None)  # S = q k^T [B, H, T, T]
-        Pd = np.empty_like(P) if has_drop else P
-        pick(softmax_causal_fwd, P.size)(P, scale, keep, inv_keep, has_drop, P, Pd, lse)  # in place
-        _causal_bmm("lower", Pd, v, _head_view(y, n_head, C))      # y = dropout(P) v
-    else:
-        pick(attention_fwd, B * T * T * C // 2)(qkv, n_head, scale, keep, inv_keep, has_drop,
-                                                y, lse)
+    P, chunk = None, 0
+    if stores_probs(B, n_head, T, x.dtype):  # kept for the backward
+        P, Pd = _attention_probs(qkv, n_head, scale, keep, inv_keep, has_drop, lse)
+        _causal_bmm("lower", Pd, _head_view(qkv, n_head, C, 2), _head_view(y, n_head, C))
+    else:                                    # computed again there, a chunk at a time
+        chunk = _chunk_sequences(qkv, n_head, scale, keep, inv_keep, has_drop)
+        _attention_fwd_chunks(qkv, n_head, scale, keep, inv_keep, has_drop, y, lse, chunk)
     att = y
     cp = None
     if "w_proj" in params:
         y, cp = linear_forward(y, params["w_proj"], params["b_proj"])
     y, cd = dropout_forward(y, resid_dropout, rng)
-    return y, (c_qkv, qkv, att, lse, P, keep, inv_keep, has_drop, scale, cp, cd, n_head)
+    return y, (c_qkv, qkv, att, P, chunk, keep, inv_keep, has_drop, scale, cp, cd, n_head)
 
 
 def multihead_backward(dy, cache):
-    c_qkv, qkv, att, lse, P, keep, inv_keep, has_drop, scale, cp, cd, n_head = cache
+    c_qkv, qkv, att, P, chunk, keep, inv_keep, has_drop, scale, cp, cd, n_head = cache
     g = {}
     dy = dropout_backward(dy, cd)
     if cp is not None:
         dy, g["w_proj"], g["b_proj"] = linear_backward(dy, cp)
     dy = np.ascontiguousarray(dy)
     dqkv = np.empty_like(qkv)
-    B, T, C = att.shape
+    C = att.shape[2]
     if P is not None:
-        q, k, v = (_head_view(qkv, n_head, C, i) for i in range(3))
-        dyh = _head_view(dy, n_head, C)
-        dPd = _causal_bmm("scores", dyh, v.transpose(0, 1, 3, 2), None)  # dy v^T
-        Pd = np.empty_like(P) if has_drop else P
-        pick(softmax_causal_bwd, P.size)(P, dPd, dy, att, scale, keep, inv_keep, has_drop, Pd,
-                                         dPd)
-        dS = dPd                                                    # overwritten in place
-        _causal_bmm("upper", Pd.transpose(0, 1, 3, 2), dyh, _head_view(dqkv, n_head, C, 2))  # dv
-        _causal_bmm("lower", dS, k, _head_view(dqkv, n_head, C, 0))                        # dq
-        _causal_bmm("upper", dS.transpose(0, 1, 3, 2), q, _head_view(dqkv, n_head, C, 1))  # dk
+        _attention_probs_bwd(qkv, P, att, dy, n_head, scale, keep, inv_keep, has_drop, dqkv)
     else:
-        pick(attention_bwd, B * T * T * C // 2)(qkv, att, dy, lse, n_head, scale, keep, inv_keep,
-                                                has_drop, dqkv)
+        _attention_bwd_chunks(qkv, att, dy, n_head, scale, keep, inv_keep, has_drop, dqkv, chunk)
     dx, dw, _ = linear_backward(dqkv, c_qkv)
     g["w_q"] = np.ascontiguousarray(dw[:, :C])
     g["w_k"] = np.ascontiguousarray(dw[:, C:2 * C])

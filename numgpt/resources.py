@@ -17,7 +17,8 @@ The estimate (float32; N = batch_size * block_size tokens, P parameters, F = fee
                                                   layer's backward; the kernels keep them only
                                                   while one layer's fit kernels/ops.STORE_PROBS_BYTES
                                                   (k = 1, or 1.25 with the dropout mask's bytes),
-                                                  else only the mask (k = 0.25, no 3 H T)
+                                                  else only the mask (k = 0.25, no 3 H T) and
+                                                  3 kernels/ops.CHUNK_BYTES of a chunk's, a thread
                        + N * (4 V + 8 C))         logits, their gradient, embeddings
     sampling  4 bytes * (P + 2 n_layer T C        parameters and the key/value cache
                        + 3 H T T + T (12 C + 3 F))  the prompt's (or a rebuild's) forward pass, whose
@@ -78,8 +79,12 @@ def training_bytes(cfg, step=None):
     elif _kernels_store_probs(cfg, step):
         kept = 1.25 if cfg.dropout > 0 else 1  # the probabilities, and the mask at a byte each
         attn = N * (cfg.n_layer * kept + 3) * cfg.n_head * cfg.block_size
-    elif cfg.dropout > 0:  # the fused kernels keep only the dropout mask, a byte an entry
-        attn = N * cfg.n_layer * 0.25 * cfg.n_head * cfg.block_size
+    else:  # computed again in the backward, a chunk of sequences at a time: only the dropout
+        #    mask is kept (a byte an entry), and a chunk's probabilities, their dropped copy and
+        #    their gradient's take up to CHUNK_BYTES each, in each of the step's threads
+        from numgpt.kernels.ops import CHUNK_BYTES
+        attn = N * cfg.n_layer * 0.25 * cfg.n_head * cfg.block_size if cfg.dropout > 0 else 0
+        attn += 3 * CHUNK_BYTES / 4 * (2 if step == "sharded" else 1)
     return BASE_BYTES + int(4 * (4 * P + N * cfg.n_layer * per_layer + attn + N * (4 * V + 8 * C)))
 
 

@@ -17,16 +17,20 @@ def rnd(*shape, seed=0, dtype=np.float64):
     return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
 
 
-@pytest.fixture(params=["stored", "stored-blocks", "fused"])
+@pytest.fixture(params=["stored", "stored-blocks", "again", "again-chunks"])
 def attention_path(request, monkeypatch):
-    """Run the test with each of the two attention paths of kernels/ops.py; the stored one also
-    with its products cut into causal blocks of 2 rows (kernels/ops._causal_bmm)."""
+    """Run the test with attention's probabilities kept for the backward and computed again there
+    (kernels/ops.py); kept, also with the products cut into causal blocks of 2 rows
+    (kernels/ops._causal_bmm); computed again, one sequence at a time and two (B = 3: a chunk of
+    two and one of one)."""
     import numgpt.kernels.ops
     stored = request.param.startswith("stored")
     monkeypatch.setattr(numgpt.kernels.ops, "STORE_PROBS_BYTES", 1 << 40 if stored else -1)
     if request.param == "stored-blocks":
         monkeypatch.setattr(numgpt.kernels.ops, "CAUSAL_BLOCK", 2)
-    return "stored" if stored else "fused"
+    chunk = 2 if request.param == "again-chunks" else 1
+    monkeypatch.setattr(numgpt.kernels.ops, "_chunk_sequences", lambda *a: chunk)
+    return "stored" if stored else "again"
 
 
 def close(a, b, dtype):
@@ -72,7 +76,7 @@ def test_multihead_kernel_equals_reference(dtype, proj, H, drop, attention_path)
     x = rnd(B, T, C, seed=7, dtype=dtype)
     yk, ck = K.multihead_forward(x, p, H, drop, drop, np.random.default_rng(1))
     yr, cr = R.multihead_forward(x, p, H, drop, drop, np.random.default_rng(1))
-    assert (ck[4] is not None) == (attention_path == "stored")  # the probabilities, when stored
+    assert (ck[3] is not None) == (attention_path == "stored")  # the probabilities, when stored
     close(yk, yr, dtype)
     d = rnd(B, T, C, seed=8, dtype=dtype)
     dxk, gk = K.multihead_backward(d, ck)
@@ -670,3 +674,37 @@ def test_threaded_kernels_start_one_parallel_loop_a_call():
                         offending.append(f"{os.path.basename(path)}:{node.lineno} {fn.name}")
     assert found >= 15  # every threaded kernel was read
     assert not offending, offending
+
+
+def test_attention_recomputed_in_chunks_does_not_depend_on_the_chunk(monkeypatch, tmp_path):
+    """Above STORE_PROBS_BYTES the backward computes the probabilities again, a chunk of
+    sequences at a time. With the kernels serial (as in the sharded step's threads) the
+    gradients are the same bits whatever the chunk, so the chunk measured fastest on a machine
+    changes only the speed. Where the chunk is not forced it is measured once per kind of call
+    and cached (beside the step choices)."""
+    import numgpt.kernels.ops as ops
+    from numgpt import parallel
+    from numgpt.kernels import _jit
+    monkeypatch.setattr(ops, "STORE_PROBS_BYTES", -1)
+    monkeypatch.setattr(_jit, "FORCE_SERIAL", True)
+    p = {n: rnd(C, C, seed=i, dtype=np.float32) for i, n in enumerate(["w_q", "w_k", "w_v"])}
+    x = rnd(5, T, C, seed=7, dtype=np.float32)
+    d = rnd(5, T, C, seed=8, dtype=np.float32)
+    results = []
+    for chunk in (1, 2, 3, 5):
+        monkeypatch.setattr(ops, "_chunk_sequences", lambda *a, c=chunk: c)
+        y, cache = K.multihead_forward(x, p, 3, 0.2, 0.0, np.random.default_rng(1))
+        assert cache[3] is None and cache[4] == chunk  # not kept; the chunk the backward takes
+        results.append((y, *K.multihead_backward(d, cache)))
+    for y, dx, g in results[1:]:
+        np.testing.assert_array_equal(y, results[0][0])
+        np.testing.assert_array_equal(dx, results[0][1])
+        for k in g:
+            np.testing.assert_array_equal(g[k], results[0][2][k])
+    monkeypatch.undo()
+    monkeypatch.setattr(ops, "STORE_PROBS_BYTES", -1)
+    monkeypatch.setattr(ops, "CHUNKS", {})
+    monkeypatch.setattr(parallel, "_choices_path", lambda: str(tmp_path / "choices.json"))
+    _, cache = K.multihead_forward(x, p, 3, 0.0, 0.0, None)
+    assert cache[4] in (1, 2, 4) and len(ops.CHUNKS) == 1  # measured: 1, 2 or 4 of 5 a chunk
+    assert "attention chunks" in (tmp_path / "choices.json").read_text()
