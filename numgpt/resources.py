@@ -18,7 +18,8 @@ The estimate (float32; N = batch_size * block_size tokens, P parameters, F = fee
                                                   while one layer's fit kernels/ops.STORE_PROBS_BYTES
                                                   (k = 1, or 1.25 with the dropout mask's bytes),
                                                   else only the mask (k = 0.25, no 3 H T) and
-                                                  3 kernels/ops.CHUNK_BYTES of a chunk's, a thread
+                                                  a chunk's: 3 kernels/ops.CHUNK_BYTES a thread,
+                                                  or 3 H T T entries where one sequence's is more
                        + N * (4 V + 8 C))         logits, their gradient, embeddings
     sampling  4 bytes * (P + 2 n_layer T C        parameters and the key/value cache
                        + 3 H T T + T (12 C + 3 F))  the prompt's (or a rebuild's) forward pass, whose
@@ -81,10 +82,12 @@ def training_bytes(cfg, step=None):
         attn = N * (cfg.n_layer * kept + 3) * cfg.n_head * cfg.block_size
     else:  # computed again in the backward, a chunk of sequences at a time: only the dropout
         #    mask is kept (a byte an entry), and a chunk's probabilities, their dropped copy and
-        #    their gradient's take up to CHUNK_BYTES each, in each of the step's threads
+        #    their gradient's take up to CHUNK_BYTES each (or one sequence's, if more), in each
+        #    of the step's threads
         from numgpt.kernels.ops import CHUNK_BYTES
         attn = N * cfg.n_layer * 0.25 * cfg.n_head * cfg.block_size if cfg.dropout > 0 else 0
-        attn += 3 * CHUNK_BYTES / 4 * (2 if step == "sharded" else 1)
+        chunk = max(CHUNK_BYTES, 4 * cfg.n_head * cfg.block_size ** 2)
+        attn += 3 * chunk / 4 * (2 if step == "sharded" else 1)
     return BASE_BYTES + int(4 * (4 * P + N * cfg.n_layer * per_layer + attn + N * (4 * V + 8 * C)))
 
 
