@@ -358,3 +358,14 @@ def test_set_params_refuses_values_a_model_cannot_hold(value, match):
     params["tok_emb"] = np.arange(25).reshape(5, 5)  # whole numbers are real numbers
     model.set_params(params)
     assert model.params["tok_emb"].dtype == np.float32
+
+
+def test_a_config_asking_for_an_astronomical_model_is_one_short_line(small, tmp_path):
+    """A forged n_layer hundreds of digits long (found by the loader fuzz): the error says how
+    many parameters the config needs without printing all of their digits."""
+    blob, _ = small
+
+    def huge(meta):
+        meta["config"]["n_layer"] = 10 ** 400
+    path = refused(tmp_path, change_meta(blob, huge), r"but its config needs over 10\^40[0-9]")
+    sample_says(path, "parameter values")
