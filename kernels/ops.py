@@ -141,22 +141,29 @@ def _bmm_way(a, b, out, n):
     key = (a.shape[0], n, out.dtype.name, (2 * a.size * b.shape[-1]).bit_length())
     way = BMM_WAYS.get(key)
     if way is None:
-        from numgpt import parallel
         ways = {"whole": _bmm_whole, "split": _bmm_split}
-        names = list(ways)
-
-        def measure():
-            import time
-            scratch = np.empty_like(out)
-            for w in names:  # first calls: the split's thread pool starts
-                ways[w](a, b, scratch, n)
-            times = parallel.time_in_turns(lambda w: ways[w](a, b, scratch, n), names, 0.0,
-                                           parallel.MIN_ROUNDS, time.perf_counter)
-            return {w: float(np.median(t)) for w, t in times.items()}
-        name, _ = parallel.fastest(parallel.measured_key({"stacked products": list(key)}, names),
-                                   names, measure)
+        scratch = np.empty_like(out)
+        name = _fastest_here({"stacked products": list(key)}, list(ways),
+                             lambda w: ways[w](a, b, scratch, n))
         way = BMM_WAYS[key] = ways[name]
     return way
+
+
+def _fastest_here(what, names, run):
+    """The fastest of names for the work `what` (a dict) describes: cached for this machine
+    (numgpt.parallel.fastest, beside the step choices), else each run(name) once (first calls:
+    thread pools, caches), then all timed in turns for MIN_ROUNDS rounds, the medians compared.
+    The stacked products' way and attention's chunk are chosen through it."""
+    import time
+
+    from numgpt import parallel
+
+    def measure():
+        for name in names:
+            run(name)
+        times = parallel.time_in_turns(run, names, 0.0, parallel.MIN_ROUNDS, time.perf_counter)
+        return {name: float(np.median(t)) for name, t in times.items()}
+    return parallel.fastest(parallel.measured_key(what, names), names, measure)[0]
 
 
 def _bmm_whole(a, b, out, n):
@@ -297,7 +304,7 @@ def _chunk_sequences(qkv, n_head, scale, keep, inv_keep, has_drop):
     (its shape, dtype, and whether the kernels and BLAS run threaded): cached for this machine
     (beside the training step's choices), else timed now: a forward and backward of the first
     sequences of qkv (as many as the largest candidate) into scratch, for 1, 2, 4, ... sequences
-    a chunk up to CHUNK_BYTES of probabilities, in turns (numgpt.parallel.fastest)."""
+    a chunk up to CHUNK_BYTES of probabilities, in turns (_fastest_here)."""
     B, T, C3 = qkv.shape
     per_seq = n_head * T * T * qkv.dtype.itemsize
     most = max(1, min(B, CHUNK_BYTES // per_seq))
@@ -309,7 +316,6 @@ def _chunk_sequences(qkv, n_head, scale, keep, inv_keep, has_drop):
     with _CHUNKS_LOCK:  # the sharded step's two threads ask at once: one measures
         chunk = CHUNKS.get(key)
         if chunk is None:
-            from numgpt import parallel
             n = sizes[-1]
             part, kp = qkv[:n], _mask_rows(keep, has_drop, 0, n)
             y = np.empty((n, T, C3 // 3), dtype=qkv.dtype)
@@ -320,18 +326,8 @@ def _chunk_sequences(qkv, n_head, scale, keep, inv_keep, has_drop):
                 c = int(name)
                 _attention_fwd_chunks(part, n_head, scale, kp, inv_keep, has_drop, y, lse, c)
                 _attention_bwd_chunks(part, y, y, n_head, scale, kp, inv_keep, has_drop, dqkv, c)
-
-            def measure():
-                import time
-                for name in names:  # first calls
-                    run(name)
-                times = parallel.time_in_turns(run, names, 0.0, parallel.MIN_ROUNDS,
-                                               time.perf_counter)
-                return {w: float(np.median(t)) for w, t in times.items()}
-            names = [str(c) for c in sizes]
-            shape = {"attention chunks": list(key[:5]), "threads": key[5], "one BLAS": key[6]}
-            best, _ = parallel.fastest(parallel.measured_key(shape, names), names, measure)
-            chunk = CHUNKS[key] = int(best)
+            what = {"attention chunks": list(key[:5]), "threads": key[5], "one BLAS": key[6]}
+            chunk = CHUNKS[key] = int(_fastest_here(what, [str(c) for c in sizes], run))
     return chunk
 
 
