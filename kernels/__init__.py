@@ -83,11 +83,15 @@ def decode_names():
 
 
 def decode_cache_is_warm():
-    return all(_cached("decode", name) for name in decode_names())
+    """Whether sampling's compiled code is all cached: the decoder and, where SciPy is there,
+    the prefill (kernels/step.py's forward pass over a whole context)."""
+    return (all(_cached("decode", name) for name in decode_names())
+            and (not _fused_possible() or _cached("step", "prefill")))
 
 
 def warmup_decode(dtype="float32", say=None):
-    """Compile (or load) the one-token decoder of kernels/decode.py, saying so when it compiles."""
+    """Compile (or load) sampling's kernels (kernels/decode.py's one-token decoder, the prefill
+    of kernels/step.py), saying so when they compile."""
     import numpy as np
 
     from numgpt.config import get_config

@@ -562,7 +562,29 @@ def _head_bwd(a, w, P, G, s, top, x, ds):
         _linear_bwd(x, w.dz, P[top[LM_W]], G[top[LM_W]][s], G[top[LM_B]][s], w.gv, ds)
 
 
-# ---- a shard: the model top to bottom (numgpt/model.py: GPT.forward, GPT.backward) ----
+# ---- the model top to bottom (numgpt/model.py: GPT.forward, GPT.backward) ----
+
+@jit(inline=True)
+def _model_workspace(a, nb, T, P, slots, top, lanes):
+    """_workspace for nb sequences of T positions of the model whose parameters are P."""
+    C = P[top[TOK]].shape[1]
+    V = P[top[LM_W]].shape[1]
+    F = P[slots[0, W_FC]].shape[1] if a.ffn else C
+    return _workspace(a, nb, T, C, F, V, P[top[TOK]].dtype, lanes)
+
+
+@jit()
+def _forward(idx, P, slots, top, a, wqkv, w):
+    """The logits of the rows idx [nb, T] (positions 0 .. T-1) into w.z [nb * T, V]:
+    x = tok_emb[idx] + pos_emb[:T]; the blocks; the head. What the backward needs stays in w."""
+    nb, T = idx.shape
+    C = w.x.shape[1]
+    x = w.x
+    _embed_fwd(idx, P[top[TOK]], P[top[POS]], x.reshape(nb, T, C))
+    for l in range(a.n_layer):
+        _block_fwd(a, w, l, P, slots[l], wqkv[l], x)
+    _head_fwd(a, w, P, top, x)
+
 
 @jit()
 def _shard(idx, tgt, P, G, s, slots, top, a, lanes, wqkv, weight):
@@ -576,15 +598,10 @@ def _shard(idx, tgt, P, G, s, slots, top, a, lanes, wqkv, weight):
     """
     nb, T = idx.shape
     C = P[top[TOK]].shape[1]
-    V = P[top[LM_W]].shape[1]
-    F = P[slots[0, W_FC]].shape[1] if a.ffn else C
-    w = _workspace(a, nb, T, C, F, V, P[top[TOK]].dtype, lanes)
+    w = _model_workspace(a, nb, T, P, slots, top, lanes)
     x = w.x
-    # ---- forward: x = tok_emb[idx] + pos_emb[:T]; the blocks; logits; the loss
-    _embed_fwd(idx, P[top[TOK]], P[top[POS]], x.reshape(nb, T, C))
-    for l in range(a.n_layer):
-        _block_fwd(a, w, l, P, slots[l], wqkv[l], x)
-    _head_fwd(a, w, P, top, x)
+    # ---- forward: the logits; the loss
+    _forward(idx, P, slots, top, a, wqkv, w)
     dz = w.dz
     losses = _xent(w.z, tgt.reshape(w.M), WITH_GRAD, dz)   # dz = (softmax - onehot) / M
     dz *= weight
@@ -595,6 +612,31 @@ def _shard(idx, tgt, P, G, s, slots, top, a, lanes, wqkv, weight):
         _block_bwd(a, w, l, P, G, s, slots[l], wqkv[l], ds)
     _embed_bwd(idx, ds.reshape(nb, T, C), G[top[TOK]][s], G[top[POS]][s])
     return losses.sum()
+
+
+@jit()
+def prefill(idx, P, slots, top, arch, wqkv, K, V, logits):
+    """Sampling's pass over a whole context (numgpt/generate.py, KVCache.prefill): _forward of
+    the rows idx [B, n] from position 0, no loss, on the calling thread (BLAS on its own
+    threads). logits [B, V] = each row's last position's; every layer's keys and values of the
+    n positions into K, V [L, B, H, >= n, hs] (attention's k and v columns of qkv, head by
+    head). wqkv [L, C, 3C]: each layer's w_q, w_k, w_v side by side (_pack_qkv)."""
+    a = Arch(*arch)
+    nb, n = idx.shape
+    w = _model_workspace(a, nb, n, P, slots, top, False)
+    _forward(idx, P, slots, top, a, wqkv, w)
+    C = w.x.shape[1]
+    hs = C // a.n_head
+    for l in range(a.n_layer):
+        qkv = w.qkv[l]
+        for b in range(nb):
+            for h in range(a.n_head):
+                k0, v0 = C + h * hs, 2 * C + h * hs
+                for i in range(n):
+                    K[l, b, h, i] = qkv[b * n + i, k0:k0 + hs]
+                    V[l, b, h, i] = qkv[b * n + i, v0:v0 + hs]
+    for b in range(nb):
+        logits[b] = w.z[b * n + n - 1]
 
 
 # ---- the step: the batch in shards, one per thread ----

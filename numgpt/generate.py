@@ -39,6 +39,26 @@ class KVCache:
         self.t = 0
         self.layout = None  # the compiled decoder's weight layout (decode.BY_*): None = measured
         self._args = None   # decode_step's model arguments, made at the first step
+        self._step_params = None  # kernels/step.py's view of the parameters, made at prefill
+
+    def prefill(self, model, ids):
+        """Logits [B, V] of the next token after ids [B, n], the cache emptied and then holding
+        ids' keys and values at positions 0 .. n-1: the same as model.forward(ids, kv=self)[0][:, -1]
+        after t = 0. In one compiled call (kernels/step.py's forward pass) where the kernels can
+        run the model, else through model.forward."""
+        from .parallel import compiled_forward_applies, step_params
+        self.t = 0
+        if not (compiled_forward_applies(model.cfg) and model.dtype in (np.float32, np.float64)):
+            return model.forward(ids, kv=self)[0][:, -1]
+        from numgpt.kernels import step
+        if self._step_params is None:
+            self._step_params = step_params(model)
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        logits = np.empty((ids.shape[0], model.cfg.vocab_size), dtype=model.dtype)
+        step.prefill(ids, *self._step_params, tuple(model.arch), self.w_qkv, self.K, self.V,
+                     logits)
+        self.t = ids.shape[1]
+        return logits
 
     def step(self, model, ids):
         """Logits [B, V] of the next token after ids [B] at position t, in one compiled call
@@ -245,7 +265,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     fast = cache and cfg.kernels and model.dtype in (np.float32, np.float64)
     if cache:
         kv = KVCache(model, idx.shape[0])
-        logits = model.forward(idx[:, -cfg.block_size:], kv=kv)[0][:, -1]
+        logits = kv.prefill(model, idx[:, -cfg.block_size:])
     plain = fast and temperature > 0 and not top_k and (top_p is None or top_p >= 1)
     if plain:
         from numgpt.kernels.decode import sample_rows
@@ -262,9 +282,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
             on_token(nxt)
         if cache:
             if kv.t == cfg.block_size:  # full: rebuild from the last half of the window
-                kv.t = 0
-                ctx = np.concatenate(out, 1)[:, -max(1, cfg.block_size // 2):]
-                logits = model.forward(ctx, kv=kv)[0][:, -1]
+                logits = kv.prefill(model, np.concatenate(out, 1)[:, -max(1, cfg.block_size // 2):])
             elif fast:
                 logits = kv.step(model, nxt)
             else:

@@ -157,7 +157,13 @@ def threads_measured(cfg):
 def fused_applies(cfg):
     """Whether kernels/step.py can run cfg's training steps: a GPT with the kernels on and no
     dropout (whose masks the layer-by-layer path draws)."""
-    if not (cfg.kernels and cfg.model == "gpt" and cfg.n_layer >= 1 and cfg.dropout == 0):
+    return cfg.dropout == 0 and compiled_forward_applies(cfg)
+
+
+def compiled_forward_applies(cfg):
+    """Whether kernels/step.py can run cfg's forward pass (sampling's, any dropout: none is done
+    there): a GPT with the kernels on, and SciPy's BLAS for the compiled code to call."""
+    if not (cfg.kernels and cfg.model == "gpt" and cfg.n_layer >= 1):
         return False
     try:
         import scipy.linalg.cython_blas  # noqa: F401  (numba's np.dot calls BLAS through it)
@@ -175,6 +181,25 @@ LANES_CANDIDATE_MAX = 2 ** 14
 def lanes_may_win(cfg):
     """Whether attention in lanes is worth measuring against BLAS for cfg's blocks and heads."""
     return cfg.block_size * cfg.head_size ** 2 <= LANES_CANDIDATE_MAX
+
+
+def step_params(model):
+    """(P, slots, top): model's parameters as kernels/step.py takes them: P a numba typed List of
+    2-D views in numgpt.model.param_shapes order (vectors as [1, n] rows), slots [L, n] each
+    layer's by its place in numgpt.arch.BLOCK_PARAMS and top the model's others by TOP_PARAMS
+    (indices into P, -1 where the model has no such parameter). P's arrays are the model's own:
+    they follow in-place updates, not a set_params."""
+    from numba.typed import List
+
+    from .model import param_shapes
+    cfg, params = model.cfg, model.params
+    names = list(param_shapes(cfg))
+    P = List([params[n].reshape(1, -1) if params[n].ndim == 1 else params[n] for n in names])
+    where = {n: i for i, n in enumerate(names)}
+    slots = np.array([[where.get(f"blocks.{layer}.{short}", -1) for short in BLOCK_PARAMS]
+                      for layer in range(cfg.n_layer)], dtype=np.int64)
+    top = np.array([where.get(n, -1) for n in TOP_PARAMS], dtype=np.int64)
+    return P, slots, top
 
 
 class FusedStep:
@@ -206,23 +231,15 @@ class FusedStep:
             return
         cfg = self.model.cfg
         names = list(param_shapes(cfg))
-        views = [params[n].reshape(1, -1) if params[n].ndim == 1 else params[n] for n in names]
-        self._P = List(views)
-        self._G = List([np.zeros((self.shards,) + v.shape, dtype=v.dtype) for v in views])
+        self._P, self._slots, self._top = step_params(self.model)
+        self._G = List([np.zeros((self.shards,) + v.shape, dtype=v.dtype) for v in self._P])
         from .optim import ListedGrads
         order = list(params)  # the model's own order (the AdamW lists follow it)
         grad = {n: g[0].reshape(params[n].shape) for n, g in zip(names, self._G)}
         self._grads = ListedGrads({n: grad[n] for n in order},
                                   List([grad[n].reshape(-1) for n in order]))
-        slots = np.full((cfg.n_layer, len(BLOCK_PARAMS)), -1, dtype=np.int64)
-        where = {n: i for i, n in enumerate(names)}
-        for layer in range(cfg.n_layer):
-            for j, short in enumerate(BLOCK_PARAMS):
-                slots[layer, j] = where.get(f"blocks.{layer}.{short}", -1)
-        self._slots = slots
-        self._top = np.array([where.get(n, -1) for n in TOP_PARAMS], dtype=np.int64)
         C = cfg.n_embd
-        self._wqkv = np.empty((cfg.n_layer, C, 3 * C), dtype=views[0].dtype)  # kernel scratch
+        self._wqkv = np.empty((cfg.n_layer, C, 3 * C), dtype=self._P[0].dtype)  # kernel scratch
         self._sums = np.zeros(self.shards, dtype=np.float64)
         self._arch = tuple(self.model.arch)  # numgpt/arch.py; a plain tuple: see train_step
         self._key = key

@@ -267,6 +267,32 @@ def test_decode_kernel_equals_reference_step(preset, over, layout):
         assert fast._layout == getattr(decode, layout.upper())  # the one tested
 
 
+@pytest.mark.parametrize("preset,over", [("preln", {}), ("layernorm", {"activation": "gelu"}),
+                                         ("ffn", {}), ("single_head", {}), ("residual", {}),
+                                         ("scaled", {"attn_proj": False, "ffn_proj": False, "ffn_mult": 1.0})])
+def test_prefill_equals_the_reference_forward(preset, over):
+    """kernels/step.py's prefill (a whole context through the fused step's forward, filling the
+    key/value cache) against model.forward with the cache, float64, for every block structure
+    (no norm, post-norm, pre-norm, without projections; dropout set: not done in either), two
+    sequences, a context shorter than the block, then a refill over an older cache."""
+    from numgpt.generate import KVCache
+    m = numgpt.build_model(preset, seed=3, zero_head=False, kernels=True, dtype=np.float64,
+                           block_size=10, n_layer=2, **over)
+    idx = np.random.default_rng(1).integers(0, 65, (2, 10))
+    ref, fast = KVCache(m, 2), KVCache(m, 2)
+    for n in (7, 3):   # the second fills over the first's keys and values, as a rebuild does
+        ref.t = 0
+        want = m.forward(idx[:, -n:], kv=ref)[0][:, -1]
+        got = fast.prefill(m, idx[:, -n:])
+        assert fast._step_params is not None and fast.t == ref.t == n  # the compiled path ran
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(fast.K[:, :, :, :n], ref.K[:, :, :, :n], rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(fast.V[:, :, :, :n], ref.V[:, :, :, :n], rtol=1e-10, atol=1e-12)
+    # and decoding goes on from the compiled prefill as from the reference's
+    np.testing.assert_allclose(fast.step(m, idx[:, 0]), m.forward(idx[:, :1], kv=ref)[0][:, 0],
+                               rtol=1e-10, atol=1e-12)
+
+
 def test_decode_layouts_agree_bit_for_bit():
     """The by-output layout on numba's threads and on the calling thread give the same logits,
     bit for bit: each output is one thread's dot product either way, and each head's attention
