@@ -375,8 +375,10 @@ def main(argv=None):
     except OSError:  # no such interpreter, or not executable: the same as a Python without torch
         torch_ok = False
     import platform
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus; "
-          f"threads {args.threads}; python {platform.python_version()}")
+
+    from numgpt.parallel import cpu
+    print(f"machine: {cpu()}, {os.cpu_count()} cpus; threads {args.threads}; "
+          f"python {platform.python_version()}")
     if not torch_ok:
         print(f"note: torch is not importable by {args.torch_python}; PyTorch columns are skipped "
               "(pip install torch==2.13.0, or pass --torch-python)")

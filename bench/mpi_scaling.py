@@ -107,15 +107,8 @@ def median(v):
 
 
 def measure(presets, ranks, seconds, rounds, mpiexec):
-    import platform
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
-                       cpu)
-    except OSError:
-        pass
-    print(f"CPU {cpu}, {os.cpu_count()} cores; {rounds} rounds of {seconds:g} s turns", flush=True)
+    from numgpt.parallel import cpu
+    print(f"CPU {cpu()}, {os.cpu_count()} cores; {rounds} rounds of {seconds:g} s turns", flush=True)
     print("| preset | layout | step | tokens/s | step ms | of it in the Allreduce |")
     print("|---|---|---|---:|---:|---:|")
     out = {}

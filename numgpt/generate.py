@@ -51,6 +51,11 @@ class KVCache:
         if not (compiled_forward_applies(model.cfg) and model.dtype in (np.float32, np.float64)):
             return model.forward(ids, kv=self)[0][:, -1]
         from numgpt.kernels import step
+        # the compiled code indexes its tables and the cache unchecked
+        ids = _check_ids(ids, model.cfg.vocab_size, "the context")
+        if ids.shape[0] != self.K.shape[1] or ids.shape[1] > model.cfg.block_size:
+            raise ValueError(f"a cache of {self.K.shape[1]} rows and block_size "
+                             f"{model.cfg.block_size} cannot take a context of shape {ids.shape}")
         if self._step_params is None:
             self._step_params = step_params(model)
         ids = np.ascontiguousarray(ids, dtype=np.int64)

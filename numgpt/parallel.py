@@ -413,26 +413,52 @@ SHAPE_FIELDS = ("model", "vocab_size", "block_size", "n_embd", "n_head", "n_laye
 
 
 @functools.lru_cache(maxsize=1)
-def _cpu():
-    """The CPU's model name (/proc/cpuinfo, else platform.processor())."""
+def cpu():
+    """This CPU in one line, for the choices cached per machine and beside every measured
+    figure: its model name (/proc/cpuinfo, else platform.processor()), the name LLVM gives it
+    (what numba compiles the kernels for: znver3, sapphirerapids, ...), its vector extensions
+    and last-level cache. A model name alone can hide the difference: "AMD EPYC" names CPUs
+    with and without AVX-512."""
     import platform
-    cpu = platform.processor()
+
+    from llvmlite import binding
+    name = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f
-                        if line.startswith("model name")), cpu)
+            name = next((line.split(":", 1)[1].strip() for line in f
+                         if line.startswith("model name")), name)
     except OSError:
         pass
-    return cpu
+    features = binding.get_host_cpu_features()
+    vector = ("AVX-512" if features.get("avx512f") else "AVX2, no AVX-512" if features.get("avx2")
+              else "no AVX2")
+    parts = [binding.get_host_cpu_name(), vector]
+    try:
+        with open("/sys/devices/system/cpu/cpu0/cache/index3/size") as f:
+            size = f.read().strip()   # e.g. 32768K
+        kb = int(size[:-1]) * (1024 if size.endswith("M") else 1)
+        parts.append(f"L3 {kb >> 10} MB" if kb >= 1024 else f"L3 {kb} KB")
+    except (OSError, ValueError):
+        pass
+    return f"{name} ({'; '.join(parts)})"
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_features():
+    """A short hash of every feature LLVM finds on this CPU (numba's code depends on them)."""
+    import hashlib
+
+    from llvmlite import binding
+    return hashlib.sha256(binding.get_host_cpu_features().flatten().encode()).hexdigest()[:12]
 
 
 def measured_key(shape, names):
-    """What a cached choice is valid for: this machine (CPU model, cores, NumPy and numba), the
-    shape of the work (a dict) and the candidates (names). Used for the training step here and
-    for the decoder's weight layout (numgpt/generate.py)."""
+    """What a cached choice is valid for: this machine (CPU, its features, cores, NumPy and
+    numba), the shape of the work (a dict) and the candidates (names). Used for the training
+    step here and for the decoder's weight layout (numgpt/generate.py)."""
     import numba
-    return json.dumps([_cpu(), cores(), np.__version__, numba.__version__, shape, list(names)],
-                      sort_keys=True)
+    return json.dumps([cpu(), _cpu_features(), cores(), np.__version__, numba.__version__, shape,
+                       list(names)], sort_keys=True)
 
 
 def _choice_key(cfg, names):

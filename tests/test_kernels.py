@@ -291,6 +291,11 @@ def test_prefill_equals_the_reference_forward(preset, over):
     # and decoding goes on from the compiled prefill as from the reference's
     np.testing.assert_allclose(fast.step(m, idx[:, 0]), m.forward(idx[:, :1], kv=ref)[0][:, 0],
                                rtol=1e-10, atol=1e-12)
+    # what the compiled code would read or write outside its arrays is refused
+    for bad in (np.zeros((2, 11), dtype=int), np.zeros((3, 4), dtype=int),
+                np.full((2, 4), 65), np.zeros((2, 0), dtype=int)):
+        with pytest.raises(ValueError):
+            fast.prefill(m, bad)
 
 
 def test_decode_layouts_agree_bit_for_bit():

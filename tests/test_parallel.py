@@ -424,3 +424,18 @@ def test_the_rounds_end_when_one_step_is_left(monkeypatch, tmp_path):
     fake2 = FakeSteps(monkeypatch, {"sharded": [1.5, 1.0], "one_blas": 2.0, "plain": [1.5, 1.4]})
     parallel.choose_step(None, cfg.replace(batch_size=16), clock=fake2.clock)
     assert fake2.calls.count("sharded") == fake2.calls.count("plain") == 1 + parallel.MIN_ROUNDS
+
+
+def test_choices_are_cached_per_cpu_not_per_model_name(monkeypatch):
+    """The machine a choice is cached for is the CPU as numba compiles for it: /proc/cpuinfo's
+    model name ("AMD EPYC") is shared by CPUs with and without AVX-512, so the key holds LLVM's
+    name for the CPU and a hash of its features as well; the one-line description the bench
+    prints says which vector extensions it has."""
+    from llvmlite import binding
+    line = parallel.cpu()
+    assert binding.get_host_cpu_name() in line
+    has_512 = bool(binding.get_host_cpu_features().get("avx512f"))
+    assert ("no AVX-512" not in line and "AVX-512" in line) == has_512
+    key = parallel.measured_key({"n_embd": 8}, ["a", "b"])
+    monkeypatch.setattr(parallel, "_cpu_features", lambda: "another-cpu")
+    assert parallel.measured_key({"n_embd": 8}, ["a", "b"]) != key
