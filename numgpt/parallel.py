@@ -330,8 +330,10 @@ def make_step(name, model):
 # WARM_FACTOR times the quickest and over WARM_SECONDS, twice, does not take turns. Where the two
 # best end within CLOSE_FACTOR of each other, those two take turns as long again (at least
 # MIN_ROUNDS rounds more): a close call on three long steps is a coin toss on a noisy machine.
-# The choices file keeps at most MAX_CHOICES entries, the newest.
+# The choices file keeps at most MAX_CHOICES entries, the newest. Where MIN_ROUNDS rounds of the
+# warm-up steps' lengths come to over ANNOUNCE_SECONDS, the user is told before the rounds start.
 MEASURE_SECONDS = 0.6
+ANNOUNCE_SECONDS = 5.0
 MIN_ROUNDS = 3
 MAX_ROUNDS = 25
 SLOW_FACTOR = 1.5
@@ -366,9 +368,11 @@ def time_in_turns(run, names, seconds, max_rounds, clock, slow=None):
     return times
 
 
-def measure_steps(model, cfg, names, clock=None, seed=0):
+def measure_steps(model, cfg, names, clock=None, seed=0, say=None):
     """{name: median seconds of a step} for the candidate steps names, timed in turns on batches
-    of random ids (the model's parameters and the caller's random streams are not touched)."""
+    of random ids (the model's parameters and the caller's random streams are not touched).
+    Where the steps are long (MIN_ROUNDS rounds of their warm-ups over ANNOUNCE_SECONDS), says
+    so through say(msg) before the timed rounds."""
     import time
     clock = clock or time.perf_counter
     rng = np.random.default_rng(seed)
@@ -393,6 +397,10 @@ def measure_steps(model, cfg, names, clock=None, seed=0):
         for n in [n for n in names if behind(n)]:
             warm[n] = run(n)  # once more: its first call may have been loading code
         live = [n for n in names if not behind(n)]
+        if say is not None and MIN_ROUNDS * sum(warm[n] for n in live) > ANNOUNCE_SECONDS:
+            firsts = ", ".join(f"{warm[n]:.1f}" for n in live)
+            say(f"step: timing {', '.join(live)}, a few steps each, to train on the fastest "
+                f"(their first took {firsts} s; once for this machine and model, then cached) ...")
         times = time_in_turns(run, live, MEASURE_SECONDS, MAX_ROUNDS, clock, slow=SLOW_FACTOR)
         best = sorted(live, key=lambda n: float(np.median(times[n])))[:2]
         if len(best) == 2 and (float(np.median(times[best[1]]))
@@ -550,7 +558,8 @@ def choose_step(model, cfg, prefer=None, say=None, clock=None):
         say(f"step: {prefer} (the step this run trained with)")
         return prefer
     best, times = fastest(_choice_key(cfg, names), names,
-                          lambda: measure_steps(model, cfg, names, clock=clock), cache=cfg.kernels)
+                          lambda: measure_steps(model, cfg, names, clock=clock, say=say),
+                          cache=cfg.kernels)
     if times is None:
         say(f"step: {best} (measured on this machine before; cached in {_choices_path()})")
         return best

@@ -166,6 +166,10 @@ def test_long_steps_are_timed_three_times_each(monkeypatch, tmp_path):
     assert fake.calls.count("sharded") == fake.calls.count("plain") == 1 + parallel.MIN_ROUNDS
     assert said[-1].startswith("step: sharded, the fastest measured here (sharded 850 ms, "
                                "plain 960 ms")
+    # steps this long are announced before their rounds (short ones are not: the test above)
+    assert len(said) == 2 and said[0].startswith(
+        "step: timing sharded, one_blas, plain, a few steps each, to train on the fastest "
+        "(their first took 1.4, 1.7, 1.5 s;")
 
 
 def test_a_close_call_is_timed_again(monkeypatch, tmp_path):
