@@ -2,7 +2,8 @@
 
 NumPy reference: numgpt/model.py (GPT.loss_and_grads), layer by layer. Derivations: every section
 of docs/derivations.md. Tests: tests/test_step.py holds it equal to the reference and runs the
-float64 gradient check through it.
+float64 gradient check through it; tests/test_kernels.py holds prefill equal to model.forward
+with the key/value cache.
 
 Why: a small model's step is a few hundred small operations, and from Python each costs a
 call that can take longer than its work, so for the smallest models (the bench's tiny config)
@@ -16,11 +17,13 @@ folder. Each shard writes its own gradient slots; they are summed at the end.
 The file reads like numgpt/model.py, bottom up: a forward/backward pair per layer (_linear_*,
 _layernorm_*, the attention kernels), per sublayer (_attention_sublayer_*, _ffn_sublayer_*), per
 block (_block_fwd/_bwd: norm placement and residual, as GPT._block_forward/_block_backward) and
-for the head (_head_fwd/_bwd: final LayerNorm, lm_head); _shard composes them (embed, blocks,
-head and loss, then the backward in reverse) and train_step runs the shards. The block's
-structure comes from numgpt.arch.Arch (norm placement, residual, which parts exist); a shard's
-arrays are allocated once per call in a _Work (_workspace) that the helpers write into. The
-helpers above the kernels are inlined into _shard when it compiles (jit(inline=True)).
+for the head (_head_fwd/_bwd: final LayerNorm, lm_head); _forward composes the forward (embed,
+blocks, head), _shard adds the loss and the backward in reverse, and train_step runs the shards.
+Sampling runs the same _forward over a whole context (prefill), keeping its keys and values.
+The block's structure comes from numgpt.arch.Arch (norm placement, residual, which parts exist);
+a shard's arrays are allocated once per call in a _Work (_workspace) that the helpers write into.
+The helpers above the kernels are inlined into _forward and _shard when they compile
+(jit(inline=True)).
 
 Parameters come in a numba typed List of 2-D arrays in the order of numgpt.model.param_shapes
 (vectors as [1, n] rows); `slots` and `top` say which entry is which. Dropout is not done

@@ -43,9 +43,9 @@ class KVCache:
 
     def prefill(self, model, ids):
         """Logits [B, V] of the next token after ids [B, n], the cache emptied and then holding
-        ids' keys and values at positions 0 .. n-1: the same as model.forward(ids, kv=self)[0][:, -1]
-        after t = 0. In one compiled call (kernels/step.py's forward pass) where the kernels can
-        run the model, else through model.forward."""
+        ids' keys and values at positions 0 .. n-1: the same as
+        model.forward(ids, kv=self)[0][:, -1] after t = 0. In one compiled call (kernels/step.py's
+        forward pass) where the kernels can run the model, else through model.forward."""
         from .parallel import compiled_forward_applies, step_params
         self.t = 0
         if not (compiled_forward_applies(model.cfg) and model.dtype in (np.float32, np.float64)):

@@ -269,7 +269,8 @@ def test_decode_kernel_equals_reference_step(preset, over, layout):
 
 @pytest.mark.parametrize("preset,over", [("preln", {}), ("layernorm", {"activation": "gelu"}),
                                          ("ffn", {}), ("single_head", {}), ("residual", {}),
-                                         ("scaled", {"attn_proj": False, "ffn_proj": False, "ffn_mult": 1.0})])
+                                         ("scaled", {"attn_proj": False, "ffn_proj": False,
+                                                     "ffn_mult": 1.0})])
 def test_prefill_equals_the_reference_forward(preset, over):
     """kernels/step.py's prefill (a whole context through the fused step's forward, filling the
     key/value cache) against model.forward with the cache, float64, for every block structure
