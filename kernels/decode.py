@@ -13,7 +13,8 @@ sublayer (_attention_sublayer, whose heads each _attend to the cache; _ffn_subla
 residual and post-norm merge (_merge), then the head. It takes the block's structure as a
 numgpt.arch.Arch and the parameters as DecodeWeights, the blocks' stacked along a leading layer
 axis (see numgpt.generate.KVCache), both passed as plain tuples; tests/test_kernels.py holds the
-two equal.
+two equal. sample_rows draws a token from the logits as numgpt.generate.sample_from does, and
+sample_and_decode alternates the two for a run of tokens without returning to Python.
 """
 import math
 from typing import NamedTuple
@@ -374,3 +375,18 @@ def sample_rows(logits, temperature, u, out):
             if c[j] <= target:
                 k += 1
         out[b] = min(k, V - 1)
+
+
+@numba.njit(**OPTIONS)
+def sample_and_decode(t, arch, weights, K, V, layout, logits, temperature, u, out):
+    """A run of tokens in one call (numgpt.generate.KVCache.run): for k < n, out[k] [B] = the
+    tokens drawn from logits with the uniforms u[k] (sample_rows), then, unless the cache is
+    full (t == block), logits = decode_step(out[k]) at position t and t += 1. Returns t."""
+    block = K.shape[3]
+    for k in range(out.shape[0]):
+        sample_rows(logits, temperature, u[k], out[k])
+        if t == block:
+            break
+        decode_step(out[k], t, arch, weights, K, V, layout, logits)
+        t += 1
+    return t

@@ -4,9 +4,13 @@ Without a cache (the video's generate) every new token runs the model over the l
 tokens. With the cache each block keeps the keys and values of the positions it has seen, so a new
 token costs one position's work. Positions are absolute (position embeddings), so when the cache
 reaches block_size it is rebuilt from the last block_size // 2 tokens (at least one) in one forward
-pass: the model
-then conditions on between block_size / 2 and block_size tokens of context, where the uncached
-version always sees block_size.
+pass: the model then conditions on between block_size / 2 and block_size tokens of context, where
+the uncached version always sees block_size.
+
+With the kernels, that forward pass is one compiled call (KVCache.prefill), as is each new token
+(KVCache.step); and, when no top-k / top-p filter is asked for, a whole run of tokens up to the
+next rebuild is drawn and decoded in one call (KVCache.run), drawing what the token-by-token
+loop draws.
 """
 import math
 
@@ -83,6 +87,27 @@ class KVCache:
         self.t += 1
         return logits
 
+    def ready(self):
+        """Whether run() can go on from here: a decode step has chosen the weights' layout."""
+        return self._args is not None
+
+    def run(self, logits, temperature, u):
+        """(tokens [n, B], placed): n tokens drawn and decoded in one compiled call
+        (kernels/decode.py's sample_and_decode). Token k is drawn from logits [B, V] with the
+        uniforms u[k] as sample_rows draws it (the same as numgpt.generate.sample_from at that
+        temperature), then decoded at position t into logits (t += 1), unless the cache is
+        full; `placed` tokens were decoded (n, or n - 1 when the last found the cache full)."""
+        from numgpt.kernels import decode
+        room = self.K.shape[3] - self.t   # positions left in the cache
+        if u.ndim != 2 or u.shape[1] != self.K.shape[1] or u.shape[0] > room + 1:
+            raise ValueError(f"a run from position {self.t} of a cache of {self.K.shape[3]} "
+                             f"positions and {self.K.shape[1]} rows cannot draw {u.shape}")
+        tokens = np.empty(u.shape, dtype=np.int64)
+        t0 = self.t
+        self.t = decode.sample_and_decode(t0, *self._args, self.K, self.V, self._layout, logits,
+                                          temperature, u, tokens)
+        return tokens, self.t - t0
+
     def attend(self, x, p, layer):
         """Causal attention of the new positions x [B, n, C] over the cached ones plus themselves.
 
@@ -104,6 +129,11 @@ class KVCache:
             y = linear_forward(y, p["w_proj"], p["b_proj"])[0]
         return y
 
+
+# while the tokens are streamed (generate's on_token), a compiled run of draws and decode steps
+# holds at most this many, so that they arrive a few at a time; without, a run lasts until the
+# cache is full
+STREAMED_RUN = 8
 
 # the compiled decoder's weight layouts (kernels/decode.py's _mv), by name
 LAYOUTS = ("by_input", "by_output", "by_output_threads", "by_input_threads")
@@ -249,7 +279,9 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
              on_token=None, use_cache=True):
     """Extend idx [B, T0] by max_new_tokens sampled tokens; returns [B, T0 + max_new_tokens].
 
-    on_token(ids [B]) is called after every new token, for streaming output.
+    on_token(ids [B]) is called with every new token, in order, for streaming output (with the
+    kernels and no top-k / top-p filter, tokens come in compiled runs, so at most STREAMED_RUN
+    of them are made before it sees them).
     use_cache=False runs the whole (cropped) context through the model for every token.
     """
     rng = rng or np.random.default_rng()
@@ -274,20 +306,38 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     plain = fast and temperature > 0 and not top_k and (top_p is None or top_p >= 1)
     if plain:
         from numgpt.kernels.decode import sample_rows
-    for _ in range(max_new_tokens):
-        if not cache:
-            logits = model.next_token_logits(idx if len(out) == 1 else np.concatenate(out, 1))
-        if plain:  # compiled: the same draw as below, without the filters
-            nxt = np.empty(idx.shape[0], dtype=np.int64)
-            sample_rows(logits, float(temperature), rng.random(idx.shape[0]), nxt)
-        else:
-            nxt = sample_from(next_token_probs(logits, temperature, top_k, top_p), rng)
+    B, made = idx.shape[0], 0
+
+    def emit(nxt):
         out.append(nxt[:, None])
         if on_token is not None:
             on_token(nxt)
+
+    def rebuild():  # the cache is full: refill it from the last half of the window
+        return kv.prefill(model, np.concatenate(out, 1)[:, -max(1, cfg.block_size // 2):])
+    while made < max_new_tokens:
+        if plain and kv.ready():  # compiled: a run of draws and decode steps in one call
+            n = min(max_new_tokens - made, cfg.block_size - kv.t + 1,
+                    STREAMED_RUN if on_token is not None else max_new_tokens)
+            tokens, placed = kv.run(logits, float(temperature), rng.random((n, B)))
+            for nxt in tokens:
+                emit(nxt)
+            made += n
+            if placed < n:  # the last token found the cache full
+                logits = rebuild()
+            continue
+        if not cache:
+            logits = model.next_token_logits(idx if len(out) == 1 else np.concatenate(out, 1))
+        if plain:  # compiled: the same draw as below, without the filters
+            nxt = np.empty(B, dtype=np.int64)
+            sample_rows(logits, float(temperature), rng.random(B), nxt)
+        else:
+            nxt = sample_from(next_token_probs(logits, temperature, top_k, top_p), rng)
+        emit(nxt)
+        made += 1
         if cache:
-            if kv.t == cfg.block_size:  # full: rebuild from the last half of the window
-                logits = kv.prefill(model, np.concatenate(out, 1)[:, -max(1, cfg.block_size // 2):])
+            if kv.t == cfg.block_size:
+                logits = rebuild()
             elif fast:
                 logits = kv.step(model, nxt)
             else:

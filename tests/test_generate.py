@@ -94,3 +94,33 @@ def test_generation_with_kernels_equals_the_reference_path():
     a = generate(ref, prompt, 60, rng=np.random.default_rng(3))
     b = generate(fast, prompt, 60, rng=np.random.default_rng(3))
     np.testing.assert_array_equal(a, b)
+
+
+def test_compiled_runs_draw_what_the_token_by_token_loop_draws(monkeypatch):
+    """With the kernels, generate draws and decodes runs of tokens in one compiled call each
+    (KVCache.run: up to the next rebuild, at most STREAMED_RUN while streaming to on_token). The
+    tokens are those of the token-by-token loop (the same uniforms, drawn in one go), past
+    several rebuilds, two rows, streamed or not; on_token sees every token, in order."""
+    from numgpt import generate as gen
+    m = numgpt.build_model("preln", seed=4, zero_head=False, block_size=16, kernels=True)
+    prompt = np.array([[5, 6, 7], [1, 2, 3]])
+    sizes, run = [], KVCache.run
+
+    def counted(self, logits, temperature, u):
+        sizes.append(u.shape[0])
+        return run(self, logits, temperature, u)
+    monkeypatch.setattr(KVCache, "run", counted)
+    whole = generate(m, prompt, 70, rng=np.random.default_rng(3))
+    assert sum(sizes) > 60 and max(sizes) > gen.STREAMED_RUN  # runs to the rebuild
+    sizes.clear()
+    seen = []
+    streamed = generate(m, prompt, 70, rng=np.random.default_rng(3), on_token=seen.append)
+    assert sum(sizes) > 60 and max(sizes) <= gen.STREAMED_RUN
+    monkeypatch.setattr(KVCache, "ready", lambda self: False)  # token by token
+    one_by_one = generate(m, prompt, 70, rng=np.random.default_rng(3))
+    np.testing.assert_array_equal(whole, one_by_one)
+    np.testing.assert_array_equal(streamed, one_by_one)
+    np.testing.assert_array_equal(np.stack(seen, axis=1), one_by_one[:, 3:])
+    with pytest.raises(ValueError, match="cannot draw"):  # past the cache: refused
+        kv = KVCache(m, 2)
+        kv.run(np.zeros((2, 65), np.float32), 1.0, np.zeros((18, 2)))
