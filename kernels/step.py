@@ -328,11 +328,12 @@ class _Work(NamedTuple):
 
 
 @jit(inline=True)
-def _workspace(a, nb, T, C, F, V, dt, lanes):
+def _workspace(a, nb, T, C, F, V, dt, lanes, L):
     """A _Work for a shard of nb sequences of T positions of the model a (numgpt.arch.Arch) with
-    C channels, feed-forward width F, vocabulary V, in dtype dt; attention in lanes or not."""
+    C channels, feed-forward width F, vocabulary V, in dtype dt; attention in lanes or not; the
+    intermediates of L layers (every layer's for a backward pass, one for a forward alone)."""
     M = nb * T
-    L, H = a.n_layer, a.n_head
+    H = a.n_head
     sc = np.empty(2, dtype=dt)   # constants in the arrays' dtype
     sc[0] = (C // H) ** -0.5
     sc[1] = LN_EPS
@@ -568,24 +569,45 @@ def _head_bwd(a, w, P, G, s, top, x, ds):
 # ---- the model top to bottom (numgpt/model.py: GPT.forward, GPT.backward) ----
 
 @jit(inline=True)
-def _model_workspace(a, nb, T, P, slots, top, lanes):
+def _model_workspace(a, nb, T, P, slots, top, lanes, L):
     """_workspace for nb sequences of T positions of the model whose parameters are P."""
     C = P[top[TOK]].shape[1]
     V = P[top[LM_W]].shape[1]
     F = P[slots[0, W_FC]].shape[1] if a.ffn else C
-    return _workspace(a, nb, T, C, F, V, P[top[TOK]].dtype, lanes)
+    return _workspace(a, nb, T, C, F, V, P[top[TOK]].dtype, lanes, L)
 
 
 @jit()
-def _forward(idx, P, slots, top, a, wqkv, w):
+def _keep_kv(qkv, H, K, V):
+    """K[b, h, i], V[b, h, i] = head h's key and value columns of qkv [nb * n, 3C] at row
+    b * n + i: a layer's keys and values of n positions, into its cache."""
+    nb = K.shape[0]
+    n = qkv.shape[0] // nb
+    C = qkv.shape[1] // 3
+    hs = C // H
+    for b in range(nb):
+        for h in range(H):
+            k0, v0 = C + h * hs, 2 * C + h * hs
+            for i in range(n):
+                K[b, h, i] = qkv[b * n + i, k0:k0 + hs]
+                V[b, h, i] = qkv[b * n + i, v0:v0 + hs]
+
+
+@jit()
+def _forward(idx, P, slots, top, a, wqkv, w, K, V):
     """The logits of the rows idx [nb, T] (positions 0 .. T-1) into w.z [nb * T, V]:
-    x = tok_emb[idx] + pos_emb[:T]; the blocks; the head. What the backward needs stays in w."""
+    x = tok_emb[idx] + pos_emb[:T]; the blocks; the head. With K, V empty, every layer's
+    intermediates stay in w for the backward; else (sampling's prefill) w holds one layer's at a
+    time, and each layer's keys and values go to K, V [L, nb, H, >= T, hs] (_keep_kv)."""
     nb, T = idx.shape
     C = w.x.shape[1]
     x = w.x
+    keep_all = K.size == 0
     _embed_fwd(idx, P[top[TOK]], P[top[POS]], x.reshape(nb, T, C))
     for l in range(a.n_layer):
-        _block_fwd(a, w, l, P, slots[l], wqkv[l], x)
+        _block_fwd(a, w, l if keep_all else 0, P, slots[l], wqkv[l], x)
+        if not keep_all:
+            _keep_kv(w.qkv[0], a.n_head, K[l], V[l])
     _head_fwd(a, w, P, top, x)
 
 
@@ -601,10 +623,11 @@ def _shard(idx, tgt, P, G, s, slots, top, a, lanes, wqkv, weight):
     """
     nb, T = idx.shape
     C = P[top[TOK]].shape[1]
-    w = _model_workspace(a, nb, T, P, slots, top, lanes)
+    w = _model_workspace(a, nb, T, P, slots, top, lanes, a.n_layer)
     x = w.x
-    # ---- forward: the logits; the loss
-    _forward(idx, P, slots, top, a, wqkv, w)
+    # ---- forward: the logits (every layer's intermediates kept); the loss
+    no_cache = np.empty((0, 0, 0, 0, 0), dtype=x.dtype)
+    _forward(idx, P, slots, top, a, wqkv, w, no_cache, no_cache)
     dz = w.dz
     losses = _xent(w.z, tgt.reshape(w.M), WITH_GRAD, dz)   # dz = (softmax - onehot) / M
     dz *= weight
@@ -621,23 +644,13 @@ def _shard(idx, tgt, P, G, s, slots, top, a, lanes, wqkv, weight):
 def prefill(idx, P, slots, top, arch, wqkv, K, V, logits):
     """Sampling's pass over a whole context (numgpt/generate.py, KVCache.prefill): _forward of
     the rows idx [B, n] from position 0, no loss, on the calling thread (BLAS on its own
-    threads). logits [B, V] = each row's last position's; every layer's keys and values of the
-    n positions into K, V [L, B, H, >= n, hs] (attention's k and v columns of qkv, head by
-    head). wqkv [L, C, 3C]: each layer's w_q, w_k, w_v side by side (_pack_qkv)."""
+    threads), one layer's intermediates held at a time. logits [B, V] = each row's last
+    position's; every layer's keys and values of the n positions into K, V [L, B, H, >= n, hs].
+    wqkv [L, C, 3C]: each layer's w_q, w_k, w_v side by side (_pack_qkv)."""
     a = Arch(*arch)
     nb, n = idx.shape
-    w = _model_workspace(a, nb, n, P, slots, top, False)
-    _forward(idx, P, slots, top, a, wqkv, w)
-    C = w.x.shape[1]
-    hs = C // a.n_head
-    for l in range(a.n_layer):
-        qkv = w.qkv[l]
-        for b in range(nb):
-            for h in range(a.n_head):
-                k0, v0 = C + h * hs, 2 * C + h * hs
-                for i in range(n):
-                    K[l, b, h, i] = qkv[b * n + i, k0:k0 + hs]
-                    V[l, b, h, i] = qkv[b * n + i, v0:v0 + hs]
+    w = _model_workspace(a, nb, n, P, slots, top, False, 1)
+    _forward(idx, P, slots, top, a, wqkv, w, K, V)
     for b in range(nb):
         logits[b] = w.z[b * n + n - 1]
 
