@@ -299,6 +299,46 @@ def test_prefill_equals_the_reference_forward(preset, over):
             fast.prefill(m, bad)
 
 
+PREFILL_MEMORY = """
+import sys, numpy as np, numgpt
+from numgpt.generate import KVCache
+from numgpt.parallel import compiled_forward_applies
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith(key + ":"))
+cfg = numgpt.get_config("preln", n_layer=16, n_head=8, n_embd=32, block_size=512)
+m = numgpt.GPT(cfg, seed=0)
+assert compiled_forward_applies(cfg)
+kv = KVCache(m, 1)
+ids = np.zeros((1, 512), dtype=np.int64)
+kv.prefill(m, ids[:, :8])             # the compiled code loaded (or compiled) first
+assert kv._step_params is not None    # the compiled path, not model.forward
+rss = status("VmRSS")
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")                      # the peak (VmHWM) starts again from the resident size
+kv.prefill(m, ids)
+print(status("VmHWM") - rss)
+"""
+
+
+def test_prefill_holds_one_layers_intermediates_at_a_time():
+    """The compiled prefill needs about one layer's attention probabilities at its peak, as
+    model.forward with a cache does and numgpt.resources.sampling_bytes counts, not every
+    layer's (what the training step keeps for its backward). Peak resident memory of a whole
+    512-position context through 16 layers of 8 heads, in a fresh process (whose malloc hands
+    freed memory back): one layer's probabilities are 8 MiB, all sixteen 128 MiB."""
+    import os
+    import subprocess
+    import sys
+    if not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak resident size")
+    r = subprocess.run([sys.executable, "-c", PREFILL_MEMORY], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    grew = int(r.stdout.split()[-1])
+    one_layer = 8 * 512 * 512 * 4
+    assert grew < 3 * one_layer, f"the prefill's peak grew {grew / 2**20:.0f} MiB"
+
+
 def test_decode_layouts_agree_bit_for_bit():
     """The by-output layout on numba's threads and on the calling thread give the same logits,
     bit for bit: each output is one thread's dot product either way, and each head's attention
