@@ -41,15 +41,18 @@ REPO = os.path.dirname(HERE)
 CONFIGS = {
     # name: (preset, overrides, rounds, timed steps per turn, untimed steps starting a turn,
     #        warm-up steps)
+    # The rounds: as many as fit in about a minute where steps are short, since on a shared
+    # machine a ratio from a few rounds moves with the machine's spells (docs/benchmarks.md,
+    # "How many rounds").
     # tiny steps take milliseconds: many of them, after a warm-up long enough for both sides to
     # settle (numgpt's first few hundred steps here run ~15% slower than later ones)
-    "tiny": ("residual", dict(), 8, 50, 1, 100),
+    "tiny": ("residual", dict(), 24, 50, 1, 100),
     "laptop": ("laptop", dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12),
-               8, 5, 1, 5),
-    "hour": ("hour", dict(), 8, 5, 1, 5),  # the hour preset: L4 H6 C192 T128 B8, dropout 0.1
+               24, 5, 1, 5),
+    "hour": ("hour", dict(), 16, 5, 1, 5),  # the hour preset: L4 H6 C192 T128 B8, dropout 0.1
     # numgpt's first mid steps run slow while its heap grows and settles (the first about 2.5x a
     # later one, the next few up to 1.5x): three warm-up steps (the same for PyTorch)
-    "mid": ("scaled", dict(batch_size=8), 5, 1, 0, 3),
+    "mid": ("scaled", dict(batch_size=8), 9, 1, 0, 3),
     "full": ("scaled", dict(batch_size=64), 2, 1, 0, 1),
 }
 SAMPLE_ROUNDS = 5  # sampling speed: the median of this many whole generate runs per side
