@@ -314,8 +314,12 @@ ids = np.zeros((1, 512), dtype=np.int64)
 kv.prefill(m, ids[:, :8])             # the compiled code loaded (or compiled) first
 assert kv._step_params is not None    # the compiled path, not model.forward
 rss = status("VmRSS")
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")                      # the peak (VmHWM) starts again from the resident size
+try:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")                  # the peak (VmHWM) starts again from the resident size
+except OSError:
+    print("unresettable")
+    sys.exit(0)
 kv.prefill(m, ids)
 print(status("VmHWM") - rss)
 """
@@ -334,6 +338,8 @@ def test_prefill_holds_one_layers_intermediates_at_a_time():
         pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak resident size")
     r = subprocess.run([sys.executable, "-c", PREFILL_MEMORY], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+    if r.stdout.split()[-1] == "unresettable":
+        pytest.skip("/proc/self/clear_refs cannot be written here")
     grew = int(r.stdout.split()[-1])
     one_layer = 8 * 512 * 512 * 4
     assert grew < 3 * one_layer, f"the prefill's peak grew {grew / 2**20:.0f} MiB"
