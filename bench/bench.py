@@ -55,8 +55,8 @@ CONFIGS = {
     "mid": ("scaled", dict(batch_size=8), 9, 1, 0, 3),
     "full": ("scaled", dict(batch_size=64), 2, 1, 0, 1),
 }
-SAMPLE_ROUNDS = 9  # sampling speed: the median of this many whole generate runs per side (about
-#                   40 s for the full model here; see the rounds above)
+SAMPLE_ROUNDS = 9  # sampling speed: the median of this many whole generate runs per side (as
+#                   many as fit in about a minute, as for training above)
 SAMPLE_CONFIGS = {"full": ("scaled", dict()), "laptop": CONFIGS["laptop"][:2]}
 TURN_TIMEOUT_S = 3600  # one turn (or a worker's start and warm-up) taking longer: the worker failed
 
