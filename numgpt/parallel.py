@@ -14,9 +14,10 @@ Five ways to compute a step's loss and gradients, all of the same mean loss up t
 
 Which is fastest depends on the model's size and on the CPU (its matrix-product speed, caches,
 how fast threads wake). So step_function times the candidates on a few batches of random ids
-before training (the model's parameters and the run's random stream are left untouched), takes
-the fastest, and caches the choice for this machine and model shape, so later runs start at
-once. NUMGPT_STEP=fused_lanes|fused|sharded|one_blas|plain forces one (tests use it);
+before training (the model's parameters and the run's random stream are left untouched; where a
+whole step is long, on the model cut to fewer layers of the same shapes), takes the fastest, and
+caches the choice for this machine and model shape, so later runs start at once.
+NUMGPT_STEP=fused_lanes|fused|sharded|one_blas|plain forces one (tests use it);
 NUMGPT_FUSED=0 and NUMGPT_DATA_PARALLEL=0 take the fused and the sharded steps out of the running.
 
 Sharded steps: each shard draws its rows of the whole batch's dropout masks (BatchRows in
@@ -332,6 +333,9 @@ def make_step(name, model):
 # MIN_ROUNDS rounds more): a close call on three long steps is a coin toss on a noisy machine.
 # The choices file keeps at most MAX_CHOICES entries, the newest. Where MIN_ROUNDS rounds of the
 # warm-up steps' lengths come to over ANNOUNCE_SECONDS, the user is told before the rounds start.
+# Where a whole step is long (n_layer times one layer's step over LONG_STEP_SECONDS), all of this
+# runs on the model cut to as many layers as fit in LONG_STEP_SECONDS (layers_to_time): a model
+# whose steps take seconds is measured in seconds, not minutes.
 MEASURE_SECONDS = 0.6
 ANNOUNCE_SECONDS = 5.0
 MIN_ROUNDS = 3
@@ -341,6 +345,7 @@ WARM_FACTOR = 3.0
 WARM_SECONDS = 0.5
 CLOSE_FACTOR = 1.1
 MAX_CHOICES = 200
+LONG_STEP_SECONDS = 0.25
 
 
 def time_in_turns(run, names, seconds, max_rounds, clock, slow=None):
@@ -368,11 +373,21 @@ def time_in_turns(run, names, seconds, max_rounds, clock, slow=None):
     return times
 
 
+class StepTimes(dict):
+    """{name: median seconds of a step} as measure_steps measured them; .layers: on how many of
+    the model's layers (all of them, unless a whole step is long: layers_to_time)."""
+
+    def __init__(self, times, layers):
+        super().__init__(times)
+        self.layers = layers
+
+
 def measure_steps(model, cfg, names, clock=None, seed=0, say=None):
-    """{name: median seconds of a step} for the candidate steps names, timed in turns on batches
-    of random ids (the model's parameters and the caller's random streams are not touched).
-    Where the steps are long (MIN_ROUNDS rounds of their warm-ups over ANNOUNCE_SECONDS), says
-    so through say(msg) before the timed rounds."""
+    """StepTimes for the candidate steps names, timed in turns on batches of random ids (the
+    model's parameters and the caller's random streams are not touched). Where a whole step is
+    long, on a model of cfg's shapes cut to fewer layers (layers_to_time). Where the steps are
+    long even so (MIN_ROUNDS rounds of their warm-ups over ANNOUNCE_SECONDS), says so through
+    say(msg) before the timed rounds."""
     import time
     clock = clock or time.perf_counter
     rng = np.random.default_rng(seed)
@@ -381,7 +396,9 @@ def measure_steps(model, cfg, names, clock=None, seed=0, say=None):
     y = rng.integers(0, cfg.vocab_size, shape)
     training_starts()  # before any candidate's threads allocate (see ShardedStep)
     threads_measured(cfg)
-    steps = {n: make_step(n, model) for n in names}
+    layers = layers_to_time(model, cfg, x, y, clock, seed)
+    timed = model if layers == cfg.n_layer else cut_model(model, cfg, layers, seed)
+    steps = {n: make_step(n, timed) for n in names}
     times = {}
     try:
         def run(n):
@@ -399,8 +416,9 @@ def measure_steps(model, cfg, names, clock=None, seed=0, say=None):
         live = [n for n in names if not behind(n)]
         if say is not None and MIN_ROUNDS * sum(warm[n] for n in live) > ANNOUNCE_SECONDS:
             firsts = ", ".join(f"{warm[n]:.1f}" for n in live)
-            say(f"step: timing {', '.join(live)}, a few steps each, to train on the fastest "
-                f"(their first took {firsts} s; once for this machine and model, then cached) ...")
+            say(f"step: timing {', '.join(live)}, a few steps each{_on_layers(layers, cfg)}, to "
+                f"train on the fastest (their first took {firsts} s; once for this machine and "
+                f"model, then cached) ...")
         times = time_in_turns(run, live, MEASURE_SECONDS, MAX_ROUNDS, clock, slow=SLOW_FACTOR)
         best = sorted(live, key=lambda n: float(np.median(times[n])))[:2]
         if len(best) == 2 and (float(np.median(times[best[1]]))
@@ -412,7 +430,36 @@ def measure_steps(model, cfg, names, clock=None, seed=0, say=None):
         for _, close in steps.values():
             close()
         give_back_freed_memory()  # the candidates' heaps, which training's own step need not reuse
-    return {n: float(np.median(t)) for n, t in times.items() if t}
+    return StepTimes({n: float(np.median(t)) for n, t in times.items() if t}, layers)
+
+
+def layers_to_time(model, cfg, x, y, clock, seed=0):
+    """On how many of cfg's layers the candidate steps are timed: all of them, unless cfg is a
+    GPT of several layers whose whole step is long: one layer's plain step on x, y is timed, and
+    where n_layer such steps come to over LONG_STEP_SECONDS, the candidates are timed on as many
+    layers as fit in it (at least one): every product and kernel of a layer at its real shape,
+    only fewer of them."""
+    if cfg.model != "gpt" or cfg.n_layer < 2:
+        return cfg.n_layer
+    one = cut_model(model, cfg, 1, seed)
+    for _ in range(2):  # the second call timed: the first pays first calls' costs
+        t0 = clock()
+        one.loss_and_grads(x, y, train=True, rng=np.random.default_rng(seed))
+        t = clock() - t0
+    if cfg.n_layer * t <= LONG_STEP_SECONDS:
+        return cfg.n_layer
+    return max(1, int(LONG_STEP_SECONDS / t))
+
+
+def cut_model(model, cfg, layers, seed=0):
+    """A model of cfg (model's dtype) with only its first `layers` layers, of random weights."""
+    from .model import GPT
+    return GPT(cfg.replace(n_layer=layers), seed=seed,
+               dtype=model.dtype if model is not None else np.float32)
+
+
+def _on_layers(layers, cfg):
+    return f" on {layers} of the model's {cfg.n_layer} layers" if layers < cfg.n_layer else ""
 
 
 SHAPE_FIELDS = ("model", "vocab_size", "block_size", "n_embd", "n_head", "n_layer", "attn_proj",
@@ -563,10 +610,15 @@ def choose_step(model, cfg, prefer=None, say=None, clock=None):
     if times is None:
         say(f"step: {best} (measured on this machine before; cached in {_choices_path()})")
         return best
-    shown = ", ".join(f"{n} {1000 * t:.3g} ms" for n, t in sorted(times.items(),
-                                                                  key=lambda kv: kv[1]))
-    say(f"step: {best}, the fastest measured here ({shown})")
+    shown = ", ".join(f"{n} {_duration(t)}" for n, t in sorted(times.items(),
+                                                               key=lambda kv: kv[1]))
+    on = _on_layers(getattr(times, "layers", cfg.n_layer), cfg)
+    say(f"step: {best}, the fastest measured here ({on[1:] + ': ' if on else ''}{shown})")
     return best
+
+
+def _duration(seconds):
+    return f"{1000 * seconds:.3g} ms" if seconds < 1 else f"{seconds:.3g} s"
 
 
 def step_function(model, cfg=None, prefer=None, say=None):

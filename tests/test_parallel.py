@@ -96,9 +96,10 @@ class FakeSteps:
 
     def __init__(self, monkeypatch, seconds):
         self.now, self.calls = 0.0, []
-        self.closed = []
+        self.closed, self.models = [], []
 
         def make(name, model):
+            self.models.append(model)
             def step(x, y, train=True, rng=None):
                 t = seconds[name]
                 if isinstance(t, list):
@@ -170,6 +171,39 @@ def test_long_steps_are_timed_three_times_each(monkeypatch, tmp_path):
     assert len(said) == 2 and said[0].startswith(
         "step: timing sharded, one_blas, plain, a few steps each, to train on the fastest "
         "(their first took 1.4, 1.7, 1.5 s;")
+
+
+def test_long_steps_are_timed_on_fewer_layers(monkeypatch, tmp_path):
+    """Where n_layer times one layer's plain step is over LONG_STEP_SECONDS, the candidates are
+    timed on a model of the same shapes cut to as many layers as fit in it, and the result line
+    says so; shorter steps are timed on the model itself."""
+    monkeypatch.setattr(parallel, "cores", lambda: 2)
+    for var in ("NUMGPT_FUSED", "NUMGPT_DATA_PARALLEL", "NUMGPT_STEP"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(parallel, "_choices_path", lambda: str(tmp_path / "choices.json"))
+    cfg = numgpt.get_config("residual", dropout=0.1, n_layer=6)  # sharded, one_blas, plain
+    m = numgpt.GPT(cfg, seed=0)
+    fake = FakeSteps(monkeypatch, {"sharded": 0.3, "one_blas": 0.5, "plain": 0.4})
+    one_layer = []
+
+    def layer_step(self, x, y, train=True, rng=None):  # one layer's plain step: 0.1 s a layer
+        one_layer.append(self.cfg.n_layer)
+        fake.now += 0.1 * self.cfg.n_layer
+        return 0.0, {}
+    monkeypatch.setattr(numgpt.GPT, "loss_and_grads", layer_step)
+    said = []
+    assert parallel.choose_step(m, cfg, say=said.append, clock=fake.clock) == "sharded"
+    assert one_layer == [1, 1]  # an untimed call, then a timed one
+    assert {mm.cfg.n_layer for mm in fake.models} == {2} and m not in fake.models  # 0.25 / 0.1
+    assert said[-1].startswith("step: sharded, the fastest measured here (on 2 of the model's 6 "
+                               "layers: sharded 300 ms, plain 400 ms")
+    # 6 x 0.04 s is not long: the model itself is timed
+    fake2 = FakeSteps(monkeypatch, {"sharded": 0.3, "one_blas": 0.5, "plain": 0.4})
+    monkeypatch.setattr(numgpt.GPT, "loss_and_grads",
+                        lambda self, *a, **k: setattr(fake2, "now", fake2.now + 0.04) or (0., {}))
+    parallel.choose_step(m, cfg.replace(batch_size=16), say=said.append, clock=fake2.clock)
+    assert fake2.models and all(mm is m for mm in fake2.models)
+    assert said[-1].startswith("step: sharded, the fastest measured here (sharded 300 ms")
 
 
 def test_a_close_call_is_timed_again(monkeypatch, tmp_path):
@@ -256,6 +290,10 @@ def test_real_steps_are_measured(monkeypatch, tmp_path):
     before = m.get_params()
     times = parallel.measure_steps(m, cfg, parallel.candidates(cfg))
     assert set(times) <= set(parallel.STEPS) and times and all(t > 0 for t in times.values())
+    assert times.layers == cfg.n_layer  # steps of milliseconds: the whole model
+    monkeypatch.setattr(parallel, "LONG_STEP_SECONDS", 0.0)  # any step is long: one layer
+    times = parallel.measure_steps(m, cfg, parallel.candidates(cfg))
+    assert times.layers == 1 and set(times) == set(parallel.candidates(cfg))
     for k, v in m.params.items():
         np.testing.assert_array_equal(v, before[k])
 
@@ -423,7 +461,7 @@ def test_the_rounds_end_when_one_step_is_left(monkeypatch, tmp_path):
     said = []
     assert parallel.choose_step(None, cfg, say=said.append, clock=fake.clock) == "sharded"
     assert sorted(fake.calls) == sorted(["sharded", "one_blas", "plain"] * 2)  # warm-up, a round
-    assert said[-1].startswith("step: sharded, the fastest measured here (sharded 1e+03 ms")
+    assert said[-1].startswith("step: sharded, the fastest measured here (sharded 1 s, plain 1.6 s")
     # where two stay within SLOW_FACTOR, both are timed MIN_ROUNDS times
     fake2 = FakeSteps(monkeypatch, {"sharded": [1.5, 1.0], "one_blas": 2.0, "plain": [1.5, 1.4]})
     parallel.choose_step(None, cfg.replace(batch_size=16), clock=fake2.clock)
