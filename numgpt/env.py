@@ -17,8 +17,10 @@ silent guess. Paths are used as given; unset or empty means the default.
     XDG_CACHE_HOME          path (the XDG standard's): the per-user cache of an installed numgpt
     NUMBA_NUM_THREADS, OMP_NUM_THREADS, OPENBLAS_NUM_THREADS, MKL_NUM_THREADS
                             the libraries' own thread counts: numgpt uses no more threads than the
-                            smallest of them; a value that is not a whole number >= 1 is left to
-                            its library (threads, thread_cap)
+                            smallest of them (threads, thread_cap); a value that is not a whole
+                            number >= 1 (OMP_NUM_THREADS: or a list of them, "4,2") stops the
+                            commands with a one-line error, and in the Python API is left to its
+                            library
     OPENBLAS_THREAD_TIMEOUT, GOMP_SPINCOUNT
                             OpenBLAS's and OpenMP's own: how long their threads spin; numgpt
                             sets them where the user has not (numgpt/_threads.py)
@@ -83,6 +85,12 @@ def check_all():
         choice(name)
     for name in SECONDS:
         seconds(name)
+    for name in THREAD_VARIABLES:  # numba's own check of its count is a traceback on import
+        raw = os.environ.get(name, "")
+        if raw.strip() and threads(name) is None:
+            listed = ' (or a list of them, "4,2")' if name == "OMP_NUM_THREADS" else ""
+            raise EnvError(f"{name}={raw!r} is not a thread count; use a whole number >= 1"
+                           f"{listed}, or unset it")
 
 
 def seconds(name):
@@ -106,7 +114,7 @@ def mpi_launch():
     counts as unset (the launcher's variables, not the user's)."""
     def whole(var):
         v = os.environ.get(var, "").strip() if var else ""
-        return int(v) if v.isdigit() else None
+        return int(v) if _whole(v) else None
     for rank_var, size_var in LAUNCH_VARIABLES:
         rank = whole(rank_var)
         if rank is not None:
@@ -121,11 +129,22 @@ def path(name):
 
 
 def threads(name):
-    """The thread count in `name` (one of THREAD_VARIABLES) when it is a whole number >= 1, else
-    None: unset, or a value its library reads by its own rule."""
+    """The thread count in `name` (one of THREAD_VARIABLES) when it is a whole number >= 1 (for
+    OMP_NUM_THREADS, the first of a list such as "4,2": the outermost level's), else None: unset,
+    or a value its library reads by its own rule."""
     assert name in THREAD_VARIABLES, name
     v = os.environ.get(name, "").strip()
-    return int(v) if v.isdigit() and int(v) >= 1 else None
+    if name == "OMP_NUM_THREADS":
+        parts = [p.strip() for p in v.split(",")]
+        if not all(_whole(p) and int(p) >= 1 for p in parts):
+            return None
+        v = parts[0]
+    return int(v) if _whole(v) and int(v) >= 1 else None
+
+
+def _whole(v):
+    """Whether v is a whole number written in ASCII digits (str.isdigit alone takes '²')."""
+    return v.isascii() and v.isdigit()
 
 
 def thread_cap():

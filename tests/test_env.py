@@ -91,3 +91,64 @@ def test_thread_counts_are_read_in_one_place(monkeypatch):
     assert env.thread_cap() == 1 and cores() == 1
     monkeypatch.delenv("MKL_NUM_THREADS")
     assert env.thread_cap() == 3 and cores() == min(every, 3)
+
+
+def _readme_table_variables():
+    """The variables named in the first column of README.md's Environment variables table."""
+    import os
+    import re
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "README.md"), encoding="utf-8") as f:
+        section = f.read().split("\n## Environment variables\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1] for line in section.splitlines() if line.startswith("| `")]
+    names = set()
+    for cell in rows:
+        for name in re.findall(r"`([A-Z][A-Z0-9_]*)`", cell):
+            names.add(name)
+        # `OMPI_COMM_WORLD_RANK`/`_SIZE`: a suffix names the variable with the prefix's stem
+        for stem, suffix in re.findall(r"`([A-Z][A-Z0-9_]*_)[A-Z0-9]+`/`(_[A-Z0-9]+)`", cell):
+            names.add(stem + suffix[1:])
+    return names
+
+
+def test_the_readme_table_lists_every_variable_numgpt_reads():
+    """Every variable env.py reads (the one place numgpt reads any) and the test suite's own are in
+    README's table, and the table names nothing else."""
+    import os
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from required import VARIABLES as TESTS
+    read = (set(env.SWITCHES) | set(env.CHOICES) | set(env.SPIN_VARIABLES)
+            | set(env.THREAD_VARIABLES) | set(env.PATHS) | set(env.SECONDS) | set(TESTS)
+            | {v for pair in env.LAUNCH_VARIABLES for v in pair if v})
+    listed = _readme_table_variables()
+    assert read - listed == set(), "read but not in README's table"
+    assert listed - read == set(), "in README's table but not read"
+
+
+@pytest.mark.parametrize("name,raw", [("NUMBA_NUM_THREADS", "0"), ("NUMBA_NUM_THREADS", "-1"),
+                                      ("NUMBA_NUM_THREADS", "abc"), ("OMP_NUM_THREADS", "2,x"),
+                                      ("OPENBLAS_NUM_THREADS", "\u00b2")])
+def test_a_bad_thread_count_is_one_line(tmp_path, name, raw):
+    """numba's own check of NUMBA_NUM_THREADS=0 was a traceback on import (and 'abc' a warning
+    with one in it); every thread count is now read by env.py's rule before anything starts."""
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(root, "train.py"), "--preset=bigram",
+                        "--max_iters=1", f"--out_dir={tmp_path / 'out'}"],
+                       capture_output=True, text=True, cwd=tmp_path,
+                       env=dict(os.environ, **{name: raw}), timeout=120)
+    assert r.returncode == 2, r.stderr
+    listed = ' (or a list of them, "4,2")' if name == "OMP_NUM_THREADS" else ""
+    assert r.stderr.strip().splitlines() == [
+        f"error: {name}={raw!r} is not a thread count; use a whole number >= 1{listed}, or unset it"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_omp_num_threads_takes_a_list(monkeypatch):
+    for var in env.THREAD_VARIABLES:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2, 1")
+    assert env.threads("OMP_NUM_THREADS") == 2
+    env.check_all()
+    monkeypatch.setenv("OMP_NUM_THREADS", "2,0")
+    assert env.threads("OMP_NUM_THREADS") is None
