@@ -1,4 +1,5 @@
 """Command lines of train.py and sample.py: --key=value parsing and one-line errors."""
+import argparse
 import errno
 import os
 import signal
@@ -23,6 +24,15 @@ class OutputError(Exception):
 USER_ERRORS = (ConfigError, DataError, CheckpointError, EnvError)
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP")
                      if hasattr(signal, name))
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block) and exit status 2, for the commands that
+    take argparse options (the ladder, the gradient checks)."""
+
+    def error(self, message):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 def parse_flags(argv, known, flags=()):
@@ -167,7 +177,8 @@ def train_main(argv, prog="python train.py"):
     if data is not None:
         check_data_path(data)
     cfg = get_config(preset, **opts)
-    ds = world.from_root(lambda: load_dataset(data), "sending the data")  # rank 0 reads it
+    # rank 0 reads it; a text too short for the block is refused before it is prepared
+    ds = world.from_root(lambda: load_dataset(data, cfg.block_size), "sending the data")
     train(cfg, ds, out_dir, resume=resume, world=world, max_time_given="max_time" in opts)
     return 0
 
@@ -175,7 +186,18 @@ def train_main(argv, prog="python train.py"):
 SAMPLE_HELP = """usage: python sample.py [--out_dir=DIR] [--start=TEXT|FILE:path] [--num_samples=N]
                         [--max_new_tokens=N] [--temperature=T] [--top_k=K] [--top_p=P] [--seed=S]
 
-Generates text from the checkpoint in out_dir (default: out), streaming it as it is sampled.
+Generates text from the checkpoint in out_dir, streaming it as it is sampled.
+  --out_dir=DIR          the run whose ckpt.npz to sample from (default: out)
+  --start=TEXT           the prompt the samples continue (default: a newline); FILE:path reads
+                         it from a UTF-8 file (the model sees its last block_size characters)
+  --num_samples=N        how many samples, each from the prompt (default: 1)
+  --max_new_tokens=N     characters generated per sample (default: 500)
+  --temperature=T        divides the logits before sampling: lower is more conservative, 0 always
+                         takes the most likely character (default: 0.8)
+  --top_k=K              sample only among the K most likely characters (default: 0, off)
+  --top_p=P              nucleus sampling: only among the most likely characters whose
+                         probabilities add up to P (default: 1.0, off)
+  --seed=S               the random seed: the same seed gives the same samples (default: 1337)
 """
 
 SAMPLE_DEFAULTS = {"out_dir": "out", "start": "", "num_samples": "1", "max_new_tokens": "500",

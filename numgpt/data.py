@@ -111,12 +111,17 @@ def local_shakespeare_candidates():
 
 
 def find_or_fetch_shakespeare(url=SHAKESPEARE_URL):
-    """Path of a verified Tiny Shakespeare input.txt: an existing local copy, else a download."""
+    """Path of a verified Tiny Shakespeare input.txt: an existing local copy, else a download.
+    A NUMGPT_SHAKESPEARE that names no file, or another text, is an error, never passed over."""
+    given = env.path("NUMGPT_SHAKESPEARE")
+    if given and not os.path.isfile(given):
+        raise DataError(f"{given} (NUMGPT_SHAKESPEARE) is not a file; point it to a copy of Tiny "
+                        "Shakespeare's input.txt, or unset it")
     for path in local_shakespeare_candidates():
         if os.path.isfile(path):
             if sha256_file(path) == SHAKESPEARE_SHA256:
                 return path
-            if path == env.path("NUMGPT_SHAKESPEARE"):
+            if path == given:
                 raise DataError(f"{path} (NUMGPT_SHAKESPEARE) is not Tiny Shakespeare "
                                 "(sha256 differs); pass it as --data=PATH to train on it anyway")
     return download(url, os.path.join(SHAKESPEARE_DIR, "input.txt"), SHAKESPEARE_SHA256)
@@ -243,8 +248,9 @@ class Vocab:
         return "".join(self.chars[int(i)] for i in ids)
 
 
-def prepare(text_path, out_dir, source=None):
-    """Encode a UTF-8 text file into out_dir/{train.bin, val.bin, vocab.json} (90% / 10%).
+def prepare(text_path, out_dir, source=None, block_size=None):
+    """Encode a UTF-8 text file into out_dir/{train.bin, val.bin, vocab.json} (90% / 10%). With
+    block_size, a text whose splits are too short for it is refused before anything is written.
 
     The file is read twice, a chunk at a time: once for its characters and their count, once
     for their ids. Only the ids (TEXT_BYTES_PER_CHAR bytes a character) are held whole, so the
@@ -275,6 +281,8 @@ def prepare(text_path, out_dir, source=None):
     if pos != n_chars:
         raise DataError(f"{text_path} changed while it was being prepared; prepare it again")
     n = int(0.9 * n_chars)
+    if block_size is not None:
+        check_splits(n, n_chars - n, block_size)
     os.makedirs(out_dir, exist_ok=True)
     atomic_write_bytes(os.path.join(out_dir, "train.bin"), memoryview(ids[:n]).cast("B"))
     atomic_write_bytes(os.path.join(out_dir, "val.bin"), memoryview(ids[n:]).cast("B"))
@@ -283,6 +291,15 @@ def prepare(text_path, out_dir, source=None):
     atomic_write_bytes(os.path.join(out_dir, "vocab.json"),
                        json.dumps(meta, indent=0).encode("utf-8"))  # ASCII: any path, even undecodable
     return out_dir
+
+
+def check_splits(n_train, n_val, block_size):
+    """DataError unless both splits hold a sequence of block_size and its next character."""
+    for name, n in (("train", n_train), ("val", n_val)):
+        if n < block_size + 1:
+            raise DataError(f"the {name} split has {n} characters, fewer than "
+                            f"block_size + 1 = {block_size + 1}; use a longer text or a "
+                            "smaller --block_size")
 
 
 def prepared_dir_for(text_path):
@@ -315,11 +332,7 @@ class Dataset:
         self.meta = meta
 
     def check_block(self, block_size):
-        for name, split in (("train", self.train), ("val", self.val)):
-            if len(split) < block_size + 1:
-                raise DataError(f"the {name} split has {len(split)} characters, fewer than "
-                                f"block_size + 1 = {block_size + 1}; use a longer text or a "
-                                "smaller --block_size")
+        check_splits(len(self.train), len(self.val), block_size)
 
     def get_batch(self, split, batch_size, block_size, rng):
         """x, y: [B, T] int64, y shifted one character right of x, from random offsets."""
@@ -330,25 +343,26 @@ class Dataset:
         return x, y
 
 
-def load_dataset(data=None):
-    """Prepare (if needed) and open a dataset: Tiny Shakespeare when data is None, else a text file."""
+def load_dataset(data=None, block_size=None):
+    """Prepare (if needed) and open a dataset: Tiny Shakespeare when data is None, else a text file.
+    block_size: a text too short for it is refused before it is prepared (nothing written)."""
     if data is None:
         folder = SHAKESPEARE_DIR
         if not all(os.path.isfile(os.path.join(folder, f))
                    for f in ("train.bin", "val.bin", "vocab.json")):
-            _prepare_into(find_or_fetch_shakespeare(), folder, source=SHAKESPEARE_URL)
+            _prepare_into(find_or_fetch_shakespeare(), folder, SHAKESPEARE_URL, block_size)
         return Dataset(folder)
     text_path = os.path.abspath(os.fsdecode(data))
     check_text_file(text_path)  # before its sha256 is read: a device could never end
     folder = prepared_dir_for(text_path)
     if not os.path.isfile(os.path.join(folder, "vocab.json")):
-        _prepare_into(text_path, folder)
+        _prepare_into(text_path, folder, None, block_size)
     return Dataset(folder)
 
 
-def _prepare_into(text_path, folder, source=None):
+def _prepare_into(text_path, folder, source=None, block_size=None):
     try:
-        prepare(text_path, folder, source=source)
+        prepare(text_path, folder, source=source, block_size=block_size)
     except OSError as e:
         raise DataError(f"cannot write the prepared data to {folder} ({e.strerror}); set "
                         "NUMGPT_DATA_DIR to a writable folder") from None

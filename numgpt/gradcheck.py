@@ -13,7 +13,6 @@ BUG plants one mistake from the catalogue in numgpt/bugs.py for the run and name
 catch it. Exit status: 0 when every check passes (with --break: when the planted bug is caught),
 1 otherwise, 2 for bad arguments.
 """
-import argparse
 import os
 import sys
 import time
@@ -460,14 +459,6 @@ def summary(rows):
     return "; ".join(parts)
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with a one-line error (no usage block) and exit status 2."""
-
-    def error(self, message):
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
-        sys.exit(2)
-
-
 def stdout_closed_quietly(fn):
     """fn(argv) with a reader that stops early (| head) ending the command without a traceback."""
     def run(argv=None):
@@ -484,8 +475,9 @@ def stdout_closed_quietly(fn):
 @stdout_closed_quietly
 def main(argv=None):
     from . import bugs
-    ap = _Parser(prog="python -m numgpt.gradcheck",
-                 description="Gradient checks of every layer, AdamW and every preset, in float64.")
+    from .cli import OneLineParser
+    ap = OneLineParser(prog="python -m numgpt.gradcheck",
+                       description="Gradient checks of every layer, AdamW and every preset, in float64.")
     ap.add_argument("--layer", action="extend", nargs="+", default=[], metavar="NAME",
                     help="layers to check: " + ", ".join(list(LAYERS) + OPTIMIZERS))
     ap.add_argument("--preset", action="extend", nargs="+", default=[], metavar="NAME",

@@ -9,7 +9,6 @@ Before training it says how long the ladder will take here, from a few steps of 
 measured with the step training will use. Run again with the same --out-dir, it continues: a
 rung interrupted (Ctrl-C, kill) resumes from its checkpoint, a finished one is not trained again.
 """
-import argparse
 import os
 import sys
 import time
@@ -20,7 +19,7 @@ from . import make_optimizer
 from .attention_map import ladder_map
 from .budget import run_seconds
 from .checkpoint import CheckpointError, read_model_checkpoint
-from .cli import USER_ERRORS
+from .cli import USER_ERRORS, OneLineParser
 from .config import LADDER, LADDER_TARGETS, format_duration, get_config
 from .data import load_dataset
 from .distributed import SINGLE, end_with_error
@@ -98,21 +97,25 @@ def plot_ladder(curves, path):
 
 
 def main(argv=None, prog="python -m numgpt.ladder"):
-    ap = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
-    ap.add_argument("--include-scaled", action="store_true", help="also train the scaled rung")
+    ap = OneLineParser(prog=prog, description=__doc__.splitlines()[0])
+    # each option also in train.py's spelling (--out_dir as well as --out-dir)
+    ap.add_argument("--include-scaled", "--include_scaled", action="store_true",
+                    help="also train the scaled rung")
     ap.add_argument("--stages", default=None,
                     help="comma-separated subset of " + ",".join(LADDER))
     ap.add_argument("--seeds", type=int, default=1, help="seeds per rung; the table shows the mean")
-    ap.add_argument("--iters-scale", type=float, default=1.0,
+    ap.add_argument("--iters-scale", "--iters_scale", type=float, default=1.0,
                     help="multiply max_iters and eval_interval (e.g. 0.1 for a quick look)")
-    ap.add_argument("--out-dir", default="out-ladder",
+    ap.add_argument("--out-dir", "--out_dir", default="out-ladder",
                     help="where the rungs' runs go; run again, the ladder continues the runs there")
     ap.add_argument("--fresh", action="store_true",
                     help="set the runs in --out-dir aside (renamed *.previous) and train every rung anew")
     ap.add_argument("--data", default=None, help="a UTF-8 text file (default: Tiny Shakespeare)")
     ap.add_argument("--check", action="store_true",
                     help="exit 1 when a rung's val loss is more than --tolerance from the published one")
-    ap.add_argument("--tolerance", type=float, default=0.05)
+    ap.add_argument("--tolerance", type=float, default=0.05,
+                    help="how far a rung's val loss may be from the published one under --check "
+                         "(default: 0.05)")
     args = ap.parse_args(argv)
     try:
         return _run(args)

@@ -298,12 +298,26 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
-def _config_mismatch(a: Config, b: Config, allowed=("max_iters", "max_time", "eval_interval",
-                                                       "eval_iters", "learning_rate", "min_lr",
-                                                       "warmup_iters", "decay_lr", "grad_clip",
-                                                       "kernels")):
+# what a resumed run may change: its length, evaluations, learning-rate schedule, clipping and
+# whether it runs on the kernels (the model, batch, data and seed must be the checkpoint's)
+RESUME_MAY_CHANGE = ("max_iters", "max_time", "eval_interval", "eval_iters", "learning_rate",
+                     "min_lr", "warmup_iters", "decay_lr", "grad_clip", "kernels")
+
+
+def _config_mismatch(a: Config, b: Config, allowed=RESUME_MAY_CHANGE):
     da, db = a.to_dict(), b.to_dict()
     return [k for k in da if da[k] != db[k] and k not in allowed]
+
+
+def _changed_settings(saved, cfg):
+    """', with learning_rate 0.001 (was 0.002), ...' for what a resumed run changed (its length
+    is said apart), or ''."""
+    if saved is None:
+        return ""
+    da, db = saved.to_dict(), cfg.to_dict()
+    changed = [f"{k} {db[k]} (was {da[k]})" for k in RESUME_MAY_CHANGE
+               if k not in ("max_iters", "max_time") and da[k] != db[k]]
+    return f", with {', '.join(changed)}" if changed else ""
 
 
 # the temporary files atomic_write_bytes makes for our outputs (tempfile.mkstemp names: 8 of
@@ -453,6 +467,19 @@ def resumed_schedule(cfg, saved, out_dir, max_time_given=False):
                        eval_interval=cfg.eval_interval or saved.eval_interval)
 
 
+def _run_config(cfg, start, out_dir, max_time_given):
+    """The config the run trains with: cfg, or a resumed run's schedule (resumed_schedule), which
+    must not end before the step it resumes from."""
+    if not start.resume:
+        return cfg
+    cfg = resumed_schedule(cfg, start.saved_cfg, out_dir, max_time_given)
+    if cfg.max_iters < start.step:
+        raise TrainingError(f"--resume: the run in {out_dir} is at step {start.step:,}, past "
+                            f"--max_iters={cfg.max_iters:,}; give a larger --max_iters to train "
+                            "it further")
+    return cfg
+
+
 def _make_out_dir(out_dir):
     try:
         os.makedirs(out_dir, exist_ok=True)
@@ -460,6 +487,9 @@ def _make_out_dir(out_dir):
         os.close(fd)
         os.remove(probe)
     except OSError as e:
+        if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+            raise TrainingError(f"cannot write to out_dir {out_dir}: it is a file, not a "
+                                "folder; give another --out_dir") from None
         raise TrainingError(f"cannot write to out_dir {out_dir}: {e.strerror}") from None
 
 
@@ -502,6 +532,7 @@ def train(cfg: Config, ds: Dataset, out_dir, resume=False, stop_at=None, quiet=F
         lock.acquire(create=False)  # when out_dir already has a lock file: nothing is created
         made_lock = not lock.held
         start = _Start(cfg, ds, out_dir, resume)
+        run_cfg = _run_config(cfg, start, out_dir, max_time_given)
         if not lock.held:
             _make_out_dir(out_dir)
             lock.acquire(create=True)
@@ -509,8 +540,8 @@ def train(cfg: Config, ds: Dataset, out_dir, resume=False, stop_at=None, quiet=F
                 _check_fresh_out_dir(out_dir)  # again, now that no other run can start here
             elif start.changed():
                 start = _Start(cfg, ds, out_dir, resume)
-        if start.resume:
-            cfg = resumed_schedule(cfg, start.saved_cfg, out_dir, max_time_given)
+                run_cfg = _run_config(cfg, start, out_dir, max_time_given)
+        cfg = run_cfg
         remove_stale_temp_files(out_dir)
         training_starts()
         if world.size > 1:  # with the config: a resumed run's schedule is rank 0's to read
@@ -655,7 +686,8 @@ def _train(cfg, ds, out_dir, start, stop_at, quiet, sample_chars, progress, worl
     if start.resume:
         fixed = (f" (fixed by its time budget of {format_duration(cfg.max_time)})"
                  if cfg.max_time else "")
-        say(f"resuming from step {step:,} of {cfg.max_iters:,}{fixed} in {out_dir}")
+        say(f"resuming from step {step:,} of {cfg.max_iters:,}{fixed} in {out_dir}"
+            f"{_changed_settings(getattr(start, 'saved_cfg', None), cfg)}")
 
     def kept():
         return (f"the last good checkpoint {ckpt_path} is kept" if saved

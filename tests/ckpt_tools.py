@@ -43,7 +43,8 @@ def rezip(items):
     with zipfile.ZipFile(buf, "w") as zf, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "Duplicate name": some forgeries repeat a member
         for name, data in items:
-            zf.writestr(name, data)
+            # zipfile cuts a name at its first NUL, and cannot write an empty one
+            zf.writestr(name.split("\x00")[0] or ".npy", data)
     return buf.getvalue()
 
 

@@ -152,7 +152,7 @@ def mutated_checkpoints(draw, base):
             new = draw(st.sampled_from(["meta", "meta.npy", "p.tok_emb.npy", "opt.t.npy", "p..npy",
                                         name[:-4], name + ".npy", "x/" + name])
                        | st.text(max_size=12))
-            items[i] = (new or ".npy", data)  # (zipfile cannot write a '')
+            items[i] = (new, data)  # (rezip writes '' and names cut at a NUL as zipfile can)
         elif op == "drop":
             del items[i]
         elif op == "dup":

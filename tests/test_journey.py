@@ -121,6 +121,30 @@ def test_download_of_tiny_shakespeare_through_the_product(tmp_path, monkeypatch)
     assert d.sha256_file(path) == SHAKESPEARE_SHA256
 
 
+def test_a_wrong_numgpt_shakespeare_is_an_error_not_passed_over(tmp_path, monkeypatch):
+    """NUMGPT_SHAKESPEARE naming no file, or another text, is said, never skipped for a download
+    (which offline said only that the download failed)."""
+    import numgpt.data as d
+    monkeypatch.setattr(d, "SHAKESPEARE_DIR", str(tmp_path / "shakespeare_char"))
+    monkeypatch.setenv("NUMGPT_SHAKESPEARE", str(tmp_path / "missing.txt"))
+    with pytest.raises(DataError, match=r"missing.txt \(NUMGPT_SHAKESPEARE\) is not a file"):
+        d.find_or_fetch_shakespeare(url="http://127.0.0.1:9/input.txt")
+    other = tmp_path / "other.txt"
+    other.write_text("not the play", encoding="utf-8")
+    monkeypatch.setenv("NUMGPT_SHAKESPEARE", str(other))
+    with pytest.raises(DataError, match=r"is not Tiny Shakespeare \(sha256 differs\)"):
+        d.find_or_fetch_shakespeare(url="http://127.0.0.1:9/input.txt")
+    assert not os.path.exists(tmp_path / "shakespeare_char")
+
+
+def test_a_text_too_short_for_the_block_is_refused_before_it_is_prepared(text_file, tmp_path):
+    import numgpt.data as d
+    with pytest.raises(DataError, match="fewer than block_size"):
+        load_dataset(text_file, block_size=100000)
+    assert not os.path.exists(d.DATA_DIR)
+    assert len(load_dataset(text_file, block_size=16).train) > 16  # long enough: prepared
+
+
 def test_offline_download_says_where_to_put_the_file(tmp_path):
     with pytest.raises(DataError, match="put the file at"):
         download("http://127.0.0.1:9/input.txt", str(tmp_path / "x.txt"), timeout=2)
@@ -194,6 +218,31 @@ def test_resume_refuses_another_config_or_vocabulary(text_file, tmp_path):
         train(small_cfg(), ds, out, quiet=True)
 
 
+def test_resume_refuses_a_length_it_is_past_and_says_what_changed(python, repo, text_file,
+                                                                    tmp_path):
+    """A --max_iters below the step a run is at is refused, the checkpoint left as it was (it once
+    ran no step, then stored the shorter length); a changed learning rate is named when it
+    resumes."""
+    out = str(tmp_path / "run")
+    r = run(python, repo, "train.py", f"--data={text_file}", f"--out_dir={out}", "--max_iters=6",
+            "--eval_interval=3", *TINY)
+    assert r.returncode == 0, r.stderr
+    ckpt = os.path.join(out, "ckpt.npz")
+    before = open(ckpt, "rb").read()
+    r = run(python, repo, "train.py", f"--data={text_file}", f"--out_dir={out}", "--resume",
+            "--max_iters=4", *TINY)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        f"error: --resume: the run in {out} is at step 6, past --max_iters=4; give a larger "
+        "--max_iters to train it further"], r.stderr
+    assert open(ckpt, "rb").read() == before
+    r = run(python, repo, "train.py", f"--data={text_file}", f"--out_dir={out}", "--resume",
+            "--max_iters=8", "--eval_interval=3", "--learning_rate=0.001", *TINY)  # laptop: 2e-3
+    assert r.returncode == 0, r.stderr
+    assert f"resuming from step 6 of 8 in {out}, with learning_rate 0.001 (was 0.002)" in r.stdout
+    _, _, meta = load_checkpoint(ckpt)
+    assert meta["step"] == 8
+
+
 def test_checkpoint_refuses_pickles_and_corruption(tmp_path):
     p = tmp_path / "evil.npz"
     np.savez(p, meta=np.array([{"format": "x"}], dtype=object))
@@ -252,6 +301,47 @@ def test_train_refuses_bad_input_in_one_line(python, repo, text_file, tmp_path, 
     assert match in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert not os.path.exists(tmp_path / "o" / "ckpt.npz")
+    assert not os.path.exists(tmp_path / "o")  # a refused run creates nothing
+    if match == "fewer than block_size":  # refused before the text was prepared
+        assert not os.path.exists(tmp_path / "data-cache")
+
+
+def test_the_ladder_takes_train_pys_spelling_and_errs_in_one_line(python, repo, tmp_path):
+    """--out_dir (train.py's spelling) works as --out-dir; an unknown option is one line, not
+    argparse's usage block."""
+    r = subprocess.run([python, "-m", "numgpt.ladder", "--seeds=0", f"--out_dir={tmp_path / 'l'}",
+                        "--iters_scale=0.5"], capture_output=True, text=True, cwd=repo,
+                       timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == "error: --seeds must be at least 1", r.stderr
+    r = subprocess.run([python, "-m", "numgpt.ladder", "--outdir=x"], capture_output=True,
+                       text=True, cwd=repo, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: unrecognized arguments: --outdir=x (see python -m numgpt.ladder --help)"]
+    assert not os.path.exists(tmp_path / "l")
+
+
+def test_help_says_what_each_option_does(python, repo, tmp_path):
+    r = run(python, repo, "sample.py", "--help")
+    assert r.returncode == 0
+    for option, default in [("--out_dir", "out"), ("--start", "a newline"),
+                            ("--num_samples", "1"), ("--max_new_tokens", "500"),
+                            ("--temperature", "0.8"), ("--top_k", "0, off"),
+                            ("--top_p", "1.0, off"), ("--seed", "1337")]:
+        assert f"  {option}=" in r.stdout and f"(default: {default})" in r.stdout, option
+    r = run(python, repo, os.path.join("data", "shakespeare_char", "prepare.py"), "--help",
+            cwd=str(tmp_path))
+    assert r.returncode == 0 and "prepare.py PATH" in r.stdout and not r.stderr
+
+
+def test_an_out_dir_that_is_a_file_is_said_so(python, repo, text_file, tmp_path):
+    f = tmp_path / "afile"
+    f.write_text("mine", encoding="utf-8")
+    r = run(python, repo, "train.py", f"--data={text_file}", f"--out_dir={f}", "--max_iters=2",
+            *TINY)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        f"error: cannot write to out_dir {f}: it is a file, not a folder; give another "
+        "--out_dir"], r.stderr
+    assert f.read_text(encoding="utf-8") == "mine"
 
 
 def test_sample_refuses_bad_input_in_one_line(python, repo, text_file, tmp_path):
@@ -343,9 +433,10 @@ def test_two_runs_cannot_share_an_out_dir(python, repo, text_file, tmp_path):
     finally:
         p.kill()
         p.wait()
-    # the lock dies with its process: a later run may resume
+    # the lock dies with its process: a later run may resume (a step or two past the checkpoint)
+    _, _, meta = load_checkpoint(os.path.join(out, "ckpt.npz"))
     r = run(python, repo, "train.py", f"--data={text_file}", f"--out_dir={out}", "--resume",
-            "--max_iters=3", "--eval_interval=1000", *TINY)
+            f"--max_iters={meta['step'] + 2}", "--eval_interval=1000", *TINY)
     assert r.returncode == 0, r.stderr
 
 

@@ -14,6 +14,13 @@ from numgpt.data import (SHAKESPEARE_DIR, SHAKESPEARE_SHA256, DataError,  # noqa
 
 
 def main(argv):
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__.rstrip())
+        return 0
+    if len(argv) > 1 or (argv and argv[0].startswith("-")):
+        print(f"error: unexpected arguments {' '.join(argv)!r}; give at most the path of a copy of "
+              "input.txt (see --help)", file=sys.stderr)
+        return 2
     try:
         if argv:
             src = argv[0]

@@ -1,7 +1,8 @@
 """python -m numgpt.exercises init [DIR] [--force] | check [DIR] [--data FILE] [--steps N] ..."""
 import sys
 
-from ..gradcheck import _Parser, stdout_closed_quietly
+from ..cli import OneLineParser
+from ..gradcheck import stdout_closed_quietly
 from . import FILES, ExerciseError, check, reference_backward_names, write_exercises
 
 
@@ -9,8 +10,8 @@ from . import FILES, ExerciseError, check, reference_backward_names, write_exerc
 def main(argv=None):
     from .. import gradcheck
     from ..data import DataError
-    ap = _Parser(prog="python -m numgpt.exercises",
-                 description="Write numgpt's backward passes yourself and check them.")
+    ap = OneLineParser(prog="python -m numgpt.exercises",
+                       description="Write numgpt's backward passes yourself and check them.")
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="init|check")
     ini = sub.add_parser("init", help="write a copy of numgpt/layers with the backward passes blank")
     ini.add_argument("folder", nargs="?", default="exercises")
