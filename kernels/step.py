@@ -530,23 +530,22 @@ def _block_bwd(a, w, l, P, G, s, p, wqkv, ds):
             _attention_sublayer_bwd(a, w, l, P, G, s, p, wqkv, df, dh)
         else:
             _ffn_sublayer_bwd(a, w, l, P, G, s, p, df, dh)
-        if a.norm == NORM_PRE:   # (into ds, free now that df holds the skip's gradient)
+        if a.norm == NORM_PRE:   # (into ds, free now that df holds the gradient at the sum)
             _layernorm_bwd(dh, w.lnx[l, j], P[p[g]], w.mean[l, j], w.rstd[l, j], ds, w.gg, w.gb,
                            G[p[g]][s], G[p[b]][s])
-            if a.residual:
-                ds += df
-        elif a.residual:
-            ds[:] = df
-            ds += dh
         else:
             ds[:] = dh
+        if a.residual:   # the skip's gradient: the sum's passes to both branches unchanged
+            ds += df
 
 
 # ---- the head (numgpt/model.py: GPT.forward's end, GPT.backward's start) ----
 
 @jit(inline=True)
 def _head_fwd(a, w, P, top, x):
-    """Logits z = LN_f(x) W + b (LN_f unless norm is none; its output kept in w.hf) into w.z."""
+    """Logits z = LN_f(x) W + b (LN_f unless norm is none; its output kept in w.hf) into w.z.
+    LN_f is the kernel itself, not _layernorm_fwd: its input x, the last block's output, is
+    kept by the caller for _head_bwd, so it needs no copy."""
     hf = x
     if a.norm != NORM_NONE:
         hf = w.hf
