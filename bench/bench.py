@@ -226,8 +226,9 @@ class Worker:
     """A worker subprocess and the lines it prints (read on a thread, so a wait can time out)."""
 
     def __init__(self, python, spec, threads):
+        from numgpt.env import THREAD_VARIABLES  # (main put the repo on sys.path)
         env = dict(os.environ)
-        for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        for k in THREAD_VARIABLES:
             env[k] = str(threads)
         self.err = tempfile.TemporaryFile(mode="w+")
         self.lines = queue.Queue()

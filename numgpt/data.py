@@ -221,10 +221,6 @@ class Vocab:
             raise DataError(f"{len(self.chars)} distinct characters do not fit uint16 ids")
         self.stoi = {c: i for i, c in enumerate(self.chars)}
 
-    @classmethod
-    def from_text(cls, text):
-        return cls(sorted(set(text)))
-
     def __len__(self):
         return len(self.chars)
 
