@@ -139,6 +139,9 @@ def main(argv):
         print(HELP)
         return 0
     opts = parse_flags(argv, {"out_dir", "text", "png"}, flags=("overwrite",))
+    for key in ("out_dir", "png"):
+        if key in opts and not opts[key]:
+            raise ConfigError(f"--{key} is empty; give a path or leave the option out")
     out_dir = opts.get("out_dir", "out")
     text = opts.get("text", DEFAULT_TEXT)
     png = opts.get("png") or os.path.join(out_dir, "attention.png")

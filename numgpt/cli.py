@@ -12,7 +12,7 @@ from . import streams
 from .config import FIELDS, PRESETS, ConfigError, get_config, parse_whole_number
 from .data import DataError, Vocab, load_dataset, strip_bom
 from .distributed import end_with_error, get_world
-from .env import FALSE, TRUE, EnvError, check_all
+from .env import FALSE, TRUE, EnvError, check_all, mpi_launch
 from .trainer import TrainingError
 
 
@@ -36,25 +36,30 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def parse_flags(argv, known, flags=()):
-    """--key=value pairs (and bare --flag for names in flags) -> dict; anything else is refused."""
+    """--key=value or --key value pairs (and bare --flag for names in flags) -> dict; anything
+    else is refused: an unknown option, a missing value, an option given twice."""
     out = {}
-    for arg in argv:
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
         if not arg.startswith("--"):
             raise ConfigError(f"unexpected argument {arg!r}; options look like --key=value")
         key, eq, value = arg[2:].partition("=")
         key = key.replace("-", "_")
+        if key not in known and key not in flags:
+            raise ConfigError(f"unknown option --{key}; see --help")
         if not eq:
             if key in flags:
                 out[key] = True
                 continue
-            raise ConfigError(f"--{key} needs a value: --{key}=VALUE")
+            if not args or args[0].startswith("--"):
+                raise ConfigError(f"--{key} needs a value: --{key}=VALUE")
+            value = args.pop(0)  # --key value
         if key in flags:  # --resume=false and the like
             v = value.strip().lower()
             if v not in TRUE + FALSE:
                 raise ConfigError(f"--{key} is a switch: --{key}, or --{key}=true / false")
             value = v in TRUE
-        if key not in known and key not in flags:
-            raise ConfigError(f"unknown option --{key}; see --help")
         if key in out:
             raise ConfigError(f"--{key} is given twice")
         out[key] = value
@@ -136,7 +141,8 @@ UTF-8 text file.
   --preset=NAME   one of: {', '.join(PRESETS)}
   --data=FILE     a UTF-8 text file to train on (default: Tiny Shakespeare, fetched if missing)
   --out_dir=DIR   where ckpt.npz, log.jsonl and loss.png go (default: out)
-  --resume        continue the run in out_dir (its length as fixed when it started)
+  --resume        continue the run in out_dir: its config and length (as fixed when it
+                  started), unless --preset or other options are given
   --max_time=T    train for a time budget T (90s, 10m, 1.5h, or seconds): the number of steps is
                   fixed from the step's speed measured at the start; --max_iters=N instead trains
                   N steps (the two cannot be combined)
@@ -168,7 +174,7 @@ def train_main(argv, prog="python train.py"):
     if "vocab_size" in opts:
         raise ConfigError("vocab_size is set by the data (its number of distinct characters); "
                           "drop --vocab_size")
-    preset = opts.pop("preset", "laptop")
+    preset = opts.pop("preset", None)
     data = opts.pop("data", None)
     out_dir = opts.pop("out_dir", "out")
     resume = bool(opts.pop("resume", False))
@@ -176,11 +182,26 @@ def train_main(argv, prog="python train.py"):
         raise ConfigError("--out_dir is empty; give the folder for the run, e.g. --out_dir=out")
     if data is not None:
         check_data_path(data)
-    cfg = get_config(preset, **opts)
+    # --resume without --preset continues the run's own config (the options given change it,
+    # as far as a resumed run may change: trainer.RESUME_MAY_CHANGE); with --preset, that preset
+    # and the options must give the run's config
+    base = None
+    if resume and preset is None:
+        base = world.from_root(lambda: _run_config_in(out_dir), "reading the checkpoint")
+    cfg = get_config(preset or "laptop", base=base, **opts)
     # rank 0 reads it; a text too short for the block is refused before it is prepared
     ds = world.from_root(lambda: load_dataset(data, cfg.block_size), "sending the data")
     train(cfg, ds, out_dir, resume=resume, world=world, max_time_given="max_time" in opts)
     return 0
+
+
+def _run_config_in(out_dir):
+    """The config in out_dir's checkpoint, or None where there is none (train says so then)."""
+    from .trainer import CKPT
+    path = os.path.join(out_dir, CKPT)
+    if not os.path.isfile(path):
+        return None
+    return read_model_checkpoint(path)[0]
 
 
 SAMPLE_HELP = """usage: python sample.py [--out_dir=DIR] [--start=TEXT|FILE:path] [--num_samples=N]
@@ -224,6 +245,9 @@ def sample_main(argv, prog="python sample.py"):
         return 0
     from .generate import generate
     from .model import GPT
+    launch = mpi_launch()
+    if launch is not None and launch[1] != 1:  # every rank would print its own samples
+        raise ConfigError("sample.py samples in one process; run it without mpiexec")
     opts = dict(SAMPLE_DEFAULTS)
     opts.update(parse_flags(argv, set(SAMPLE_DEFAULTS)))
     if not opts["out_dir"]:

@@ -263,15 +263,19 @@ def validate(cfg):
     return cfg
 
 
-def get_config(preset="laptop", **overrides):
+def get_config(preset="laptop", base=None, **overrides):
     """The Config of a preset with overrides applied and checked, e.g. get_config('preln', n_layer=2).
+    base: a Config that stands in for the preset (a resumed run's own, from its checkpoint).
 
     The length of a run is set either by max_iters or by a time budget (max_time): a max_iters
     given here turns off the preset's budget (the laptop preset's 10 minutes), and giving both
     is refused."""
-    if preset not in PRESETS:
+    if base is not None:
+        values = base.to_dict()
+    elif preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
-    values = dict(PRESETS[preset])
+    else:
+        values = dict(PRESETS[preset])
     for k, v in overrides.items():
         if k not in FIELDS:
             raise ConfigError(f"unknown config key {k!r}; known keys: {', '.join(FIELDS)}")

@@ -299,10 +299,33 @@ OPTIMIZERS = ["adamw"]
 
 
 def _fail_note(e):
-    """The one-line reason a check crashed."""
+    """The one-line reason a check crashed, with where: the deepest line of the traceback in
+    code of one's own (not NumPy's or another installed library's)."""
     if isinstance(e, NotImplementedError):
         return f"not written yet ({e})" if str(e) else "not written yet"
-    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+    said = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+    return said + _where(e)
+
+
+def _where(e):
+    """' (at linear.py:31)' for the deepest frame of e's traceback outside installed libraries and
+    Python itself, or ''."""
+    last, tb = None, e.__traceback__
+    libraries = (os.path.dirname(os.__file__), os.path.dirname(np.__file__), "site-packages")
+    while tb is not None:
+        path = tb.tb_frame.f_code.co_filename
+        if not path.startswith("<") and not any(lib in path for lib in libraries):
+            last = (path, tb.tb_lineno)
+        tb = tb.tb_next
+    return f" (at {os.path.basename(last[0])}:{last[1]})" if last else ""
+
+
+def _not_finite(a):
+    """The note for a gradient that holds NaN or inf, else None."""
+    a = np.asarray(a)
+    if np.issubdtype(a.dtype, np.number) and not np.all(np.isfinite(a)):
+        return "the gradient holds NaN or inf"
+    return None
 
 
 def check_layer_rows(name, seed=0):
@@ -324,6 +347,9 @@ def check_layer_rows(name, seed=0):
             got = None if a is None else np.shape(a)
             rows.append(Row("layer", name, t, want, np.nan, np.nan, LAYER_TOL,
                             f"gradient has shape {got}, the {t} it is of has {want}"))
+            continue
+        if _not_finite(a):
+            rows.append(Row("layer", name, t, want, np.nan, np.nan, LAYER_TOL, _not_finite(a)))
             continue
         rows.append(Row("layer", name, t, want, float(np.linalg.norm(a)),
                         rel_error(a, numeric[t]), LAYER_TOL))
@@ -398,6 +424,9 @@ def check_preset_rows(preset, per_tensor=20):
         if a is None:
             rows.append(Row("preset", preset, name, shape, np.nan, np.nan, MODEL_TOL,
                             f"gradient has shape {g.shape}, the parameter {shape}"))
+        elif _not_finite(g):
+            rows.append(Row("preset", preset, name, shape, np.nan, np.nan, MODEL_TOL,
+                            _not_finite(g)))
         else:
             rows.append(Row("preset", preset, name, shape, float(np.linalg.norm(g)),
                             rel_error(a, n), MODEL_TOL))

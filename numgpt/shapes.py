@@ -21,7 +21,7 @@ from .layers.attention import merge_heads as _merge, split_heads as _split
 HELP = """usage: python -m numgpt.shapes [--preset=NAME] [--T=N] [--key=value ...]
 
 Prints the shape of every tensor, cache entry and gradient of one forward and backward pass of the
-model of a preset (default preln; or scaled, laptop: the pre-norm presets), measured on the
+model of a preset (default preln; or scaled, laptop, hour: the pre-norm presets), measured on the
 reference layers. --T is the sequence length (default block_size); --key=value overrides a config
 field (e.g. --batch_size=2).
 """
@@ -63,7 +63,7 @@ def walk(cfg, B, T, seed=0):
             or not cfg.ffn_proj or cfg.norm != "pre"):
         raise ConfigError("the shape walk follows a pre-norm gpt with residual connections, the "
                           "attention projection and a two-layer feed-forward (preln, scaled, "
-                          "laptop)")
+                          "laptop, hour)")
     cfg = cfg.replace(kernels=False, dropout=0.0, zero_head=False)
     model = GPT(cfg, seed=seed, dtype=np.float64)
     C, H, V = cfg.n_embd, cfg.n_head, cfg.vocab_size

@@ -129,6 +129,37 @@ def test_a_wrong_answer_gets_the_hint_of_its_section(tmp_path):
     assert "hint: read docs/derivations.md#layernorm" in text and "variance" in text
 
 
+def _answer(folder, file, func, body):
+    """Replace the blank body of func in folder/file with body (lines indented 4)."""
+    path = os.path.join(folder, file)
+    with open(path, encoding="utf-8") as f:
+        src = f.read()
+    start = src.index(f'    raise NotImplementedError("derive {func}')
+    src = src[:start] + body + src[src.index("\n", start) + 1:]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(src)
+    return src[:start].count("\n")  # the 0-based line of the body's first line
+
+
+@pytest.mark.parametrize("body,said", [
+    ("    x, W, has_bias = cache\n"
+     "    x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])\n"
+     "    dx = (dy2 @ W.T).reshape(x.shape) * float('nan')\n"
+     "    return dx, x2.T @ dy2, dy2.sum(axis=0) if has_bias else None\n",
+     "the gradient holds NaN or inf"),
+    ("    x, W, has_bias = cache\n    return dy @ W, None, None\n", "(at linear.py:{line})"),
+])
+def test_a_gradient_that_is_nan_or_a_crash_is_said_with_where(tmp_path, body, said):
+    """A NaN gradient once showed FAIL with no reason; a learner's exception, no line."""
+    folder = str(tmp_path / "ex")
+    write_exercises(folder, blank=("linear_backward",))
+    line = _answer(folder, "linear.py", "linear_backward", body) + 2  # dy @ W: the body's 2nd
+    out = io.StringIO()
+    assert check(folder, out=out, train=False) is False
+    text = out.getvalue()
+    assert said.format(line=line) in text, text
+
+
 def test_check_of_the_reference_passes_the_model_and_trains_like_it(tmp_path, text_file):
     folder = str(tmp_path / "ex")
     write_exercises(folder, blank=())
@@ -155,6 +186,8 @@ def test_learner_code_that_does_not_import_is_one_line_and_exit_2(tmp_path, caps
 
 
 @pytest.mark.parametrize("args,msg", [(["check", "no-such-folder"], "holds no exercises"),
+                                      (["check", "--data", "/no/such.txt"], "not found"),
+                                      (["init", ""], "the folder's name is empty"),
                                       (["check", "--steps", "0"], "--steps"),
                                       (["check", "--preset", "huge"], "unknown preset")])
 def test_bad_check_arguments_give_one_line_and_exit_2(tmp_path, monkeypatch, capsys, args, msg):

@@ -243,6 +243,25 @@ def test_resume_refuses_a_length_it_is_past_and_says_what_changed(python, repo, 
     assert meta["step"] == 8
 
 
+def test_resume_continues_the_runs_own_config(python, repo, text_file, tmp_path):
+    """--resume without --preset takes the config from the checkpoint (it once started from the
+    laptop preset and refused the run, listing eight settings the user never gave); with
+    --preset, that preset must give the run's config."""
+    out = str(tmp_path / "run")
+    r = run(python, repo, "train.py", f"--data={text_file}", f"--out_dir={out}",
+            "--preset=bigram", "--max_iters=4", "--eval_interval=2", "--eval_iters=2")
+    assert r.returncode == 0, r.stderr
+    r = run(python, repo, "train.py", f"--data={text_file}", f"--out_dir={out}", "--resume",
+            "--max_iters=6")
+    assert r.returncode == 0, r.stderr
+    assert f"resuming from step 4 of 6 in {out}\n" in r.stdout
+    _, _, meta = load_checkpoint(os.path.join(out, "ckpt.npz"))
+    assert meta["step"] == 6 and meta["config"]["model"] == "bigram"
+    r = run(python, repo, "train.py", f"--data={text_file}", f"--out_dir={out}", "--resume",
+            "--preset=preln", "--max_iters=8")
+    assert r.returncode == 1 and "was trained with other settings of" in r.stderr, r.stderr
+
+
 def test_checkpoint_refuses_pickles_and_corruption(tmp_path):
     p = tmp_path / "evil.npz"
     np.savez(p, meta=np.array([{"format": "x"}], dtype=object))
@@ -304,6 +323,23 @@ def test_train_refuses_bad_input_in_one_line(python, repo, text_file, tmp_path, 
     assert not os.path.exists(tmp_path / "o")  # a refused run creates nothing
     if match == "fewer than block_size":  # refused before the text was prepared
         assert not os.path.exists(tmp_path / "data-cache")
+
+
+def test_options_take_their_value_after_an_equals_sign_or_a_space():
+    from numgpt.cli import parse_flags
+    from numgpt.config import ConfigError
+    known = {"preset", "max_iters", "start"}
+    assert parse_flags(["--preset", "preln", "--max_iters=5", "--resume", "--start", "-x"], known,
+                       flags=("resume",)) == {"preset": "preln", "max_iters": "5", "resume": True,
+                                              "start": "-x"}
+    for argv, said in [(["--bogus"], "unknown option --bogus"),  # (once: '--bogus needs a value')
+                       (["--bogus", "1"], "unknown option --bogus"),
+                       (["--max_iters"], "--max_iters needs a value"),
+                       (["--max_iters", "--preset=x"], "--max_iters needs a value"),
+                       (["--preset", "a", "--preset=b"], "--preset is given twice"),
+                       (["preln"], "unexpected argument 'preln'")]:
+        with pytest.raises(ConfigError, match=said):
+            parse_flags(argv, known, flags=("resume",))
 
 
 def test_the_ladder_takes_train_pys_spelling_and_errs_in_one_line(python, repo, tmp_path):

@@ -82,6 +82,8 @@ def test_attention_map_command(small_run, tmp_path, capsys):
     (["--png=x.jpg"], "must name a .png"),
     (["--colour=red"], "unknown option --colour"),
     (["--png=/no/such/folder/a.png"], "does not exist"),
+    (["--png="], "--png is empty"),  # (once: the default, silently)
+    (["--bogus"], "unknown option --bogus"),  # (once: '--bogus needs a value')
 ])
 def test_attention_map_bad_input_is_one_line(small_run, tmp_path, args, message):
     r = run_module("numgpt.attention_map", f"--out_dir={small_run}", *args)

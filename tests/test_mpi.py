@@ -372,6 +372,15 @@ def test_the_ladder_refuses_mpiexec(tmp_path):
     one_line_error(r, "without mpiexec")
 
 
+def test_sample_refuses_mpiexec(tmp_path, repo):
+    """Every rank would print its own samples (they once did, twice over)."""
+    r = subprocess.run([sys.executable, os.path.join(repo, "sample.py"),
+                        f"--out_dir={tmp_path}"],
+                       env=_env(OMPI_COMM_WORLD_RANK=0, OMPI_COMM_WORLD_SIZE=2),
+                       capture_output=True, text=True, timeout=120)
+    one_line_error(r, "sample.py samples in one process; run it without mpiexec")
+
+
 @pytest.mark.parametrize("B,N", [(12, 2), (7, 2), (5, 3), (64, 8)])
 def test_the_ranks_take_every_row_once(B, N):
     world = distributed.World()

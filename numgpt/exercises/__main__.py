@@ -1,4 +1,5 @@
 """python -m numgpt.exercises init [DIR] [--force] | check [DIR] [--data FILE] [--steps N] ..."""
+import os
 import sys
 
 from ..cli import OneLineParser
@@ -25,6 +26,8 @@ def main(argv=None):
     chk.add_argument("--no-train", action="store_true", help="stop after the gradient checks")
     args = ap.parse_args(argv)
     try:
+        if not args.folder:
+            raise ExerciseError("the folder's name is empty; give one, e.g. exercises")
         if args.cmd == "init":
             write_exercises(args.folder, force=args.force)
             n = len(reference_backward_names())
@@ -39,6 +42,11 @@ def main(argv=None):
             if p not in gradcheck.presets():
                 raise ExerciseError(f"unknown preset {p!r}; choose from "
                                     f"{', '.join(gradcheck.presets())}")
+        if args.data is not None and not args.no_train:  # said now, not after the checks
+            from ..cli import check_data_path
+            from ..data import check_text_file
+            check_data_path(args.data)
+            check_text_file(os.path.abspath(args.data))
         ok = check(args.folder, presets=args.preset, data=args.data, steps=args.steps,
                    train=not args.no_train)
         return 0 if ok else 1
