@@ -388,6 +388,9 @@ def check_adamw_rows(steps=3):
     return rows
 
 
+SMALL_SIZE = "vocabulary 11, block 6, n_embd 12, 1 or 2 blocks"  # small_model's, as the report says
+
+
 def small_model(preset, **overrides):
     """A preset shrunk so that a float64 check of the whole model takes a fraction of a second:
     vocabulary 11, block 6, n_embd 12 (1 or 3 heads), 1 or 2 blocks, dropout on, NumPy layers,
@@ -541,6 +544,9 @@ def main(argv=None):
         print(f"planted: {args.bug}: {bug.title}")
         with bugs.plant(args.bug):
             rows = run_report(layers, pres, opts, out=sys.stdout)
+    if pres:
+        print(f"(each preset's whole model at a small size, {SMALL_SIZE}: its structure, not its "
+              "size)")
     print(f"\n{summary(rows)}; float64, {time.perf_counter() - t0:.1f} s")
     failed = sorted({f"{r.kind} {r.name}" for r in rows if not r.passed},
                     key=lambda s: [f"{r.kind} {r.name}" for r in rows].index(s))

@@ -97,6 +97,7 @@ def test_report_command_prints_every_tensor_and_exits_0(capsys):
     assert any(l.startswith("layer linear") and " W " not in l and "2x5x6" in l for l in lines)
     assert sum(" pass " in l for l in lines) == 3 + 2 + 1  # x, W, b; w, b; tok_emb
     assert "FAIL" not in out and "float64" in lines[-1]
+    assert "each preset's whole model at a small size, vocabulary 11" in out  # laptop's = hour's
 
 
 def test_report_with_a_planted_bug_names_where_it_is_caught(capsys):
