@@ -5,7 +5,7 @@ Derivation: docs/derivations.md#attention
 
 kernels/ops.py computes the per-head products (q k^T, P v, and the four of the backward) with
 NumPy's batched matmul, i.e. BLAS, and these kernels do everything between them: the causal
-softmax with its log-sum-exp and the dropout mask (softmax_causal_fwd), and in the backward
+softmax and the dropout mask (softmax_causal_fwd), and in the backward
 ds = p (dp - D) (softmax_causal_bwd). BLAS computes part of the masked upper half too (the
 blocks on the diagonal, kernels/ops._causal_bmm), but runs far faster than loops over the
 causal half would. Where a layer's T x T probabilities are cheap to keep
@@ -13,7 +13,6 @@ causal half would. Where a layer's T x T probabilities are cheap to keep
 computes them again, a chunk of sequences at a time, with the same products and the same
 softmax kernel, so that the memory stays linear in the batch.
 """
-import math
 
 import numpy as np
 from numba import prange
@@ -22,9 +21,11 @@ from ._jit import fast_exp, jit
 
 
 @jit(parallel=True)
-def softmax_causal_fwd(S, scale, keep, inv_keep, has_drop, P, Pd, lse):
+def softmax_causal_fwd(S, scale, keep, inv_keep, has_drop, P, Pd):
     """S [B, H, T, T] = q k^T (unscaled) -> P = causal softmax of scale * S (zeros above the
-    diagonal), Pd = P with dropout applied (written only when has_drop), lse [B, H, T]. P may be S.
+    diagonal): P_ij = exp(scale S_ij - m_i) / sum_j' exp(scale S_ij' - m_i) over j, j' <= i, m_i
+    the row's maximum; Pd = P * keep / (1 - p), dropout applied (written only when has_drop).
+    P may be S.
 
     Each row of S is read from a copy: where P is S (the callers work in place), a loop that
     reads S's row and writes P's does not vectorise, because LLVM's run-time check that the
@@ -60,7 +61,6 @@ def softmax_causal_fwd(S, scale, keep, inv_keep, has_drop, P, Pd, lse):
                     Pdi[j] = Pi[j] * (inv_keep * ki[j])
                 for j in range(n, T):
                     Pdi[j] = zero
-            lse[b, h, i] = m + math.log(tot)
 
 
 @jit(parallel=True)

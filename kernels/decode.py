@@ -7,8 +7,8 @@ weights); done here, the token is one call. For a big model the matrix-vector pr
 every weight once per token, so they are memory-bound; see _mv for the layout that streams them
 fastest.
 
-decode_step computes exactly what model.forward(ids, kv=cache) computes for one new position,
-in the same order: the embedding, then per block each sublayer's input (_sublayer_input), the
+decode_step computes what model.forward(ids, kv=cache) computes for one new position, in the
+same order (equal to round-off: its exponentials are math.exp's): the embedding, then per block each sublayer's input (_sublayer_input), the
 sublayer (_attention_sublayer, whose heads each _attend to the cache; _ffn_sublayer) and the
 residual and post-norm merge (_merge), then the head. It takes the block's structure as a
 numgpt.arch.Arch and the parameters as DecodeWeights, the blocks' stacked along a leading layer

@@ -14,7 +14,9 @@ from ._jit import jit
 
 @jit(parallel=True)
 def layernorm_fwd(x, g, b, eps, y, mean, rstd):
-    """x [N, C] -> y [N, C], mean [N], rstd [N]; two passes per row (mean, then centred variance)."""
+    """x [N, C] -> y [N, C], mean [N], rstd [N]; two passes per row (mean, then centred variance):
+    mean = sum_c x_c / C,  rstd = 1 / sqrt(sum_c (x_c - mean)^2 / C + eps),
+    y_c = (x_c - mean) rstd g_c + b_c."""
     N, C = x.shape
     zero = y.dtype.type(0)  # typed 0 (np.zeros(1)[0] would be a parallel loop of its own)
     for n in prange(N):

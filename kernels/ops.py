@@ -235,22 +235,22 @@ def _head_view(a, n_head, C, part=0):
     return a[:, :, part * C:(part + 1) * C].reshape(B, T, n_head, C // n_head).transpose(0, 2, 1, 3)
 
 
-def _attention_probs(qkv, n_head, scale, keep, inv_keep, has_drop, lse):
+def _attention_probs(qkv, n_head, scale, keep, inv_keep, has_drop):
     """P [B, H, T, T]: the causal softmax of scale q k^T for the sequences of qkv [B, T, 3C]
-    (zeros above the diagonal), and Pd, P with dropout (P itself without); lse [B, H, T] is
-    written. The scores in BLAS (kernels/ops._causal_bmm), the softmax by its kernel."""
+    (zeros above the diagonal), and Pd, P with dropout (P itself without). The scores in BLAS (kernels/ops._causal_bmm), the softmax by its kernel."""
     C = qkv.shape[2] // 3
     q, k = _head_view(qkv, n_head, C, 0), _head_view(qkv, n_head, C, 1)
     P = _causal_bmm("scores", q, k.transpose(0, 1, 3, 2), None)   # S = q k^T, then P in place
     Pd = np.empty_like(P) if has_drop else P
-    pick(softmax_causal_fwd, P.size)(P, scale, keep, inv_keep, has_drop, P, Pd, lse)
+    pick(softmax_causal_fwd, P.size)(P, scale, keep, inv_keep, has_drop, P, Pd)
     return P, Pd
 
 
 def _attention_probs_bwd(qkv, P, att, dy, n_head, scale, keep, inv_keep, has_drop, dqkv):
     """dqkv [B, T, 3C] of attention's output gradient dy [B, T, C], given its probabilities P
-    (undropped) and output att: dv = Pd^T dy, dS = scale P (dPd - D) (softmax_causal_bwd, with
-    dPd = dy v^T), dq = dS k, dk = dS^T q; the products in BLAS."""
+    (undropped) and output att: dPd = dy v^T, dv = Pd^T dy, dS = scale P (dP - D) with
+    dP = dPd * keep / (1 - p) (dPd without dropout) and D_i = dy_i . att_i per head
+    (softmax_causal_bwd), dq = dS k, dk = dS^T q; the products in BLAS."""
     C = att.shape[2]
     q, k, v = (_head_view(qkv, n_head, C, i) for i in range(3))
     dyh = _head_view(dy, n_head, C)
@@ -271,12 +271,12 @@ def _mask_rows(keep, has_drop, b0, b1):
     return keep[b0:b1] if has_drop else keep
 
 
-def _attention_fwd_chunks(qkv, n_head, scale, keep, inv_keep, has_drop, y, lse, chunk):
-    """y = attention of qkv, chunk sequences at a time, the probabilities not kept (lse is)."""
+def _attention_fwd_chunks(qkv, n_head, scale, keep, inv_keep, has_drop, y, chunk):
+    """y = attention of qkv, chunk sequences at a time, the probabilities not kept."""
     C = y.shape[2]
     for b0, b1 in _chunked(qkv.shape[0], chunk):
         _, Pd = _attention_probs(qkv[b0:b1], n_head, scale, _mask_rows(keep, has_drop, b0, b1),
-                                 inv_keep, has_drop, lse[b0:b1])
+                                 inv_keep, has_drop)
         _causal_bmm("lower", Pd, _head_view(qkv[b0:b1], n_head, C, 2),
                     _head_view(y[b0:b1], n_head, C))                 # y = dropout(P) v
 
@@ -285,11 +285,9 @@ def _attention_bwd_chunks(qkv, att, dy, n_head, scale, keep, inv_keep, has_drop,
     """dqkv of _attention_fwd_chunks, chunk sequences at a time: each chunk's probabilities
     computed again as the forward computed them (the same products and kernel on the same
     numbers: the same bits), then _attention_probs_bwd."""
-    B, H, T = qkv.shape[0], n_head, qkv.shape[1]
-    lse = np.empty((min(chunk, B), H, T), dtype=qkv.dtype)  # the forward's again, not needed
+    B = qkv.shape[0]
     for b0, b1 in _chunked(B, chunk):
-        P, _ = _attention_probs(qkv[b0:b1], n_head, scale, keep, inv_keep, False,
-                                lse[:b1 - b0])
+        P, _ = _attention_probs(qkv[b0:b1], n_head, scale, keep, inv_keep, False)
         _attention_probs_bwd(qkv[b0:b1], P, att[b0:b1], dy[b0:b1], n_head, scale,
                              _mask_rows(keep, has_drop, b0, b1), inv_keep, has_drop,
                              dqkv[b0:b1])
@@ -319,12 +317,11 @@ def _chunk_sequences(qkv, n_head, scale, keep, inv_keep, has_drop):
             n = sizes[-1]
             part, kp = qkv[:n], _mask_rows(keep, has_drop, 0, n)
             y = np.empty((n, T, C3 // 3), dtype=qkv.dtype)
-            lse = np.empty((n, n_head, T), dtype=qkv.dtype)
             dqkv = np.empty_like(part)
 
             def run(name):
                 c = int(name)
-                _attention_fwd_chunks(part, n_head, scale, kp, inv_keep, has_drop, y, lse, c)
+                _attention_fwd_chunks(part, n_head, scale, kp, inv_keep, has_drop, y, c)
                 _attention_bwd_chunks(part, y, y, n_head, scale, kp, inv_keep, has_drop, dqkv, c)
             what = {"attention chunks": list(key[:5]), "threads": key[5], "one BLAS": key[6]}
             chunk = CHUNKS[key] = int(_fastest_here(what, [str(c) for c in sizes], run))
@@ -346,15 +343,14 @@ def multihead_forward(x, params, n_head, attn_dropout=0.0, resid_dropout=0.0, rn
     else:
         keep, inv_keep = _NO_MASK, dt(1.0)
     y = np.empty((B, T, C), dtype=x.dtype)
-    lse = np.empty((B, n_head, T), dtype=x.dtype)
     scale = dt((C // n_head) ** -0.5)
     P, chunk = None, 0
     if stores_probs(B, n_head, T, x.dtype):  # kept for the backward
-        P, Pd = _attention_probs(qkv, n_head, scale, keep, inv_keep, has_drop, lse)
+        P, Pd = _attention_probs(qkv, n_head, scale, keep, inv_keep, has_drop)
         _causal_bmm("lower", Pd, _head_view(qkv, n_head, C, 2), _head_view(y, n_head, C))
     else:                                    # computed again there, a chunk at a time
         chunk = _chunk_sequences(qkv, n_head, scale, keep, inv_keep, has_drop)
-        _attention_fwd_chunks(qkv, n_head, scale, keep, inv_keep, has_drop, y, lse, chunk)
+        _attention_fwd_chunks(qkv, n_head, scale, keep, inv_keep, has_drop, y, chunk)
     att = y
     cp = None
     if "w_proj" in params:

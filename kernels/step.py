@@ -131,9 +131,9 @@ def _attention_fwd(X, T, M, H, scale, valid, Y, P):
     X [3C, T + M + T]: q, k and v transposed (channel c of q in row c, of k in row C + c, of v
     in row 2C + c; head h has channels h*hs:(h+1)*hs), row r of the shard (= b*T + i) in lane
     column T + r, zero pads of T columns on both sides. Y [C, M] = the output, transposed.
-    P [H, T, M + T]: P[h, o, r] = the probability with which row r attends to row r - o (o, the
-    offset, from 0 to T - 1; 0 where i < o); its right pad (the last T columns) is not written
-    here and must be zero for _attention_bwd. valid [T, M]: 1 where i >= o, else 0.
+    P [H, T, M + T]: P[h, o, r] = p(r, o), the probability with which row r attends to row
+    r - o (o, the offset, from 0 to T - 1; 0 where i < o); its right pad (the last T columns)
+    is not written here and must be zero for _attention_bwd. valid [T, M]: 1 where i >= o, else 0.
 
     NumPy reference: numgpt/layers/attention.attention_forward. Why this layout: with 8
     positions of 8 channels a head, the loops of a row-by-row kernel are 8 long, mostly loop
@@ -175,7 +175,7 @@ def _attention_fwd(X, T, M, H, scale, valid, Y, P):
             s = P[h, o, :M]
             for r in range(M):
                 s[r] *= tot[r]
-        for d in range(hs):                    # y_r = sum_o p(r, r-o) v_(r-o)
+        for d in range(hs):                    # y_r = sum_o p(r, o) v_(r-o)
             y = Y[c0 + d]
             y[:] = zero
             for o in range(T):
@@ -247,7 +247,7 @@ def _attention_blas_fwd(qkv, nb, T, H, scale, y, p):
             o = h * hs
             gemm(rows[:, o:o + hs], False, rows[:, C + o:C + o + hs], True, p[b, h], 0.0)
     _softmax_fwd(p, scale, np.zeros((1, 1, 1, 1), dtype=np.bool_), np.ones(1, dtype=dt)[0],
-                 False, p, p, np.empty((nb, H, T), dtype=dt))
+                 False, p, p)
     for b in range(nb):
         rows = qkv[b * T:(b + 1) * T]
         out = y[b * T:(b + 1) * T]
@@ -259,7 +259,8 @@ def _attention_blas_fwd(qkv, nb, T, H, scale, y, p):
 @jit()
 def _attention_blas_bwd(qkv, p, y, dy, nb, T, H, scale, dqkv):
     """The backward of _attention_blas_fwd: dp = dy v^T and dv = p^T dy, dq = ds k, dk = ds^T q
-    in BLAS per (sequence, head); ds = scale p (dp - D) by attention.softmax_causal_bwd."""
+    in BLAS per (sequence, head); ds = scale p (dp - D), D_r = dy_r . y_r for the head's row r,
+    by attention.softmax_causal_bwd."""
     C = dy.shape[1]
     hs = C // H
     dt = dy.dtype
@@ -556,7 +557,10 @@ def _head_fwd(a, w, P, top, x):
 @jit(inline=True)
 def _head_bwd(a, w, P, G, s, top, x, ds):
     """The backward of _head_fwd: w.dz -> ds [M, C], the gradient of the last block's output;
-    the lm_head's (and LN_f's) gradients into shard s's slots of G."""
+    the lm_head's (and LN_f's) gradients into shard s's slots of G:
+        dhf = dz W^T,  dW = hf^T dz,  db = sum over rows of dz   (_linear_bwd)
+        ds = LN_f'(dhf) with dg, db of LN_f                      (_layernorm_bwd; ds = dhf
+                                                                  when norm is none)"""
     if a.norm != NORM_NONE:
         _linear_bwd(w.hf, w.dz, P[top[LM_W]], G[top[LM_W]][s], G[top[LM_B]][s], w.gv, w.dh)
         _layernorm_bwd(w.dh, x, P[top[LNF_G]], w.meanf, w.rstdf, ds, w.gg, w.gb,
@@ -645,7 +649,7 @@ def prefill(idx, P, slots, top, arch, wqkv, K, V, logits):
     the rows idx [B, n] from position 0, no loss, on the calling thread (BLAS on its own
     threads), one layer's intermediates held at a time. logits [B, V] = each row's last
     position's; every layer's keys and values of the n positions into K, V [L, B, H, >= n, hs].
-    wqkv [L, C, 3C]: each layer's w_q, w_k, w_v side by side (_pack_qkv)."""
+    wqkv [L, C, 3C]: each layer's w_q, w_k, w_v side by side (the cache's KVCache.w_qkv)."""
     a = Arch(*arch)
     nb, n = idx.shape
     w = _model_workspace(a, nb, n, P, slots, top, False, 1)

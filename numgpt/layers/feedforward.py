@@ -13,7 +13,7 @@ from .linear import linear_backward, linear_forward
 def feedforward_forward(x, params, activation="relu", dropout=0.0, rng=None):
     """x: [B, T, C]; params: w_fc [C, F], b_fc [F], and optionally w_out [F, C], b_out [C] -> y [B, T, C], cache
 
-    F is the hidden width (ffn_mult * C); dropout is the drop probability after the block.
+    F is the hidden width (ffn_mult * C); dropout is the drop probability on the sublayer's output.
     """
     act_f, _ = ACTIVATIONS[activation]
     h, c1 = linear_forward(x, params["w_fc"], params["b_fc"])
