@@ -8,13 +8,14 @@ every weight once per token, so they are memory-bound; see _mv for the layout th
 fastest.
 
 decode_step computes what model.forward(ids, kv=cache) computes for one new position, in the
-same order (equal to round-off: its exponentials are math.exp's): the embedding, then per block each sublayer's input (_sublayer_input), the
-sublayer (_attention_sublayer, whose heads each _attend to the cache; _ffn_sublayer) and the
-residual and post-norm merge (_merge), then the head. It takes the block's structure as a
-numgpt.arch.Arch and the parameters as DecodeWeights, the blocks' stacked along a leading layer
-axis (see numgpt.generate.KVCache), both passed as plain tuples; tests/test_kernels.py holds the
-two equal. sample_rows draws a token from the logits as numgpt.generate.sample_from does, and
-sample_and_decode alternates the two for a run of tokens without returning to Python.
+same order (equal to round-off: its exponentials are math.exp's): the embedding, then per block
+each sublayer's input (_sublayer_input), the sublayer (_multihead_forward, whose heads each
+_attend to the cache; _feedforward_forward) and the residual and post-norm merge (_merge), then
+the head. It takes the block's structure as a numgpt.arch.Arch and the parameters as
+DecodeWeights, the blocks' stacked along a leading layer axis (see numgpt.generate.KVCache), both
+passed as plain tuples; tests/test_kernels.py holds the two equal. sample_rows draws a token from
+the logits as numgpt.generate.sample_from does, and sample_and_decode alternates the two for a
+run of tokens without returning to Python.
 """
 import math
 from typing import NamedTuple
@@ -233,7 +234,7 @@ def _attend_heads_threads(qkv, K, V, t, scale, s, y):
 
 
 @numba.njit(**OPTIONS)
-def _attention_sublayer(h, w_qkv, w_proj, b_proj, K, V, t, n_head, attn_proj, layout, qkv, s, y):
+def _multihead_forward(h, w_qkv, w_proj, b_proj, K, V, t, n_head, attn_proj, layout, qkv, s, y):
     """y [B, C] = the attention sublayer of one new position per row of h [B, C]
     (layers.attention.multihead_forward on the last row): qkv = h [w_q w_k w_v]; the new k, v are
     stored at t in K, V [B, H, block, hs]; every head attends over positions 0..t (_attend; on
@@ -274,7 +275,7 @@ def _activate(f, activation):
 
 
 @numba.njit(**OPTIONS)
-def _ffn_sublayer(h, w_fc, b_fc, w_out, b_out, activation, ffn_proj, layout, f, y):
+def _feedforward_forward(h, w_fc, b_fc, w_out, b_out, activation, ffn_proj, layout, f, y):
     """y [B, C] = the feed-forward sublayer of h [B, C] (layers.feedforward.feedforward_forward):
     f = act(h w_fc + b_fc); y = f w_out + b_out (ffn_proj), else y = f. f [B, F] is scratch."""
     _mv(h, w_fc, b_fc, f, layout)
@@ -342,11 +343,11 @@ def decode_step(ids, t, arch, weights, K, V, layout, logits):
             g, beta = w.ln_g[l, j], w.ln_b[l, j]  # the sublayer's LayerNorm
             _sublayer_input(x, a.norm, g, beta, h)
             if j == SUB_ATTN:
-                _attention_sublayer(h, w.w_qkv[l], w.w_proj[l], w.b_proj[l], K[l], V[l], t,
-                                    a.n_head, a.attn_proj, layout, qkv, s, y)
+                _multihead_forward(h, w.w_qkv[l], w.w_proj[l], w.b_proj[l], K[l], V[l], t,
+                                   a.n_head, a.attn_proj, layout, qkv, s, y)
             else:
-                _ffn_sublayer(h, w.w_fc[l], w.b_fc[l], w.w_out[l], w.b_out[l], a.activation,
-                              a.ffn_proj, layout, f, y)
+                _feedforward_forward(h, w.w_fc[l], w.b_fc[l], w.w_out[l], w.b_out[l],
+                                     a.activation, a.ffn_proj, layout, f, y)
             _merge(x, y, h, a.residual, a.norm, g, beta)
     if a.norm != NORM_NONE:   # the head: logits = LN_f(x) w_head + b_head
         h[:] = x

@@ -14,11 +14,15 @@ blas.gemm where the operands are column slices or transposed; both SciPy's OpenB
 per shard), everything between them through the serial builds of the other kernels of this
 folder. Each shard writes its own gradient slots; they are summed at the end.
 
-The file reads like numgpt/model.py, bottom up: a forward/backward pair per layer (_linear_*,
-_layernorm_*, the attention kernels), per sublayer (_attention_sublayer_*, _ffn_sublayer_*), per
-block (_block_fwd/_bwd: norm placement and residual, as GPT._block_forward/_block_backward) and
-for the head (_head_fwd/_bwd: final LayerNorm, lm_head); _forward composes the forward (embed,
-blocks, head), _shard adds the loss and the backward in reverse, and train_step runs the shards.
+The file reads like numgpt/model.py, bottom up, with its names: a forward/backward pair per
+layer (_linear_*, _layernorm_*, _embed_*; the attention kernels _attention_lanes_* and
+_attention_blas_*), per sublayer (_multihead_*, _feedforward_*, as numgpt/layers names them),
+per block (_block_forward/_block_backward: norm placement and residual, as GPT's) and for the
+head (_head_forward/_head_backward: final LayerNorm, lm_head, as GPT's); _forward composes the
+forward (embed, blocks, head), _shard adds the loss and the backward in reverse (the residual
+stream's gradient dx, as in GPT.backward), and train_step runs the shards. A name ending in
+_forward/_backward is a layer as numgpt/layers has it; one ending in _fwd/_bwd is a numba kernel
+(from kernels/*.py, or the attention kernels here).
 Sampling runs the same _forward over a whole context (prefill), keeping its keys and values.
 The block's structure comes from numgpt.arch.Arch (norm placement, residual, which parts exist);
 a shard's arrays are allocated once per call in a _Work (_workspace) that the helpers write into.
@@ -47,7 +51,7 @@ from .layernorm import layernorm_bwd, layernorm_fwd
 from .loss import cross_entropy_fwd_bwd
 
 # the serial builds: a shard runs on one thread
-_embed_fwd, _embed_bwd = embed_fwd.serial, embed_bwd.serial
+_embed_forward, _embed_backward = embed_fwd.serial, embed_bwd.serial
 _ln_fwd, _ln_bwd = layernorm_fwd.serial, layernorm_bwd.serial
 _act_fwd, _act_bwd = bias_act_fwd.serial, bias_act_bwd.serial
 _xent = cross_entropy_fwd_bwd.serial
@@ -88,14 +92,14 @@ def _col_sums(d, out):
 
 
 @jit(inline=True)
-def _linear_fwd(x, W, b, y):
+def _linear_forward(x, W, b, y):
     """y = x W + b"""
     np.dot(x, W, y)
     _add_bias(y, b)
 
 
 @jit(inline=True)
-def _linear_bwd(x, dy, W, gW, gb, row, dx):
+def _linear_backward(x, dy, W, gW, gb, row, dx):
     """y = x W + b, backward: gW = x^T dy, gb = sum over rows of dy (summed into the local row,
     then copied: see _shard), dx = dy W^T."""
     np.dot(x.T, dy, gW)
@@ -105,16 +109,16 @@ def _linear_bwd(x, dy, W, gW, gb, row, dx):
 
 
 @jit(inline=True)
-def _layernorm_fwd(x, g, b, eps, keep, y, mean, rstd):
+def _layernorm_forward(x, g, b, eps, keep, y, mean, rstd):
     """y = g (x - mean) rstd + b over each row, rstd = 1 / sqrt(var + eps); x kept in `keep` and
-    the statistics in mean, rstd for _layernorm_bwd. g, b: [1, C] rows."""
+    the statistics in mean, rstd for _layernorm_backward. g, b: [1, C] rows."""
     keep[:] = x
     _ln_fwd(x, g[0], b[0], eps, y, mean, rstd)
 
 
 @jit(inline=True)
-def _layernorm_bwd(dy, x, g, mean, rstd, dx, gg, gb, Gg, Gb):
-    """The backward of _layernorm_fwd: with xhat = (x - mean) rstd and dxhat = dy g,
+def _layernorm_backward(dy, x, g, mean, rstd, dx, gg, gb, Gg, Gb):
+    """The backward of _layernorm_forward: with xhat = (x - mean) rstd and dxhat = dy g,
     dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)); Gg = sum over rows of dy xhat,
     Gb = sum over rows of dy (summed in the local rows gg, gb, then copied: see _shard)."""
     _ln_bwd(dy, x, g[0], mean, rstd, ONE_CHUNK, dx, gg, gb)
@@ -125,7 +129,7 @@ def _layernorm_bwd(dy, x, g, mean, rstd, dx, gg, gb, Gg, Gb):
 # ---- causal attention (docs/derivations.md#attention): in lanes, or per head in BLAS ----
 
 @jit()
-def _attention_fwd(X, T, M, H, scale, valid, Y, P):
+def _attention_lanes_fwd(X, T, M, H, scale, valid, Y, P):
     """Causal attention in lanes (short blocks of small heads), the probabilities kept.
 
     X [3C, T + M + T]: q, k and v transposed (channel c of q in row c, of k in row C + c, of v
@@ -133,7 +137,8 @@ def _attention_fwd(X, T, M, H, scale, valid, Y, P):
     column T + r, zero pads of T columns on both sides. Y [C, M] = the output, transposed.
     P [H, T, M + T]: P[h, o, r] = p(r, o), the probability with which row r attends to row
     r - o (o, the offset, from 0 to T - 1; 0 where i < o); its right pad (the last T columns)
-    is not written here and must be zero for _attention_bwd. valid [T, M]: 1 where i >= o, else 0.
+    is not written here and must be zero for _attention_lanes_bwd. valid [T, M]: 1 where
+    i >= o, else 0.
 
     NumPy reference: numgpt/layers/attention.attention_forward. Why this layout: with 8
     positions of 8 channels a head, the loops of a row-by-row kernel are 8 long, mostly loop
@@ -185,8 +190,8 @@ def _attention_fwd(X, T, M, H, scale, valid, Y, P):
 
 
 @jit()
-def _attention_bwd(X, P, dY, T, M, H, scale, dS, dX):
-    """The backward of _attention_fwd: dY [C, M + T] (the output's gradient, transposed) -> dX
+def _attention_lanes_bwd(X, P, dY, T, M, H, scale, dS, dX):
+    """The backward of _attention_lanes_fwd: dY [C, M + T] (the output's gradient, transposed) -> dX
     [3C, M]; dS [T, M + T] is scratch. The right pads (the last T columns) of dY, dS and P
     must be zero: the sums below read them. Per head, with
     dp(r, o) = dy_r . v_(r-o) and D_r = sum_o p dp: ds = scale p (dp - D) (0 where p is),
@@ -233,7 +238,7 @@ def _attention_bwd(X, P, dY, T, M, H, scale, dS, dX):
 
 @jit()
 def _attention_blas_fwd(qkv, nb, T, H, scale, y, p):
-    """As _attention_fwd, in rows (the step for longer blocks or larger heads): qkv [nb*T, 3C]
+    """As _attention_lanes_fwd, in rows (the step for longer blocks or larger heads): qkv [nb*T, 3C]
     -> y [nb*T, C], p [nb, H, T, T]. Per (sequence, head) the scores q k^T and the weighted sum
     p v as BLAS products straight on the head's columns of qkv and y (blas.gemm; the masked
     upper half is computed and ignored), with the causal softmax of the stored-probabilities
@@ -287,7 +292,7 @@ class _Work(NamedTuple):
     """One shard's arrays, allocated once per call by _workspace; the helpers write into them.
     Per layer l and sublayer j (SUB_ATTN, SUB_FFN), kept from the forward for the backward:
     a LayerNorm's input and statistics, the sublayer's input and the attention and feed-forward
-    intermediates. With lanes, attention's operands are transposed (see _attention_fwd)."""
+    intermediates. With lanes, attention's operands are transposed (see _attention_lanes_fwd)."""
     nb: int            # sequences in the shard
     T: int             # positions per sequence
     M: int             # rows, nb * T
@@ -314,7 +319,7 @@ class _Work(NamedTuple):
     z: np.ndarray      # [M, V] logits
     dz: np.ndarray     # [M, V] their gradient
     # the backward's scratch
-    ds: np.ndarray     # [M, C] gradient of the residual stream
+    dx: np.ndarray     # [M, C] gradient of the residual stream
     df: np.ndarray     # [M, C] gradient of a sublayer's output
     dh: np.ndarray     # [M, C] gradient of a sublayer's input
     datt: np.ndarray   # [C, M + T] (lanes, right pad zero) or [M, C]
@@ -374,7 +379,7 @@ def _workspace(a, nb, T, C, F, V, dt, lanes, L):
     gg = np.empty((1, C), dtype=dt)
     gb = np.empty((1, C), dtype=dt)
     gf = np.empty((1, F), dtype=dt)
-    ds = np.empty((M, C), dtype=dt)
+    dx = np.empty((M, C), dtype=dt)
     dh = np.empty((M, C), dtype=dt)
     df = np.empty((M, C), dtype=dt)
     if lanes:   # transposed, as in the forward; the right pads of datt and dS stay zero
@@ -389,14 +394,14 @@ def _workspace(a, nb, T, C, F, V, dt, lanes, L):
     dpre = np.empty((M, F), dtype=dt)
     scale, eps = sc[0], sc[1]
     return _Work(nb, T, M, lanes, scale, eps, valid, lnx, mean, rstd, hin, qkv, att, probs, pre,
-                 hid, x, f, hf, meanf, rstdf, z, dz, ds, df, dh, datt, dqkv, dS, dhid, dpre, gv,
+                 hid, x, f, hf, meanf, rstdf, z, dz, dx, df, dh, datt, dqkv, dS, dhid, dpre, gv,
                  gg, gb, gf)
 
 
 # ---- the sublayers (numgpt/layers/attention.py, feedforward.py) ----
 
 @jit(inline=True)
-def _attention_sublayer_fwd(a, w, l, P, p, wqkv, h, f):
+def _multihead_forward(a, w, l, P, p, wqkv, h, f):
     """f [M, C] = multi-head causal attention of h [M, C] (layers.attention.multihead_forward):
     q, k, v = h w_q, h w_k, h w_v (one product with wqkv = [w_q w_k w_v]); per head
     y = softmax(q k^T / sqrt(hs), causal) v; f = y w_proj + b_proj (attn_proj), else f = y.
@@ -404,7 +409,7 @@ def _attention_sublayer_fwd(a, w, l, P, p, wqkv, h, f):
     T, M, H = w.T, w.M, a.n_head
     if w.lanes:   # transposed: qkv^T = wqkv^T h^T into the lanes between the pads
         gemm(wqkv, True, h, True, w.qkv[l][:, T:T + M], 0.0)
-        _attention_fwd(w.qkv[l], T, M, H, w.scale, w.valid, w.att[l],
+        _attention_lanes_fwd(w.qkv[l], T, M, H, w.scale, w.valid, w.att[l],
                        w.probs[l].reshape(H, T, M + T))
         if a.attn_proj:   # f = (y^T)^T w_proj + b_proj
             gemm(w.att[l], True, P[p[W_PROJ]], False, f, 0.0)
@@ -416,14 +421,14 @@ def _attention_sublayer_fwd(a, w, l, P, p, wqkv, h, f):
         _attention_blas_fwd(w.qkv[l], w.nb, T, H, w.scale, w.att[l],
                             w.probs[l].reshape(w.nb, H, T, T))
         if a.attn_proj:
-            _linear_fwd(w.att[l], P[p[W_PROJ]], P[p[B_PROJ]], f)
+            _linear_forward(w.att[l], P[p[W_PROJ]], P[p[B_PROJ]], f)
         else:
             f[:] = w.att[l]
 
 
 @jit(inline=True)
-def _attention_sublayer_bwd(a, w, l, P, G, s, p, wqkv, df, dh):
-    """The backward of _attention_sublayer_fwd: df [M, C] (gradient of f) -> dh [M, C] (of h);
+def _multihead_backward(a, w, l, P, G, s, p, wqkv, df, dh):
+    """The backward of _multihead_forward: df [M, C] (gradient of f) -> dh [M, C] (of h);
     with attn_proj dy = df w_proj^T, G[w_proj] = y^T df, G[b_proj] = sum over rows of df; the
     attention's backward gives dq, dk, dv; G[w_q] = h^T dq (and k, v alike), dh = dqkv wqkv^T.
     Gradients go to shard s's slots of G."""
@@ -438,14 +443,14 @@ def _attention_sublayer_bwd(a, w, l, P, G, s, p, wqkv, df, dh):
             gemm(P[p[W_PROJ]], False, df, True, dy, 0.0)
         else:
             dy[:] = df.T
-        _attention_bwd(w.qkv[l], w.probs[l].reshape(H, T, M + T), w.datt, T, M, H, w.scale,
+        _attention_lanes_bwd(w.qkv[l], w.probs[l].reshape(H, T, M + T), w.datt, T, M, H, w.scale,
                        w.dS, w.dqkv)
         for part, slot in ((0, W_Q), (1, W_K), (2, W_V)):  # each its own gradient
             gemm(h, True, w.dqkv[part * C:(part + 1) * C], True, G[p[slot]][s], 0.0)
         gemm(w.dqkv, True, wqkv, True, dh, 0.0)
     else:
         if a.attn_proj:
-            _linear_bwd(w.att[l], df, P[p[W_PROJ]], G[p[W_PROJ]][s], G[p[B_PROJ]][s], w.gb,
+            _linear_backward(w.att[l], df, P[p[W_PROJ]], G[p[W_PROJ]][s], G[p[B_PROJ]][s], w.gb,
                         w.datt)
         else:
             w.datt[:] = df
@@ -457,25 +462,25 @@ def _attention_sublayer_bwd(a, w, l, P, G, s, p, wqkv, df, dh):
 
 
 @jit(inline=True)
-def _ffn_sublayer_fwd(a, w, l, P, p, h, f):
+def _feedforward_forward(a, w, l, P, p, h, f):
     """f [M, C] = the feed-forward of h [M, C] (layers.feedforward.feedforward_forward):
     pre = h w_fc + b_fc, hid = act(pre), f = hid w_out + b_out (ffn_proj), else f = hid.
     Kept in w for layer l: pre and hid."""
     np.dot(h, P[p[W_FC]], w.pre[l])
     _act_fwd(w.pre[l], P[p[B_FC]][0], a.activation, w.hid[l])   # adds b_fc into pre
     if a.ffn_proj:
-        _linear_fwd(w.hid[l], P[p[W_OUT]], P[p[B_OUT]], f)
+        _linear_forward(w.hid[l], P[p[W_OUT]], P[p[B_OUT]], f)
     else:
         f[:] = w.hid[l]
 
 
 @jit(inline=True)
-def _ffn_sublayer_bwd(a, w, l, P, G, s, p, df, dh):
-    """The backward of _ffn_sublayer_fwd: df -> dh. dhid = df w_out^T (G[w_out] = hid^T df,
+def _feedforward_backward(a, w, l, P, G, s, p, df, dh):
+    """The backward of _feedforward_forward: df -> dh. dhid = df w_out^T (G[w_out] = hid^T df,
     G[b_out] = sum of df) or df; dpre = dhid act'(pre), G[b_fc] = sum of dpre;
     G[w_fc] = h^T dpre; dh = dpre w_fc^T."""
     if a.ffn_proj:
-        _linear_bwd(w.hid[l], df, P[p[W_OUT]], G[p[W_OUT]][s], G[p[B_OUT]][s], w.gb, w.dhid)
+        _linear_backward(w.hid[l], df, P[p[W_OUT]], G[p[W_OUT]][s], G[p[B_OUT]][s], w.gb, w.dhid)
     else:
         w.dhid[:] = df
     _act_bwd(w.dhid, w.pre[l], a.activation, ONE_CHUNK, w.dpre, w.gf)
@@ -487,7 +492,7 @@ def _ffn_sublayer_bwd(a, w, l, P, G, s, p, df, dh):
 # ---- a block (numgpt/model.py: GPT._block_forward, GPT._block_backward) ----
 
 @jit(inline=True)
-def _block_fwd(a, w, l, P, p, wqkv, x):
+def _block_forward(a, w, l, P, p, wqkv, x):
     """Block l on the residual stream x [M, C], in place. For each sublayer (attention, then
     feed-forward): h = LN(x) (pre-norm) or x; f = sublayer(h); x = x + f (residual) or f;
     x = LN(x) (post-norm)."""
@@ -496,77 +501,77 @@ def _block_fwd(a, w, l, P, p, wqkv, x):
         g, b = LN_G[j], LN_B[j]
         h = w.hin[l, j]
         if a.norm == NORM_PRE:
-            _layernorm_fwd(x, P[p[g]], P[p[b]], w.eps, w.lnx[l, j], h, w.mean[l, j],
+            _layernorm_forward(x, P[p[g]], P[p[b]], w.eps, w.lnx[l, j], h, w.mean[l, j],
                            w.rstd[l, j])
         else:
             h[:] = x
         if j == SUB_ATTN:
-            _attention_sublayer_fwd(a, w, l, P, p, wqkv, h, f)
+            _multihead_forward(a, w, l, P, p, wqkv, h, f)
         else:
-            _ffn_sublayer_fwd(a, w, l, P, p, h, f)
+            _feedforward_forward(a, w, l, P, p, h, f)
         if a.residual:
             f += x
         if a.norm == NORM_POST:
-            _layernorm_fwd(f, P[p[g]], P[p[b]], w.eps, w.lnx[l, j], x, w.mean[l, j],
+            _layernorm_forward(f, P[p[g]], P[p[b]], w.eps, w.lnx[l, j], x, w.mean[l, j],
                            w.rstd[l, j])
         else:
             x[:] = f
 
 
 @jit(inline=True)
-def _block_bwd(a, w, l, P, G, s, p, wqkv, ds):
-    """The backward of _block_fwd: ds [M, C], the gradient of the block's output, becomes that
-    of its input, in place. For each sublayer, last first: (post-norm) ds = LN'(ds); the
-    sublayer's output gets df = ds; dh = sublayer'(df); (pre-norm) dh = LN'(dh);
-    ds = df + dh (residual: the skip's gradient plus the sublayer's) or dh."""
+def _block_backward(a, w, l, P, G, s, p, wqkv, dx):
+    """The backward of _block_forward: dx [M, C], the gradient of the block's output, becomes that
+    of its input, in place. For each sublayer, last first: (post-norm) dx = LN'(dx); the
+    sublayer's output gets df = dx; dh = sublayer'(df); (pre-norm) dh = LN'(dh);
+    dx = df + dh (residual: the skip's gradient plus the sublayer's) or dh."""
     df, dh = w.df, w.dh
     for j in range(n_sublayers(a) - 1, -1, -1):
         g, b = LN_G[j], LN_B[j]
         if a.norm == NORM_POST:
-            _layernorm_bwd(ds, w.lnx[l, j], P[p[g]], w.mean[l, j], w.rstd[l, j], df, w.gg, w.gb,
-                           G[p[g]][s], G[p[b]][s])
+            _layernorm_backward(dx, w.lnx[l, j], P[p[g]], w.mean[l, j], w.rstd[l, j], df, w.gg,
+                                w.gb, G[p[g]][s], G[p[b]][s])
         else:
-            df[:] = ds
+            df[:] = dx
         if j == SUB_ATTN:
-            _attention_sublayer_bwd(a, w, l, P, G, s, p, wqkv, df, dh)
+            _multihead_backward(a, w, l, P, G, s, p, wqkv, df, dh)
         else:
-            _ffn_sublayer_bwd(a, w, l, P, G, s, p, df, dh)
-        if a.norm == NORM_PRE:   # (into ds, free now that df holds the gradient at the sum)
-            _layernorm_bwd(dh, w.lnx[l, j], P[p[g]], w.mean[l, j], w.rstd[l, j], ds, w.gg, w.gb,
-                           G[p[g]][s], G[p[b]][s])
+            _feedforward_backward(a, w, l, P, G, s, p, df, dh)
+        if a.norm == NORM_PRE:   # (into dx, free now that df holds the gradient at the sum)
+            _layernorm_backward(dh, w.lnx[l, j], P[p[g]], w.mean[l, j], w.rstd[l, j], dx, w.gg,
+                                w.gb, G[p[g]][s], G[p[b]][s])
         else:
-            ds[:] = dh
+            dx[:] = dh
         if a.residual:   # the skip's gradient: the sum's passes to both branches unchanged
-            ds += df
+            dx += df
 
 
-# ---- the head (numgpt/model.py: GPT.forward's end, GPT.backward's start) ----
+# ---- the head (numgpt/model.py: GPT._head_forward, GPT._head_backward) ----
 
 @jit(inline=True)
-def _head_fwd(a, w, P, top, x):
+def _head_forward(a, w, P, top, x):
     """Logits z = LN_f(x) W + b (LN_f unless norm is none; its output kept in w.hf) into w.z.
-    LN_f is the kernel itself, not _layernorm_fwd: its input x, the last block's output, is
-    kept by the caller for _head_bwd, so it needs no copy."""
+    LN_f is the kernel itself, not _layernorm_forward: its input x, the last block's output, is
+    kept by the caller for _head_backward, so it needs no copy."""
     hf = x
     if a.norm != NORM_NONE:
         hf = w.hf
         _ln_fwd(x, P[top[LNF_G]][0], P[top[LNF_B]][0], w.eps, hf, w.meanf, w.rstdf)
-    _linear_fwd(hf, P[top[LM_W]], P[top[LM_B]], w.z)
+    _linear_forward(hf, P[top[LM_W]], P[top[LM_B]], w.z)
 
 
 @jit(inline=True)
-def _head_bwd(a, w, P, G, s, top, x, ds):
-    """The backward of _head_fwd: w.dz -> ds [M, C], the gradient of the last block's output;
+def _head_backward(a, w, P, G, s, top, x, dx):
+    """The backward of _head_forward: w.dz -> dx [M, C], the gradient of the last block's output;
     the lm_head's (and LN_f's) gradients into shard s's slots of G:
-        dhf = dz W^T,  dW = hf^T dz,  db = sum over rows of dz   (_linear_bwd)
-        ds = LN_f'(dhf) with dg, db of LN_f                      (_layernorm_bwd; ds = dhf
+        dhf = dz W^T,  dW = hf^T dz,  db = sum over rows of dz   (_linear_backward)
+        dx = LN_f'(dhf) with dg, db of LN_f                      (_layernorm_backward; dx = dhf
                                                                   when norm is none)"""
     if a.norm != NORM_NONE:
-        _linear_bwd(w.hf, w.dz, P[top[LM_W]], G[top[LM_W]][s], G[top[LM_B]][s], w.gv, w.dh)
-        _layernorm_bwd(w.dh, x, P[top[LNF_G]], w.meanf, w.rstdf, ds, w.gg, w.gb,
+        _linear_backward(w.hf, w.dz, P[top[LM_W]], G[top[LM_W]][s], G[top[LM_B]][s], w.gv, w.dh)
+        _layernorm_backward(w.dh, x, P[top[LNF_G]], w.meanf, w.rstdf, dx, w.gg, w.gb,
                        G[top[LNF_G]][s], G[top[LNF_B]][s])
     else:
-        _linear_bwd(x, w.dz, P[top[LM_W]], G[top[LM_W]][s], G[top[LM_B]][s], w.gv, ds)
+        _linear_backward(x, w.dz, P[top[LM_W]], G[top[LM_W]][s], G[top[LM_B]][s], w.gv, dx)
 
 
 # ---- the model top to bottom (numgpt/model.py: GPT.forward, GPT.backward) ----
@@ -606,12 +611,12 @@ def _forward(idx, P, slots, top, a, wqkv, w, K, V):
     C = w.x.shape[1]
     x = w.x
     keep_all = K.size == 0
-    _embed_fwd(idx, P[top[TOK]], P[top[POS]], x.reshape(nb, T, C))
+    _embed_forward(idx, P[top[TOK]], P[top[POS]], x.reshape(nb, T, C))
     for l in range(a.n_layer):
-        _block_fwd(a, w, l if keep_all else 0, P, slots[l], wqkv[l], x)
+        _block_forward(a, w, l if keep_all else 0, P, slots[l], wqkv[l], x)
         if not keep_all:
             _keep_kv(w.qkv[0], a.n_head, K[l], V[l])
-    _head_fwd(a, w, P, top, x)
+    _head_forward(a, w, P, top, x)
 
 
 @jit()
@@ -635,11 +640,11 @@ def _shard(idx, tgt, P, G, s, slots, top, a, lanes, wqkv, weight):
     losses = _xent(w.z, tgt.reshape(w.M), WITH_GRAD, dz)   # dz = (softmax - onehot) / M
     dz *= weight
     # ---- backward, in reverse
-    ds = w.ds
-    _head_bwd(a, w, P, G, s, top, x, ds)
+    dx = w.dx
+    _head_backward(a, w, P, G, s, top, x, dx)
     for l in range(a.n_layer - 1, -1, -1):
-        _block_bwd(a, w, l, P, G, s, slots[l], wqkv[l], ds)
-    _embed_bwd(idx, ds.reshape(nb, T, C), G[top[TOK]][s], G[top[POS]][s])
+        _block_backward(a, w, l, P, G, s, slots[l], wqkv[l], dx)
+    _embed_backward(idx, dx.reshape(nb, T, C), G[top[TOK]][s], G[top[POS]][s])
     return losses.sum()
 
 
@@ -687,7 +692,7 @@ def train_step(idx, tgt, P, G, slots, top, arch, lanes, n_shards, wqkv, sums):
     wqkv [L, C, 3C] and sums [n_shards] (float64) are scratch. arch: the fields of the model's
     numgpt.arch.Arch as a plain tuple (tuple(a)), named again here: numba types a plain tuple
     argument in compiled code, a namedtuple field by field in Python on every call. lanes:
-    attention in lanes (_attention_fwd/_bwd) or per (sequence, head) in BLAS; both give the
+    attention in lanes (_attention_lanes_fwd/_bwd) or per (sequence, head) in BLAS; both give the
     same gradients, and numgpt.parallel measures which is faster for a model on this machine.
 
     Only the prange is here: numba runs every array expression of a parallel function as a

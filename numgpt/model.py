@@ -210,6 +210,23 @@ class GPT:
             dx = dh if dskip is None else dskip + dh
         return dx
 
+    def _head_forward(self, x):
+        """The head: logits = LN_f(x) W + b (LN_f unless norm is none) -> logits, the LayerNorm's
+        cache (None without it), the linear's cache."""
+        c_lnf = None
+        if self.arch.norm != NORM_NONE:
+            x, c_lnf = self.ops.layernorm_forward(x, self.params["ln_f.g"], self.params["ln_f.b"])
+        logits, c_head = linear_forward(x, self.params["lm_head.w"], self.params["lm_head.b"])
+        return logits, c_lnf, c_head
+
+    def _head_backward(self, dlogits, c_lnf, c_head, grads):
+        """The backward of _head_forward: dlogits -> dx, the gradient of the last block's output;
+        the lm_head's (and LN_f's) gradients into grads."""
+        dx, grads["lm_head.w"], grads["lm_head.b"] = linear_backward(dlogits, c_head)
+        if c_lnf is not None:
+            dx, grads["ln_f.g"], grads["ln_f.b"] = self.ops.layernorm_backward(dx, c_lnf)
+        return dx
+
     def forward(self, idx, train=False, rng=None, kv=None, keep_cache=True):
         """idx: [B, T] token ids (T <= block_size) -> logits [B, T, V], cache for backward.
 
@@ -242,10 +259,7 @@ class GPT:
                 blocks.append(bc)
             else:
                 x = self._block_forward(x, i, train and kv is None, rng, kv)[0]
-        c_lnf = None
-        if self.arch.norm != NORM_NONE:
-            x, c_lnf = ops.layernorm_forward(x, P["ln_f.g"], P["ln_f.b"])
-        logits, c_head = linear_forward(x, P["lm_head.w"], P["lm_head.b"])
+        logits, c_lnf, c_head = self._head_forward(x)
         if kv is not None:
             kv.t += T
         if not keep_cache:
@@ -258,9 +272,7 @@ class GPT:
         if cfg.model == "bigram":
             return {"tok_emb": ops.table_backward(dlogits, cache["tok"])}
         grads = {}
-        dx, grads["lm_head.w"], grads["lm_head.b"] = linear_backward(dlogits, cache["head"])
-        if cache["ln_f"] is not None:
-            dx, grads["ln_f.g"], grads["ln_f.b"] = ops.layernorm_backward(dx, cache["ln_f"])
+        dx = self._head_backward(dlogits, cache["ln_f"], cache["head"], grads)
         for i in reversed(range(cfg.n_layer)):
             dx = self._block_backward(dx, i, cache["blocks"][i], grads)
         # x = tok_emb[idx] + pos_emb[:T]: both tables receive dx

@@ -77,7 +77,7 @@ def test_the_decoder_counts_as_cached_only_when_all_of_it_is():
     from numgpt.kernels import decode
     names = kernels.decode_names()
     assert {"decode_step", "sample_rows", "_mv", "_add_rows_threads", "_attend_heads_threads",
-            "_ffn_sublayer"} <= set(names)
+            "_feedforward_forward"} <= set(names)
     assert "_layernorm_rows" not in names  # kernels/layernorm.py's, cached as its own
     assert all(getattr(decode, n).py_func.__module__ == decode.__name__ for n in names)
     if not jit.OPTIONS["cache"]:
