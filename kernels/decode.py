@@ -208,7 +208,7 @@ def _attend(q, Kh, Vh, t, scale, s, yh):
         vp = Vh[p]
         for d in range(yh.shape[0]):
             yh[d] += w * vp[d]
-    inv = 1 / tot
+    inv = dt(1) / tot
     for d in range(yh.shape[0]):
         yh[d] *= inv
 

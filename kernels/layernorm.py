@@ -3,7 +3,9 @@
 NumPy reference: numgpt/layers/layernorm.py. Derivation: docs/derivations.md#layernorm
 The forward keeps mean and 1/std per row (not xhat); the backward recomputes xhat. The parameter
 gradients are sums over rows: each chunk of rows sums into its own partial row, and the partials
-are added at the end, so parallel chunks never write the same element.
+are added at the end, so parallel chunks never write the same element. The arithmetic stays in
+the arrays' dtype: C and 1 are typed (numba would widen a float32 sum divided by the integer C,
+and every variable it flows into, to float64).
 """
 import math
 
@@ -19,17 +21,19 @@ def layernorm_fwd(x, g, b, eps, y, mean, rstd):
     y_c = (x_c - mean) rstd g_c + b_c."""
     N, C = x.shape
     zero = y.dtype.type(0)  # typed 0 (np.zeros(1)[0] would be a parallel loop of its own)
+    one = y.dtype.type(1)
+    width = y.dtype.type(C)
     for n in prange(N):
         mu = zero
         for c in range(C):
             mu += x[n, c]
-        mu /= C
+        mu /= width
         var = zero
         for c in range(C):
             d = x[n, c] - mu
             var += d * d
-        var /= C
-        r = 1 / math.sqrt(var + eps)
+        var /= width
+        r = one / math.sqrt(var + eps)
         for c in range(C):
             y[n, c] = (x[n, c] - mu) * r * g[c] + b[c]
         mean[n] = mu
@@ -44,6 +48,7 @@ def layernorm_bwd(dy, x, g, mean, rstd, n_chunks, dx, dg_part, db_part):
     """
     N, C = x.shape
     zero = dx.dtype.type(0)
+    width = dx.dtype.type(C)
     per = (N + n_chunks - 1) // n_chunks
     for k in prange(n_chunks):
         for c in range(C):
@@ -61,8 +66,8 @@ def layernorm_bwd(dy, x, g, mean, rstd, n_chunks, dx, dg_part, db_part):
                 m2 += dxh * xh
                 dg_part[k, c] += dy[n, c] * xh
                 db_part[k, c] += dy[n, c]
-            m1 /= C
-            m2 /= C
+            m1 /= width
+            m2 /= width
             for c in range(C):
                 xh = (x[n, c] - mu) * r
                 dx[n, c] = r * (dy[n, c] * g[c] - m1 - xh * m2)
