@@ -173,14 +173,14 @@ def _attend(q, Kh, Vh, t, scale, s, yh):
     """One head of one new position against the cache: yh [hs] = sum_p softmax(s)_p v_p over the
     positions p <= t, s_p = scale q . k_p (q [hs]; Kh, Vh [block, hs], rows 0..t filled; s [t + 1]
     is scratch)."""
-    dt = yh.dtype.type
+    scalar = yh.dtype.type
     n4 = (t + 1) - (t + 1) % 4
     for p in range(0, n4, 4):  # s_p = scale * q . k_p, four positions per sweep of q
         k0, k1, k2, k3 = Kh[p], Kh[p + 1], Kh[p + 2], Kh[p + 3]
-        a0 = dt(0)
-        a1 = dt(0)
-        a2 = dt(0)
-        a3 = dt(0)
+        a0 = scalar(0)
+        a1 = scalar(0)
+        a2 = scalar(0)
+        a3 = scalar(0)
         for d in range(q.shape[0]):
             qd = q[d]
             a0 += qd * k0[d]
@@ -190,14 +190,14 @@ def _attend(q, Kh, Vh, t, scale, s, yh):
         s[p], s[p + 1], s[p + 2], s[p + 3] = a0 * scale, a1 * scale, a2 * scale, a3 * scale
     for p in range(n4, t + 1):
         kp = Kh[p]
-        acc = dt(0)
+        acc = scalar(0)
         for d in range(q.shape[0]):
             acc += q[d] * kp[d]
         s[p] = acc * scale
-    mx = dt(-np.inf)
+    mx = scalar(-np.inf)
     for p in range(t + 1):
         mx = max(mx, s[p])
-    tot = dt(0)
+    tot = scalar(0)
     for p in range(t + 1):
         e = math.exp(s[p] - mx)
         s[p] = e
@@ -208,7 +208,7 @@ def _attend(q, Kh, Vh, t, scale, s, yh):
         vp = Vh[p]
         for d in range(yh.shape[0]):
             yh[d] += w * vp[d]
-    inv = dt(1) / tot
+    inv = scalar(1) / tot
     for d in range(yh.shape[0]):
         yh[d] *= inv
 
@@ -263,15 +263,16 @@ def _multihead_forward(h, w_qkv, w_proj, b_proj, K, V, t, n_head, attn_proj, lay
 @numba.njit(**OPTIONS)
 def _activate(f, activation):
     """f = act(f) in place: ReLU max(f, 0) or GELU's tanh form (kernels/activations.py)."""
-    dt = f.dtype.type
+    scalar = f.dtype.type
     gc, ga, g_half, g_one, g_two = gelu_consts(f)  # GELU's constants in the dtype
     for b in range(f.shape[0]):
         for j in range(f.shape[1]):
             v = f[b, j]
             if activation == ACT_GELU:
-                f[b, j] = g_half * v * (g_one + tanh_by_exp(gc * (v + ga * v * v * v), g_one, g_two))
+                u = gc * (v + ga * v * v * v)
+                f[b, j] = g_half * v * (g_one + tanh_by_exp(u, g_one, g_two))
             else:
-                f[b, j] = max(v, dt(0))
+                f[b, j] = max(v, scalar(0))
 
 
 @numba.njit(**OPTIONS)
@@ -327,14 +328,14 @@ def decode_step(ids, t, arch, weights, K, V, layout, logits):
     w = DecodeWeights(*weights)
     B = ids.shape[0]
     C = w.tok_emb.shape[1]
-    dt = w.tok_emb.dtype
-    x = np.empty((B, C), dt)
-    h = np.empty((B, C), dt)
-    y = np.empty((B, C), dt)
-    qkv = np.empty((B, 3 * C), dt)
-    f = np.empty((B, w.b_fc.shape[1]), dt)
+    dtype = w.tok_emb.dtype
+    x = np.empty((B, C), dtype)
+    h = np.empty((B, C), dtype)
+    y = np.empty((B, C), dtype)
+    qkv = np.empty((B, 3 * C), dtype)
+    f = np.empty((B, w.b_fc.shape[1]), dtype)
     threads = layout == BY_OUTPUT_THREADS or layout == BY_INPUT_THREADS
-    s = np.empty((B * a.n_head if threads else 1, t + 1), dt)
+    s = np.empty((B * a.n_head if threads else 1, t + 1), dtype)
     for b in range(B):   # x = tok_emb[ids] + pos_emb[t]
         for c in range(C):
             x[b, c] = w.tok_emb[ids[b], c] + w.pos_emb[t, c]

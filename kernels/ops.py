@@ -237,7 +237,8 @@ def _head_view(a, n_head, C, part=0):
 
 def _attention_probs(qkv, n_head, scale, keep, inv_keep, has_drop):
     """P [B, H, T, T]: the causal softmax of scale q k^T for the sequences of qkv [B, T, 3C]
-    (zeros above the diagonal), and Pd, P with dropout (P itself without). The scores in BLAS (kernels/ops._causal_bmm), the softmax by its kernel."""
+    (zeros above the diagonal), and Pd, P with dropout (P itself without). The scores in BLAS
+    (kernels/ops._causal_bmm), the softmax by its kernel."""
     C = qkv.shape[2] // 3
     q, k = _head_view(qkv, n_head, C, 0), _head_view(qkv, n_head, C, 1)
     P = _causal_bmm("scores", q, k.transpose(0, 1, 3, 2), None)   # S = q k^T, then P in place
@@ -333,17 +334,17 @@ def multihead_forward(x, params, n_head, attn_dropout=0.0, resid_dropout=0.0, rn
     B, T, C = x.shape
     w_qkv = np.concatenate([params["w_q"], params["w_k"], params["w_v"]], axis=1)  # [C, 3C]
     qkv, c_qkv = linear_forward(x, w_qkv)                           # [B, T, 3C]
-    dt = x.dtype.type
+    scalar = x.dtype.type
     has_drop = attn_dropout > 0
     if has_drop:
         if rng is None:
             raise ValueError("dropout with p > 0 needs an rng (numpy Generator) or a mask")
         keep = keep_mask(rng, (B, n_head, T, T), attn_dropout)  # the reference's mask
-        inv_keep = dt(1.0 / (1.0 - attn_dropout))
+        inv_keep = scalar(1.0 / (1.0 - attn_dropout))
     else:
-        keep, inv_keep = _NO_MASK, dt(1.0)
+        keep, inv_keep = _NO_MASK, scalar(1.0)
     y = np.empty((B, T, C), dtype=x.dtype)
-    scale = dt((C // n_head) ** -0.5)
+    scale = scalar((C // n_head) ** -0.5)
     P, chunk = None, 0
     if stores_probs(B, n_head, T, x.dtype):  # kept for the backward
         P, Pd = _attention_probs(qkv, n_head, scale, keep, inv_keep, has_drop)

@@ -148,11 +148,11 @@ def _attention_lanes_fwd(X, T, M, H, scale, valid, Y, P):
     previous sequence (or the pad) there, finite, and is masked out of the softmax."""
     C = Y.shape[0]
     hs = C // H
-    dt = Y.dtype
-    zero = np.zeros(1, dtype=dt)[0]
-    one = np.ones(1, dtype=dt)[0]
-    mx = np.empty(M, dtype=dt)
-    tot = np.empty(M, dtype=dt)
+    dtype = Y.dtype
+    zero = np.zeros(1, dtype=dtype)[0]
+    one = np.ones(1, dtype=dtype)[0]
+    mx = np.empty(M, dtype=dtype)
+    tot = np.empty(M, dtype=dtype)
     for h in range(H):
         c0 = h * hs
         for o in range(T):                     # raw scores s = q_r . k_(r-o), in P
@@ -200,9 +200,9 @@ def _attention_lanes_bwd(X, P, dY, T, M, H, scale, dS, dX):
     where the right pads give 0 past the shard's end."""
     C = dX.shape[0] // 3
     hs = C // H
-    dt = dX.dtype
-    zero = np.zeros(1, dtype=dt)[0]
-    D = np.empty(M, dtype=dt)
+    dtype = dX.dtype
+    zero = np.zeros(1, dtype=dtype)[0]
+    D = np.empty(M, dtype=dtype)
     for h in range(H):
         c0 = h * hs
         D[:] = zero
@@ -245,13 +245,13 @@ def _attention_blas_fwd(qkv, nb, T, H, scale, y, p):
     path (attention.softmax_causal_fwd) between them."""
     C = y.shape[1]
     hs = C // H
-    dt = y.dtype
+    dtype = y.dtype
     for b in range(nb):
         rows = qkv[b * T:(b + 1) * T]
         for h in range(H):
             o = h * hs
             gemm(rows[:, o:o + hs], False, rows[:, C + o:C + o + hs], True, p[b, h], 0.0)
-    _softmax_fwd(p, scale, np.zeros((1, 1, 1, 1), dtype=np.bool_), np.ones(1, dtype=dt)[0],
+    _softmax_fwd(p, scale, np.zeros((1, 1, 1, 1), dtype=np.bool_), np.ones(1, dtype=dtype)[0],
                  False, p, p)
     for b in range(nb):
         rows = qkv[b * T:(b + 1) * T]
@@ -268,15 +268,15 @@ def _attention_blas_bwd(qkv, p, y, dy, nb, T, H, scale, dqkv):
     by attention.softmax_causal_bwd."""
     C = dy.shape[1]
     hs = C // H
-    dt = dy.dtype
-    dS = np.empty((nb, H, T, T), dtype=dt)
+    dtype = dy.dtype
+    dS = np.empty((nb, H, T, T), dtype=dtype)
     for b in range(nb):
         rows, g = qkv[b * T:(b + 1) * T], dy[b * T:(b + 1) * T]
         for h in range(H):
             o = h * hs
             gemm(g[:, o:o + hs], False, rows[:, 2 * C + o:2 * C + o + hs], True, dS[b, h], 0.0)
     _softmax_bwd(p, dS, dy.reshape(nb, T, C), y.reshape(nb, T, C), scale,
-                 np.zeros((1, 1, 1, 1), dtype=np.bool_), np.ones(1, dtype=dt)[0], False, p, dS)
+                 np.zeros((1, 1, 1, 1), dtype=np.bool_), np.ones(1, dtype=dtype)[0], False, p, dS)
     for b in range(nb):
         rows, g, out = qkv[b * T:(b + 1) * T], dy[b * T:(b + 1) * T], dqkv[b * T:(b + 1) * T]
         for h in range(H):
@@ -334,64 +334,64 @@ class _Work(NamedTuple):
 
 
 @jit(inline=True)
-def _workspace(a, nb, T, C, F, V, dt, lanes, L):
+def _workspace(a, nb, T, C, F, V, dtype, lanes, L):
     """A _Work for a shard of nb sequences of T positions of the model a (numgpt.arch.Arch) with
-    C channels, feed-forward width F, vocabulary V, in dtype dt; attention in lanes or not; the
+    C channels, feed-forward width F, vocabulary V, in dtype dtype; attention in lanes or not; the
     intermediates of L layers (every layer's for a backward pass, one for a forward alone)."""
     M = nb * T
     H = a.n_head
-    sc = np.empty(2, dtype=dt)   # constants in the arrays' dtype
+    sc = np.empty(2, dtype=dtype)   # constants in the arrays' dtype
     sc[0] = (C // H) ** -0.5
     sc[1] = LN_EPS
-    valid = np.zeros((T, M) if lanes else (0, 0), dtype=dt)
+    valid = np.zeros((T, M) if lanes else (0, 0), dtype=dtype)
     if lanes:
         for o in range(T):
             for r in range(M):
                 if r % T >= o:
                     valid[o, r] = 1
     # the forward's (in the order the step first writes them)
-    lnx = np.empty((L, N_SUB, M, C), dtype=dt)
-    mean = np.empty((L, N_SUB, M), dtype=dt)
-    rstd = np.empty((L, N_SUB, M), dtype=dt)
-    hin = np.empty((L, N_SUB, M, C), dtype=dt)
+    lnx = np.empty((L, N_SUB, M, C), dtype=dtype)
+    mean = np.empty((L, N_SUB, M), dtype=dtype)
+    rstd = np.empty((L, N_SUB, M), dtype=dtype)
+    hin = np.empty((L, N_SUB, M, C), dtype=dtype)
     if lanes:
-        qkv = np.empty((L, 3 * C, T + M + T), dtype=dt)
+        qkv = np.empty((L, 3 * C, T + M + T), dtype=dtype)
         qkv[:, :, :T] = 0
         qkv[:, :, T + M:] = 0
-        att = np.empty((L, C, M), dtype=dt)
-        probs = np.zeros((L, H * T * (M + T)), dtype=dt)   # [H, T, M + T] a layer
+        att = np.empty((L, C, M), dtype=dtype)
+        probs = np.zeros((L, H * T * (M + T)), dtype=dtype)   # [H, T, M + T] a layer
     else:
-        qkv = np.empty((L, M, 3 * C), dtype=dt)
-        att = np.empty((L, M, C), dtype=dt)
-        probs = np.empty((L, nb * H * T * T), dtype=dt)     # [nb, H, T, T] a layer
-    pre = np.empty((L, M, F), dtype=dt)
-    hid = np.empty((L, M, F), dtype=dt)
-    x = np.empty((M, C), dtype=dt)
-    f = np.empty((M, C), dtype=dt)
-    meanf = np.empty(M, dtype=dt)
-    rstdf = np.empty(M, dtype=dt)
+        qkv = np.empty((L, M, 3 * C), dtype=dtype)
+        att = np.empty((L, M, C), dtype=dtype)
+        probs = np.empty((L, nb * H * T * T), dtype=dtype)     # [nb, H, T, T] a layer
+    pre = np.empty((L, M, F), dtype=dtype)
+    hid = np.empty((L, M, F), dtype=dtype)
+    x = np.empty((M, C), dtype=dtype)
+    f = np.empty((M, C), dtype=dtype)
+    meanf = np.empty(M, dtype=dtype)
+    rstdf = np.empty(M, dtype=dtype)
     n_hf = M if a.norm != NORM_NONE else 0
-    hf = np.empty((n_hf, C), dtype=dt)
-    z = np.empty((M, V), dtype=dt)
-    dz = np.empty((M, V), dtype=dt)
+    hf = np.empty((n_hf, C), dtype=dtype)
+    z = np.empty((M, V), dtype=dtype)
+    dz = np.empty((M, V), dtype=dtype)
     # the backward's
-    gv = np.empty((1, V), dtype=dt)
-    gg = np.empty((1, C), dtype=dt)
-    gb = np.empty((1, C), dtype=dt)
-    gf = np.empty((1, F), dtype=dt)
-    dx = np.empty((M, C), dtype=dt)
-    dh = np.empty((M, C), dtype=dt)
-    df = np.empty((M, C), dtype=dt)
+    gv = np.empty((1, V), dtype=dtype)
+    gg = np.empty((1, C), dtype=dtype)
+    gb = np.empty((1, C), dtype=dtype)
+    gf = np.empty((1, F), dtype=dtype)
+    dx = np.empty((M, C), dtype=dtype)
+    dh = np.empty((M, C), dtype=dtype)
+    df = np.empty((M, C), dtype=dtype)
     if lanes:   # transposed, as in the forward; the right pads of datt and dS stay zero
-        datt = np.zeros((C, M + T), dtype=dt)
-        dqkv = np.empty((3 * C, M), dtype=dt)
-        dS = np.zeros((T, M + T), dtype=dt)
+        datt = np.zeros((C, M + T), dtype=dtype)
+        dqkv = np.empty((3 * C, M), dtype=dtype)
+        dS = np.zeros((T, M + T), dtype=dtype)
     else:
-        datt = np.empty((M, C), dtype=dt)
-        dqkv = np.empty((M, 3 * C), dtype=dt)
-        dS = np.empty((0, 0), dtype=dt)
-    dhid = np.empty((M, F), dtype=dt)
-    dpre = np.empty((M, F), dtype=dt)
+        datt = np.empty((M, C), dtype=dtype)
+        dqkv = np.empty((M, 3 * C), dtype=dtype)
+        dS = np.empty((0, 0), dtype=dtype)
+    dhid = np.empty((M, F), dtype=dtype)
+    dpre = np.empty((M, F), dtype=dtype)
     scale, eps = sc[0], sc[1]
     return _Work(nb, T, M, lanes, scale, eps, valid, lnx, mean, rstd, hin, qkv, att, probs, pre,
                  hid, x, f, hf, meanf, rstdf, z, dz, dx, df, dh, datt, dqkv, dS, dhid, dpre, gv,
@@ -701,12 +701,12 @@ def train_step(idx, tgt, P, G, slots, top, arch, lanes, n_shards, wqkv, sums):
     about 50 regions a step, most of them the gradient sums)."""
     a = Arch(*arch)
     B, T = idx.shape
-    dt = wqkv.dtype
+    dtype = wqkv.dtype
     _pack_qkv(P, slots, wqkv)
     for s in prange(n_shards):
         b0 = (s * B) // n_shards
         b1 = ((s + 1) * B) // n_shards
-        w = np.empty(1, dtype=dt)
+        w = np.empty(1, dtype=dtype)
         w[0] = (b1 - b0) / B     # this shard's share of the mean
         # s as int64: numba types a prange index as uint64 in the parallel build, and would
         # compile _shard a second time for it; with one signature both builds share one compiled

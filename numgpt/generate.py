@@ -150,7 +150,7 @@ def _decode_args(model, w_qkv, layout):
     the BY_OUTPUT layouts; zeros where the model has no such parameter."""
     from numgpt.kernels import decode
     cfg, a = model.cfg, model.arch
-    P, L, C, F, dt = model.params, cfg.n_layer, cfg.n_embd, cfg.ffn_hidden, model.dtype
+    P, L, C, F, dtype = model.params, cfg.n_layer, cfg.n_embd, cfg.ffn_hidden, model.dtype
     tr = layout in decode.TRANSPOSED
 
     def T(m):
@@ -158,7 +158,7 @@ def _decode_args(model, w_qkv, layout):
 
     def stack(name, shape):  # [L, ...] of block parameter name; shape where absent
         if not has_param(a, name):
-            return np.zeros((L,) + shape, dtype=dt)
+            return np.zeros((L,) + shape, dtype=dtype)
         return np.ascontiguousarray(np.stack([T(P[f"blocks.{i}.{name}"]) for i in range(L)]))
 
     def norms(leaf):  # [L, N_SUB, C]: every sublayer's LayerNorm g or b
@@ -166,7 +166,7 @@ def _decode_args(model, w_qkv, layout):
                                              axis=1))
 
     def top(name):
-        return P[name] if has_param(a, name) else np.zeros(0, dtype=dt)
+        return P[name] if has_param(a, name) else np.zeros(0, dtype=dtype)
     weights = decode.DecodeWeights(
         tok_emb=P["tok_emb"], pos_emb=P["pos_emb"], ln_g=norms("g"), ln_b=norms("b"),
         w_qkv=np.ascontiguousarray(w_qkv.transpose(0, 2, 1)) if tr else w_qkv,
