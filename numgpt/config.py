@@ -249,7 +249,7 @@ def validate(cfg):
          f"(AdamW scales the weights by 1 - learning_rate * weight_decay each step), got "
          f"{cfg.weight_decay}")
     # the optimizer runs in float32, where a beta above 1 - 2**-24 rounds to 1
-    need(all(0.0 <= b and np.float32(b) < 1.0 for b in (cfg.beta1, cfg.beta2)),
+    need(all(0.0 <= b < 1.0 and np.float32(b) < 1.0 for b in (cfg.beta1, cfg.beta2)),
          f"beta1 and beta2 must be in [0, 1) (in float32: at most 0.99999994), got {cfg.beta1} "
          f"and {cfg.beta2}")
     # the update divides m by sqrt(v) + eps, and both are 0 where a gradient is 0: below float32's

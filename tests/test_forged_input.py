@@ -311,6 +311,16 @@ def test_float_settings_must_hold_in_float32(over, match):
         get_config("laptop", **over)
 
 
+def test_a_beta_beyond_float32_is_refused_without_a_warning():
+    """1e300 overflowed in the float32 cast of the check, a RuntimeWarning on stderr before the
+    one-line error (found by the fuzz test of the checkpoint loader)."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ConfigError, match="beta1 and beta2"):
+            get_config("laptop", beta2=1e300)
+
+
 def test_float_settings_at_their_limits_are_accepted():
     cfg = get_config("laptop", eps=EPS_MIN, weight_decay=499.0, learning_rate=2e-3,
                      beta1=0.99999994, beta2=0.0)
