@@ -187,9 +187,9 @@ def matmul_peak_unit(repeats):
 
 
 def worker_main(spec):
-    """A worker: the matmul peak (one answer), or a training or sampling job that warms up, says
-    READY, then answers each "RUN k skip" on stdin with the measurements of k units (the first
-    skip of them dropped) and "END" with its peak memory."""
+    """A worker: the matmul peak (one answer), or a job that warms up, says READY, then answers
+    each "RUN k skip" on stdin with the measurements of k units (the first skip of them dropped)
+    and "END" with its peak memory: a training or sampling job, or the matmul peak in turns."""
     sys.path.insert(0, HERE)
     sys.path.insert(0, REPO)
     import numgpt  # noqa: F401  (first: thread settings before NumPy loads)
@@ -203,6 +203,10 @@ def worker_main(spec):
         print("RESULT {}", flush=True)
         return
     if spec["kind"] == "peak_turns":  # the peak again in every round, beside a config's steps
+        # OpenBLAS's threads spin for ~0.1 s after a product by default, which would take the
+        # cores from the next worker's turn: numgpt's short spins, as its own workers have
+        from numgpt import _threads
+        _threads.short_spins()
         unit = matmul_peak_unit(PEAK_REPEATS)
     else:
         unit = _job_unit(spec)
@@ -437,13 +441,14 @@ def main(argv=None):
         # with the peak of the same minutes (the machine's speed drifts; see the docstring)
         jobs["peak"] = (sys.executable, {"kind": "peak_turns", "per_turn": 1, "skip": 0})
         res = run_in_turns(jobs, args.threads, rounds, per_turn, skip)
-        peaks = res.pop("peak").get("values") or []
+        peak_res = res.pop("peak")
+        peaks = peak_res.get("values") or []
         if peaks:
             print(f"  {name:<7} {'matmul peak':<15} {median(peaks) / 1e9:9.1f} GFLOP/s (median of "
                   f"{len(peaks)} turns, {min(peaks) / 1e9:.1f}-{max(peaks) / 1e9:.1f})")
         else:
-            print(f"  {name:<7} matmul peak in turns failed; its MFU is against the peak at the "
-                  "run's start and end")
+            print(f"  {name:<7} matmul peak in turns failed ({peak_res.get('error')}); its MFU is "
+                  "against the peak at the run's start and end")
         for impl in impls:
             r = res[impl]
             if "error" not in r:
@@ -461,7 +466,8 @@ def main(argv=None):
     if peak2 and not peak2["flops"] <= peak_flops:
         peak_flops = peak2["flops"]
     print(f"float32 matmul peak, best of the start and the end: {peak_flops / 1e9:.1f} GFLOP/s")
-    highest = max([peak_flops] + [max(peaks) for *_, peaks in rows if peaks])
+    highest = max([p for p in [peak_flops] + [max(peaks) for *_, peaks in rows if peaks]
+                   if p == p], default=float("nan"))  # (p == p: not NaN, a failed measurement)
 
     print(f"\ntraining step (forward + backward + AdamW), median, {args.threads} threads; MFU "
           "against the config's matmul peak in its turns")

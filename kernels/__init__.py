@@ -115,7 +115,6 @@ def warmup(dtype="float32", say=None, fused=True):
     from numgpt.parallel import FusedStep, fused_applies
 
     from . import _jit, ops
-    dt = np.dtype(dtype)
     store = ops.STORE_PROBS_BYTES
     with _announced(not cache_is_warm(fused), "", say):
         try:
@@ -125,14 +124,14 @@ def warmup(dtype="float32", say=None, fused=True):
                     ops.STORE_PROBS_BYTES = store if stored else -1
                     cfg = get_config("laptop", n_embd=8, n_head=2, n_layer=1, block_size=4,
                                      vocab_size=5, dropout=0.1, activation=act, kernels=True)
-                    m = GPT(cfg, dtype=dt)
+                    m = GPT(cfg, dtype=dtype)
                     rng = np.random.default_rng(0)
                     x = rng.integers(0, 5, (2, 4))
                     loss, grads = m.loss_and_grads(x, x, rng=rng)
                     m.loss(x, x)
                     AdamW(m.params, use_kernels=True).step(grads)
                     if fused and stored and fused_applies(cfg.replace(dropout=0.0)):
-                        m = GPT(cfg.replace(dropout=0.0), dtype=dt)
+                        m = GPT(cfg.replace(dropout=0.0), dtype=dtype)
                         loss, grads = FusedStep(m, shards=2)(x, x)
                         clip_grad_norm(grads, 1e-3)
                         AdamW(m.params, use_kernels=True).step(grads)

@@ -15,14 +15,14 @@ per shard), everything between them through the serial builds of the other kerne
 folder. Each shard writes its own gradient slots; they are summed at the end.
 
 The file reads like numgpt/model.py, bottom up, with its names: a forward/backward pair per
-layer (_linear_*, _layernorm_*, _embed_*; the attention kernels _attention_lanes_* and
-_attention_blas_*), per sublayer (_multihead_*, _feedforward_*, as numgpt/layers names them),
+layer (_linear_*, _layernorm_*, the embedding's kernels _embed_*; the attention kernels
+_attention_lanes_* and _attention_blas_*), per sublayer (_multihead_*, _feedforward_*, as numgpt/layers names them),
 per block (_block_forward/_block_backward: norm placement and residual, as GPT's) and for the
 head (_head_forward/_head_backward: final LayerNorm, lm_head, as GPT's); _forward composes the
 forward (embed, blocks, head), _shard adds the loss and the backward in reverse (the residual
 stream's gradient dx, as in GPT.backward), and train_step runs the shards. A name ending in
-_forward/_backward is a layer as numgpt/layers has it; one ending in _fwd/_bwd is a numba kernel
-(from kernels/*.py, or the attention kernels here).
+_forward/_backward is a step as numgpt/model.py names it (a layer's, or GPT's block and head);
+one ending in _fwd/_bwd is a numba kernel (from kernels/*.py, or the attention kernels here).
 Sampling runs the same _forward over a whole context (prefill), keeping its keys and values.
 The block's structure comes from numgpt.arch.Arch (norm placement, residual, which parts exist);
 a shard's arrays are allocated once per call in a _Work (_workspace) that the helpers write into.
@@ -51,7 +51,7 @@ from .layernorm import layernorm_bwd, layernorm_fwd
 from .loss import cross_entropy_fwd_bwd
 
 # the serial builds: a shard runs on one thread
-_embed_forward, _embed_backward = embed_fwd.serial, embed_bwd.serial
+_embed_fwd, _embed_bwd = embed_fwd.serial, embed_bwd.serial
 _ln_fwd, _ln_bwd = layernorm_fwd.serial, layernorm_bwd.serial
 _act_fwd, _act_bwd = bias_act_fwd.serial, bias_act_bwd.serial
 _xent = cross_entropy_fwd_bwd.serial
@@ -336,8 +336,8 @@ class _Work(NamedTuple):
 @jit(inline=True)
 def _workspace(a, nb, T, C, F, V, dtype, lanes, L):
     """A _Work for a shard of nb sequences of T positions of the model a (numgpt.arch.Arch) with
-    C channels, feed-forward width F, vocabulary V, in dtype dtype; attention in lanes or not; the
-    intermediates of L layers (every layer's for a backward pass, one for a forward alone)."""
+    C channels, feed-forward width F, vocabulary V, in the dtype `dtype`; attention in lanes or
+    not; the intermediates of L layers (every layer's for a backward pass, one for a forward alone)."""
     M = nb * T
     H = a.n_head
     sc = np.empty(2, dtype=dtype)   # constants in the arrays' dtype
@@ -410,7 +410,7 @@ def _multihead_forward(a, w, l, P, p, wqkv, h, f):
     if w.lanes:   # transposed: qkv^T = wqkv^T h^T into the lanes between the pads
         gemm(wqkv, True, h, True, w.qkv[l][:, T:T + M], 0.0)
         _attention_lanes_fwd(w.qkv[l], T, M, H, w.scale, w.valid, w.att[l],
-                       w.probs[l].reshape(H, T, M + T))
+                             w.probs[l].reshape(H, T, M + T))
         if a.attn_proj:   # f = (y^T)^T w_proj + b_proj
             gemm(w.att[l], True, P[p[W_PROJ]], False, f, 0.0)
             _add_bias(f, P[p[B_PROJ]])
@@ -444,14 +444,14 @@ def _multihead_backward(a, w, l, P, G, s, p, wqkv, df, dh):
         else:
             dy[:] = df.T
         _attention_lanes_bwd(w.qkv[l], w.probs[l].reshape(H, T, M + T), w.datt, T, M, H, w.scale,
-                       w.dS, w.dqkv)
+                             w.dS, w.dqkv)
         for part, slot in ((0, W_Q), (1, W_K), (2, W_V)):  # each its own gradient
             gemm(h, True, w.dqkv[part * C:(part + 1) * C], True, G[p[slot]][s], 0.0)
         gemm(w.dqkv, True, wqkv, True, dh, 0.0)
     else:
         if a.attn_proj:
             _linear_backward(w.att[l], df, P[p[W_PROJ]], G[p[W_PROJ]][s], G[p[B_PROJ]][s], w.gb,
-                        w.datt)
+                             w.datt)
         else:
             w.datt[:] = df
         _attention_blas_bwd(w.qkv[l], w.probs[l].reshape(w.nb, H, T, T), w.att[l], w.datt, w.nb,
@@ -502,7 +502,7 @@ def _block_forward(a, w, l, P, p, wqkv, x):
         h = w.hin[l, j]
         if a.norm == NORM_PRE:
             _layernorm_forward(x, P[p[g]], P[p[b]], w.eps, w.lnx[l, j], h, w.mean[l, j],
-                           w.rstd[l, j])
+                               w.rstd[l, j])
         else:
             h[:] = x
         if j == SUB_ATTN:
@@ -513,7 +513,7 @@ def _block_forward(a, w, l, P, p, wqkv, x):
             f += x
         if a.norm == NORM_POST:
             _layernorm_forward(f, P[p[g]], P[p[b]], w.eps, w.lnx[l, j], x, w.mean[l, j],
-                           w.rstd[l, j])
+                               w.rstd[l, j])
         else:
             x[:] = f
 
@@ -563,13 +563,13 @@ def _head_forward(a, w, P, top, x):
 def _head_backward(a, w, P, G, s, top, x, dx):
     """The backward of _head_forward: w.dz -> dx [M, C], the gradient of the last block's output;
     the lm_head's (and LN_f's) gradients into shard s's slots of G:
-        dhf = dz W^T,  dW = hf^T dz,  db = sum over rows of dz   (_linear_backward)
-        dx = LN_f'(dhf) with dg, db of LN_f                      (_layernorm_backward; dx = dhf
-                                                                  when norm is none)"""
+        lm_head (_linear_backward):   dhf = dz W^T,  dW = hf^T dz,  db = sum over rows of dz
+        LN_f (_layernorm_backward):   dx = LN_f'(dhf), with LN_f's dg and db (dx = dhf when
+                                      norm is none)"""
     if a.norm != NORM_NONE:
         _linear_backward(w.hf, w.dz, P[top[LM_W]], G[top[LM_W]][s], G[top[LM_B]][s], w.gv, w.dh)
         _layernorm_backward(w.dh, x, P[top[LNF_G]], w.meanf, w.rstdf, dx, w.gg, w.gb,
-                       G[top[LNF_G]][s], G[top[LNF_B]][s])
+                            G[top[LNF_G]][s], G[top[LNF_B]][s])
     else:
         _linear_backward(x, w.dz, P[top[LM_W]], G[top[LM_W]][s], G[top[LM_B]][s], w.gv, dx)
 
@@ -611,7 +611,7 @@ def _forward(idx, P, slots, top, a, wqkv, w, K, V):
     C = w.x.shape[1]
     x = w.x
     keep_all = K.size == 0
-    _embed_forward(idx, P[top[TOK]], P[top[POS]], x.reshape(nb, T, C))
+    _embed_fwd(idx, P[top[TOK]], P[top[POS]], x.reshape(nb, T, C))
     for l in range(a.n_layer):
         _block_forward(a, w, l if keep_all else 0, P, slots[l], wqkv[l], x)
         if not keep_all:
@@ -644,7 +644,7 @@ def _shard(idx, tgt, P, G, s, slots, top, a, lanes, wqkv, weight):
     _head_backward(a, w, P, G, s, top, x, dx)
     for l in range(a.n_layer - 1, -1, -1):
         _block_backward(a, w, l, P, G, s, slots[l], wqkv[l], dx)
-    _embed_backward(idx, dx.reshape(nb, T, C), G[top[TOK]][s], G[top[POS]][s])
+    _embed_bwd(idx, dx.reshape(nb, T, C), G[top[TOK]][s], G[top[POS]][s])
     return losses.sum()
 
 
