@@ -324,9 +324,8 @@ def run_in_turns(jobs, threads, rounds, per_turn, skip):
     """jobs: {name: (python, spec)}. Starts and warms up each worker alone, then runs `rounds`
     rounds in which each takes one turn of per_turn + skip units (the first skip untimed; a job's
     spec may set its own "per_turn" and "skip") while the others wait; the order rotates every
-    round. Returns {name: {"values": [...],
-    "peak_rss_mb": float, "step": numgpt's step or None}} or {name: {"error": str}} for a
-    worker that failed."""
+    round. Returns {name: {"values": [...], "peak_rss_mb": float, "step": numgpt's step or
+    None}} or {name: {"error": str}} for a worker that failed."""
     workers, out = {}, {}
     try:
         for name, (python, spec) in jobs.items():
