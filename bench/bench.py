@@ -13,8 +13,8 @@ few timed steps while the others wait, never two at once, in an order that rotat
 round. The speed of this shared machine drifts by tens of percent over minutes; timed one after
 the other, one side could get a fast spell and the other a slow one, and the ratio moved with it.
 Taking turns spreads the drift over both. All of a config's workers stay alive through its
-rounds, so the machine needs memory for all of them at once (full config: ~2.6 GB for numgpt,
-~6.2 GB for each PyTorch side, measured here). A training step is forward + backward + AdamW; the
+rounds, so the machine needs memory for all of them at once (the sum of the table's peak MB
+columns; the full config's is the largest). A training step is forward + backward + AdamW; the
 figure is the median over all timed steps (the first step of a turn, after the others ran, is
 not timed for the short configs). Sampling speed is the median of whole generate runs, taken in
 turns the same way. Where torch cannot be imported, its columns say so. numgpt's kernels are
@@ -48,13 +48,13 @@ CONFIGS = {
     # machine a ratio from a few rounds moves with the machine's spells (docs/benchmarks.md,
     # "How many rounds").
     # tiny steps take milliseconds: many of them, after a warm-up long enough for both sides to
-    # settle (numgpt's first few hundred steps here run ~15% slower than later ones)
+    # settle (the first few hundred steps of a process run slower than later ones)
     "tiny": ("residual", dict(), 24, 50, 1, 100),
     "laptop": ("laptop", dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12),
                24, 5, 1, 5),
     "hour": ("hour", dict(), 16, 5, 1, 5),  # the hour preset: L4 H6 C192 T128 B8, dropout 0.1
-    # numgpt's first mid steps run slow while its heap grows and settles (the first about 2.5x a
-    # later one, the next few up to 1.5x): three warm-up steps (the same for PyTorch)
+    # numgpt's first mid steps run slow while its heap grows and settles: three warm-up steps
+    # (the same for PyTorch)
     "mid": ("scaled", dict(batch_size=8), 9, 1, 0, 3),
     "full": ("scaled", dict(batch_size=64), 2, 1, 0, 1),
 }

@@ -150,8 +150,7 @@ def training_starts():
 
 
 def _opted_out():
-    from .env import EnvError, switch
-    try:
-        return switch("NUMGPT_NO_MALLOPT")
-    except EnvError:  # unreadable: leave malloc alone; the commands report it (env.check_all)
-        return True
+    """NUMGPT_NO_MALLOPT (a value that is not a switch is an EnvError, as for every switch: the
+    commands report it before they start, env.check_all)."""
+    from .env import switch
+    return switch("NUMGPT_NO_MALLOPT")

@@ -1,4 +1,4 @@
-"""The commands, wherever numgpt is installed (issue 18):
+"""The commands, wherever numgpt is installed:
 
     python -m numgpt train|sample|ladder [OPTIONS]     (python -m numgpt --help lists them)
     numgpt-train, numgpt-sample, numgpt-ladder         console scripts of the same

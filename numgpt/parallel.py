@@ -16,7 +16,7 @@ Which is fastest depends on the model's size and on the CPU (its matrix-product 
 how fast threads wake). So step_function times the candidates on a few batches of random ids
 before training (the model's parameters and the run's random stream are left untouched; where a
 whole step is long, on the model cut to fewer layers of the same shapes), takes the fastest, and
-caches the choice for this machine and model shape, so later runs start at once.
+caches the choice for this machine, model shape and dtype, so later runs start at once.
 NUMGPT_STEP=fused_lanes|fused|sharded|one_blas|plain forces one (tests use it);
 NUMGPT_FUSED=0 and NUMGPT_DATA_PARALLEL=0 take the fused and the sharded steps out of the running.
 
@@ -516,44 +516,60 @@ def measured_key(shape, names):
                        list(names)], sort_keys=True)
 
 
-def _choice_key(cfg, names):
-    """The key of a training step's choice for cfg among names (measured_key)."""
-    return measured_key({k: getattr(cfg, k) for k in SHAPE_FIELDS}, names)
+def _choice_key(cfg, names, dtype="float32"):
+    """The key of a training step's choice for cfg among names, for a model of that dtype
+    (train.py's is float32; measured_key)."""
+    shape = {k: getattr(cfg, k) for k in SHAPE_FIELDS}
+    shape["dtype"] = np.dtype(dtype).name
+    return measured_key(shape, names)
 
 
-def cached_choice(key, names):
+def _dtype_of(model):
+    return model.dtype.name if model is not None else "float32"
+
+
+def cached_choice(key, names, kernels=True):
     """The name cached under key (one of names), or None."""
-    row = _read_choices(_choices_path()).get(key)
+    row = _read_choices(_choices_path(kernels)).get(key)
     return row["step"] if isinstance(row, dict) and row.get("step") in names else None
 
 
-def cache_choice(key, best, times):
+def cache_choice(key, best, times, kernels=True):
     """Cache best (and the measured seconds of every candidate) under key."""
-    _write_choice(_choices_path(), key, {"step": best,
-                                         "ms": {n: round(1000 * t, 4) for n, t in times.items()}})
+    _write_choice(_choices_path(kernels), key,
+                  {"step": best, "ms": {n: round(1000 * t, 4) for n, t in times.items()}})
 
 
-def fastest(key, names, measure, cache=True):
+def fastest(key, names, measure, kernels=True):
     """(name, times): the fastest of names for the work key describes (measured_key): the choice
     cached under key, with times None, else measure() -> {name: median seconds}, whose fastest is
-    taken (and cached, with cache) and returned with those times. The training step, the
-    decoder's weight layout (numgpt/generate.py) and the stacked products' way (kernels/ops.py)
-    are chosen through it."""
-    best = cached_choice(key, names) if cache else None
+    taken (and cached) and returned with those times. kernels: whether the work runs the
+    kernels (the file the choice is cached in: _choices_path). The training step, the decoder's
+    weight layout (numgpt/generate.py) and the stacked products' way (kernels/ops.py) are
+    chosen through it."""
+    best = cached_choice(key, names, kernels)
     if best is not None:
         return best, None
     times = measure()
     best = min(times, key=times.get)
-    if cache:
-        cache_choice(key, best, times)
+    cache_choice(key, best, times, kernels)
     return best, times
 
 
-def _choices_path():
-    """The file of cached choices: beside the compiled kernels (their folder is named by a hash of
-    the kernels' sources, so new kernels measure again)."""
-    from numgpt.kernels._jit import CACHE_DIR
-    return os.path.join(CACHE_DIR, "step-choices.json")
+def _choices_path(kernels=True):
+    """The file of cached choices. For work that runs the kernels, beside the compiled kernels
+    (their folder is named by a hash of the kernels' sources, so new kernels measure again); for
+    the NumPy layers' steps (--kernels=false), in the folder that holds the kernels' caches,
+    found without loading the kernels (numgpt/paths.py)."""
+    if kernels:
+        from numgpt.kernels._jit import CACHE_DIR
+        return os.path.join(CACHE_DIR, "step-choices.json")
+    import importlib.util
+
+    from .paths import kernel_cache_base
+    spec = importlib.util.find_spec("numgpt.kernels")
+    folder = os.path.dirname(spec.origin) if spec is not None and spec.origin else ""
+    return os.path.join(kernel_cache_base(folder), "numpy-step-choices.json")
 
 
 def _read_choices(path):
@@ -578,23 +594,21 @@ def _write_choice(path, key, row):
         pass
 
 
-def planned_step(cfg, prefer=None):
-    """The step choose_step will take without measuring (forced, the only one, prefer, or cached),
-    or None where it will measure."""
+def planned_step(cfg, prefer=None, dtype="float32"):
+    """The step choose_step will take without measuring (forced, the only one, prefer, or cached)
+    for a model of cfg in dtype, or None where it will measure."""
     names = candidates(cfg)
     if len(names) == 1:
         return names[0]
     if prefer in names:
         return prefer
-    if not cfg.kernels:
-        return None
-    return cached_choice(_choice_key(cfg, names), names)
+    return cached_choice(_choice_key(cfg, names, dtype), names, cfg.kernels)
 
 
 def choose_step(model, cfg, prefer=None, say=None, clock=None):
     """The name of the fastest step for training cfg here, and says which in one line:
-    prefer (a resumed run's step) where it can still run, else a cached choice for this machine
-    and shape, else measured now (and cached)."""
+    prefer (a resumed run's step) where it can still run, else a cached choice for this machine,
+    shape and model dtype, else measured now (and cached)."""
     say = say or (lambda msg: None)
     names = candidates(cfg)
     if len(names) == 1:
@@ -604,11 +618,12 @@ def choose_step(model, cfg, prefer=None, say=None, clock=None):
     if prefer in names:
         say(f"step: {prefer} (the step this run trained with)")
         return prefer
-    best, times = fastest(_choice_key(cfg, names), names,
+    best, times = fastest(_choice_key(cfg, names, _dtype_of(model)), names,
                           lambda: measure_steps(model, cfg, names, clock=clock, say=say),
-                          cache=cfg.kernels)
+                          kernels=cfg.kernels)
     if times is None:
-        say(f"step: {best} (measured on this machine before; cached in {_choices_path()})")
+        say(f"step: {best} (measured on this machine before; cached in "
+            f"{_choices_path(cfg.kernels)})")
         return best
     shown = ", ".join(f"{n} {_duration(t)}" for n, t in sorted(times.items(),
                                                                key=lambda kv: kv[1]))
@@ -645,7 +660,7 @@ class TrainingStep:
     def __init__(self, model, say=None):
         self.model = model
         cfg = model.cfg
-        if cfg.kernels and planned_step(cfg) is None:
+        if cfg.kernels and planned_step(cfg, dtype=model.dtype) is None:
             # loaded (or compiled, said on stderr) before the candidates are timed, as train.py
             # does: a first call's loading would otherwise count against its step
             from numgpt.kernels import warmup

@@ -58,6 +58,35 @@ def test_step_choice_is_checked(monkeypatch):
         env.check_all()
 
 
+def test_an_unreadable_malloc_switch_stops_the_api_too(monkeypatch):
+    """NUMGPT_NO_MALLOPT=maybe was read as on (malloc left alone) without a word in the Python
+    API; now it is the one-line EnvError every switch gives."""
+    from numgpt import _threads
+    monkeypatch.setenv("NUMGPT_NO_MALLOPT", "maybe")
+    with pytest.raises(env.EnvError, match="NUMGPT_NO_MALLOPT='maybe' is not a switch value"):
+        _threads.keep_freed_memory()
+
+
+def test_the_suites_require_build_switch_takes_the_one_rule(monkeypatch):
+    """NUMGPT_TEST_REQUIRE_BUILD=y once counted as off without a word, so the torch, MPI and wheel
+    tests could skip in a run that asked them not to; CI is a CI service's variable (any value
+    other than a true one counts as unset)."""
+    import os
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from required import may_not_skip
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.setenv("NUMGPT_TEST_REQUIRE_BUILD", "y")
+    with pytest.raises(env.EnvError, match="NUMGPT_TEST_REQUIRE_BUILD='y' is not a switch"):
+        may_not_skip()
+    monkeypatch.setenv("NUMGPT_TEST_REQUIRE_BUILD", "On")
+    assert may_not_skip()
+    monkeypatch.setenv("NUMGPT_TEST_REQUIRE_BUILD", "0")
+    monkeypatch.setenv("CI", "woodpecker")
+    assert not may_not_skip()
+    monkeypatch.setenv("CI", "True")
+    assert may_not_skip()
+
+
 @pytest.mark.parametrize("command", [["train.py", "--out_dir"], ["sample.py", "--out_dir"],
                                      ["-m", "numgpt.ladder", "--stages=bigram", "--out-dir"]])
 def test_a_bad_switch_value_is_one_line(tmp_path, command):

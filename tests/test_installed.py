@@ -299,6 +299,10 @@ def test_installed_beside_another_kernels_package(numgpt_wheel, tmp_path, text_f
                 "print(kernels.hello()); print(k.__file__); print(callable(k.warmup))")
     assert where.splitlines() == ["the other kernels",
                                   os.path.join(site, "numgpt", "kernels", "__init__.py"), "True"]
+    # and in the other order: numgpt's kernels loaded first leave the name kernels to its owner
+    later = run(python, "-c", "import numgpt.kernels as k, numgpt.kernels.step\n"
+                "import kernels\nprint(kernels.hello()); print('hello' in vars(k))")
+    assert later.splitlines() == ["the other kernels", "False"]
     few = ["--preset=bigram", "--kernels=false", f"--data={text_file}", "--out_dir=run",
            "--eval_interval=2", "--eval_iters=2", "--batch_size=4"]
     run(os.path.join(bin_dir, "numgpt-train"), *few, "--max_iters=4")

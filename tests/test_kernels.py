@@ -371,7 +371,8 @@ def test_the_decoders_layout_is_measured_once_and_cached(monkeypatch, tmp_path):
     measured times are replaced."""
     from numgpt import generate, parallel
     from numgpt.kernels import _jit, decode
-    monkeypatch.setattr(parallel, "_choices_path", lambda: str(tmp_path / "choices.json"))
+    monkeypatch.setattr(parallel, "_choices_path",
+                        lambda kernels=True: str(tmp_path / "choices.json"))
     monkeypatch.setattr(generate, "_CHOSEN", {})  # nothing chosen yet in this process
     real = generate.measure_layouts
     seen = []
@@ -418,7 +419,8 @@ def test_split_batched_products_equal_numpy(monkeypatch, tmp_path):
     from numgpt import parallel
     from threadpoolctl import threadpool_info
     monkeypatch.setattr(parallel, "cores", lambda: 2)
-    monkeypatch.setattr(parallel, "_choices_path", lambda: str(tmp_path / "choices.json"))
+    monkeypatch.setattr(parallel, "_choices_path",
+                        lambda kernels=True: str(tmp_path / "choices.json"))
     monkeypatch.setattr(kops, "_BMM", [])  # this test's own pool
     monkeypatch.setattr(kops, "BMM_WAYS", {})  # nothing chosen yet in this process
     seen = []
@@ -669,7 +671,8 @@ def test_threads_pay_from_a_measured_amount_of_work(monkeypatch, tmp_path):
         len(t) == 2 and min(t) > 0 for t in times.values())
     if len(sizes) < len(_jit.MIN_WORK_SIZES):  # stopped early: threads won the last sizes
         assert all(times[n][1] < times[n][0] for n in sizes[-_jit.WON_IN_A_ROW:])
-    monkeypatch.setattr(parallel, "_choices_path", lambda: str(tmp_path / "choices.json"))
+    monkeypatch.setattr(parallel, "_choices_path",
+                        lambda kernels=True: str(tmp_path / "choices.json"))
     monkeypatch.setattr(_jit, "PARALLEL_MIN_WORK", None)
     measured = []
 
@@ -698,7 +701,8 @@ def test_the_one_blas_thread_step_keeps_stacked_products_whole(monkeypatch, tmp_
     from numgpt import parallel
     from numgpt.config import get_config
     from numgpt.model import GPT
-    monkeypatch.setattr(parallel, "_choices_path", lambda: str(tmp_path / "choices.json"))
+    monkeypatch.setattr(parallel, "_choices_path",
+                        lambda kernels=True: str(tmp_path / "choices.json"))
     monkeypatch.setattr(parallel, "cores", lambda: 2)
     monkeypatch.setattr(kops, "BMM_WAYS", {})
     cfg = get_config("laptop", n_embd=24, n_head=3, n_layer=1, block_size=16, vocab_size=11,
@@ -782,7 +786,8 @@ def test_attention_recomputed_in_chunks_does_not_depend_on_the_chunk(monkeypatch
     monkeypatch.undo()
     monkeypatch.setattr(ops, "STORE_PROBS_BYTES", -1)
     monkeypatch.setattr(ops, "CHUNKS", {})
-    monkeypatch.setattr(parallel, "_choices_path", lambda: str(tmp_path / "choices.json"))
+    monkeypatch.setattr(parallel, "_choices_path",
+                        lambda kernels=True: str(tmp_path / "choices.json"))
     _, cache = K.multihead_forward(x, p, 3, 0.0, 0.0, None)
     assert cache[4] in (1, 2, 4) and len(ops.CHUNKS) == 1  # measured: 1, 2 or 4 of 5 a chunk
     assert "attention chunks" in (tmp_path / "choices.json").read_text()

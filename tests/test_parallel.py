@@ -84,7 +84,8 @@ def test_lanes_win_where_measured_faster(monkeypatch, tmp_path):
         monkeypatch.delenv(var, raising=False)
     cfg = numgpt.get_config("residual")
     for lanes_ms, best in ((0.5, "fused_lanes"), (0.9, "fused")):
-        monkeypatch.setattr(parallel, "_choices_path", lambda: str(tmp_path / f"{best}.json"))
+        monkeypatch.setattr(parallel, "_choices_path",
+                            lambda kernels=True: str(tmp_path / f"{best}.json"))
         fake = FakeSteps(monkeypatch, {"fused_lanes": lanes_ms * 1e-3, "fused": 0.8e-3,
                                        "sharded": 2e-3, "one_blas": 3e-3, "plain": 4e-3})
         assert parallel.choose_step(None, cfg, clock=fake.clock) == best
@@ -122,7 +123,7 @@ def test_the_fastest_step_is_chosen_by_measurement_and_cached(monkeypatch, tmp_p
     for var in ("NUMGPT_FUSED", "NUMGPT_DATA_PARALLEL", "NUMGPT_STEP"):
         monkeypatch.delenv(var, raising=False)
     path = str(tmp_path / "choices.json")
-    monkeypatch.setattr(parallel, "_choices_path", lambda: path)
+    monkeypatch.setattr(parallel, "_choices_path", lambda kernels=True: path)
     cfg = numgpt.get_config("residual")
     fake = FakeSteps(monkeypatch, {"fused_lanes": 0.35, "fused": 0.4, "sharded": 0.3,
                                    "one_blas": 2.0, "plain": 0.5})
@@ -140,6 +141,7 @@ def test_the_fastest_step_is_chosen_by_measurement_and_cached(monkeypatch, tmp_p
     assert parallel.choose_step(None, cfg, say=said.append, clock=fake.clock) == "sharded"
     assert len(fake.calls) == n and "cached" in said[-1]
     assert parallel.planned_step(cfg.replace(batch_size=16)) is None  # another shape measures
+    assert parallel.planned_step(cfg, dtype=np.float64) is None  # and a float64 model
     assert parallel.choose_step(None, cfg, prefer="plain", say=said.append) == "plain"
     assert "this run trained with" in said[-1]
     # short warm-ups say little (first calls cost extra): all take turns
@@ -152,13 +154,41 @@ def test_the_fastest_step_is_chosen_by_measurement_and_cached(monkeypatch, tmp_p
     assert len(fake.calls) == n and said[-1] == "step: one_blas (NUMGPT_STEP)"
 
 
+def test_the_numpy_layers_step_is_cached_too(monkeypatch, tmp_path):
+    """With the kernels off (one_blas or plain, the NumPy layers) the choice is measured once and
+    cached as well, in a file of its own that is found without loading the kernels."""
+    monkeypatch.setattr(parallel, "cores", lambda: 2)
+    monkeypatch.delenv("NUMGPT_STEP", raising=False)
+    monkeypatch.setattr(parallel, "_choices_path",
+                        lambda kernels=True: str(tmp_path / f"kernels-{kernels}.json"))
+    cfg = numgpt.get_config("residual", kernels=False)
+    fake = FakeSteps(monkeypatch, {"one_blas": 0.3, "plain": 0.2})
+    said = []
+    assert parallel.choose_step(None, cfg, say=said.append, clock=fake.clock) == "plain"
+    n = len(fake.calls)
+    assert parallel.planned_step(cfg) == "plain"
+    assert parallel.choose_step(None, cfg, say=said.append, clock=fake.clock) == "plain"
+    assert len(fake.calls) == n and "cached" in said[-1]
+    assert os.listdir(tmp_path) == ["kernels-False.json"]
+
+
+def test_the_numpy_layers_choices_file_is_found_without_the_kernels():
+    code = ("import sys; from numgpt import parallel; p = parallel._choices_path(kernels=False); "
+            "print(p); print('numgpt.kernels' in sys.modules, 'numba' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split("\n")
+    assert os.path.basename(out[0]) == "numpy-step-choices.json"
+    assert out[1] == "False False"
+
+
 def test_long_steps_are_timed_three_times_each(monkeypatch, tmp_path):
     """A step longer than the whole measurement's time still gets MIN_ROUNDS timings, and the
     median decides: one slow spell (the second call of sharded, here) does not."""
     monkeypatch.setattr(parallel, "cores", lambda: 2)
     for var in ("NUMGPT_FUSED", "NUMGPT_DATA_PARALLEL", "NUMGPT_STEP"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(parallel, "_choices_path", lambda: str(tmp_path / "choices.json"))
+    monkeypatch.setattr(parallel, "_choices_path",
+                        lambda kernels=True: str(tmp_path / "choices.json"))
     cfg = numgpt.get_config("residual", dropout=0.1)  # sharded, one_blas, plain
     fake = FakeSteps(monkeypatch, {"sharded": [1.4, 1.2, 0.85], "one_blas": 1.7,
                                    "plain": [1.5, 0.96]})  # not a close call (CLOSE_FACTOR)
@@ -180,7 +210,8 @@ def test_long_steps_are_timed_on_fewer_layers(monkeypatch, tmp_path):
     monkeypatch.setattr(parallel, "cores", lambda: 2)
     for var in ("NUMGPT_FUSED", "NUMGPT_DATA_PARALLEL", "NUMGPT_STEP"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(parallel, "_choices_path", lambda: str(tmp_path / "choices.json"))
+    monkeypatch.setattr(parallel, "_choices_path",
+                        lambda kernels=True: str(tmp_path / "choices.json"))
     cfg = numgpt.get_config("residual", dropout=0.1, n_layer=6)  # sharded, one_blas, plain
     m = numgpt.GPT(cfg, seed=0)
     fake = FakeSteps(monkeypatch, {"sharded": 0.3, "one_blas": 0.5, "plain": 0.4})
@@ -212,7 +243,8 @@ def test_a_close_call_is_timed_again(monkeypatch, tmp_path):
     monkeypatch.setattr(parallel, "cores", lambda: 2)
     for var in ("NUMGPT_FUSED", "NUMGPT_DATA_PARALLEL", "NUMGPT_STEP"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(parallel, "_choices_path", lambda: str(tmp_path / "choices.json"))
+    monkeypatch.setattr(parallel, "_choices_path",
+                        lambda kernels=True: str(tmp_path / "choices.json"))
     cfg = numgpt.get_config("residual", dropout=0.1)  # sharded, one_blas, plain
     fake = FakeSteps(monkeypatch, {"sharded": [1.5, 1.1, 1.1, 1.1, 0.8], "one_blas": 3.0,
                                    "plain": [1.5, 1.0]})
@@ -232,7 +264,8 @@ def test_a_first_call_that_loads_code_does_not_cut_a_step(monkeypatch, tmp_path)
     monkeypatch.setattr(parallel, "cores", lambda: 2)
     for var in ("NUMGPT_FUSED", "NUMGPT_DATA_PARALLEL", "NUMGPT_STEP"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(parallel, "_choices_path", lambda: str(tmp_path / "choices.json"))
+    monkeypatch.setattr(parallel, "_choices_path",
+                        lambda kernels=True: str(tmp_path / "choices.json"))
     cfg = numgpt.get_config("residual")
     fake = FakeSteps(monkeypatch, {"fused_lanes": [3.0, 0.012], "fused": [2.5, 0.01],
                                    "sharded": 0.02, "one_blas": 0.03, "plain": 0.04})
@@ -267,7 +300,7 @@ def test_a_damaged_choices_file_is_measured_over(monkeypatch, tmp_path):
     for var in ("NUMGPT_FUSED", "NUMGPT_DATA_PARALLEL", "NUMGPT_STEP"):
         monkeypatch.delenv(var, raising=False)
     path = tmp_path / "choices.json"
-    monkeypatch.setattr(parallel, "_choices_path", lambda: str(path))
+    monkeypatch.setattr(parallel, "_choices_path", lambda kernels=True: str(path))
     cfg = numgpt.get_config("residual")
     fake = FakeSteps(monkeypatch, {"fused_lanes": 0.0015, "fused": 0.001, "sharded": 0.003,
                                    "one_blas": 0.002, "plain": 0.005})
@@ -455,7 +488,8 @@ def test_the_rounds_end_when_one_step_is_left(monkeypatch, tmp_path):
     monkeypatch.setattr(parallel, "cores", lambda: 2)
     for var in ("NUMGPT_FUSED", "NUMGPT_DATA_PARALLEL", "NUMGPT_STEP"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(parallel, "_choices_path", lambda: str(tmp_path / "choices.json"))
+    monkeypatch.setattr(parallel, "_choices_path",
+                        lambda kernels=True: str(tmp_path / "choices.json"))
     cfg = numgpt.get_config("residual", dropout=0.1)  # sharded, one_blas, plain
     fake = FakeSteps(monkeypatch, {"sharded": [1.5, 1.0], "one_blas": 2.0, "plain": [1.5, 1.6]})
     said = []
