@@ -4,6 +4,7 @@ utilisation, peak memory, and sampling speed.
     python bench/bench.py                                  # all configs, 2 threads
     python bench/bench.py --configs tiny,laptop --threads 2
     python bench/bench.py --torch-python /path/to/venv-with-torch/bin/python
+    python bench/bench.py --configs laptop --numpy-first --no-sample   # import order's effect
 
 Each implementation of a config runs in a subprocess of its own (so peak memory is its own):
 numgpt, PyTorch with the video's explicit attention, and PyTorch with
@@ -61,6 +62,7 @@ CONFIGS = {
 SAMPLE_ROUNDS = 9  # sampling speed: the median of this many whole generate runs per side (as
 #                   many as fit in about a minute, as for training above)
 SAMPLE_CONFIGS = {"full": ("scaled", dict()), "laptop": CONFIGS["laptop"][:2]}
+NUMPY_FIRST = "numgpt-np-first"  # the --numpy-first job's name
 TURN_TIMEOUT_S = 3600  # one turn (or a worker's start and warm-up) taking longer: the worker failed
 
 
@@ -192,7 +194,10 @@ def worker_main(spec):
     and "END" with its peak memory: a training or sampling job, or the matmul peak in turns."""
     sys.path.insert(0, HERE)
     sys.path.insert(0, REPO)
-    import numgpt  # noqa: F401  (first: thread settings before NumPy loads)
+    if spec.get("numpy_first"):  # as a user's script may: NumPy loaded before numgpt
+        import numpy  # noqa: F401
+    numpy_first = "numpy" in sys.modules  # (reported with the result)
+    import numgpt  # noqa: F401  (else first, as train.py imports it)
     if spec["kind"] == "peak":
         out = {"flops": matmul_peak_unit(5)(), "peak_rss_mb": _peak_rss_mb()}
         print("RESULT " + json.dumps(out), flush=True)
@@ -221,7 +226,7 @@ def worker_main(spec):
             print("TURN " + json.dumps(values), flush=True)
         elif cmd and cmd[0] == "END":
             break
-    print("RESULT " + json.dumps({"peak_rss_mb": _peak_rss_mb(),
+    print("RESULT " + json.dumps({"peak_rss_mb": _peak_rss_mb(), "numpy_first": numpy_first,
                                   "step": getattr(unit, "step_name", None)}), flush=True)
 
 
@@ -325,7 +330,8 @@ def run_in_turns(jobs, threads, rounds, per_turn, skip):
     rounds in which each takes one turn of per_turn + skip units (the first skip untimed; a job's
     spec may set its own "per_turn" and "skip") while the others wait; the order rotates every
     round. Returns {name: {"values": [...], "peak_rss_mb": float, "step": numgpt's step or
-    None}} or {name: {"error": str}} for a worker that failed."""
+    None, "numpy_first": whether the worker had NumPy loaded before numgpt}} or {name:
+    {"error": str}} for a worker that failed."""
     workers, out = {}, {}
     try:
         for name, (python, spec) in jobs.items():
@@ -356,6 +362,7 @@ def run_in_turns(jobs, threads, rounds, per_turn, skip):
                 result = json.loads(w.expect("RESULT "))
                 out[name]["peak_rss_mb"] = result["peak_rss_mb"]
                 out[name]["step"] = result.get("step")
+                out[name]["numpy_first"] = result.get("numpy_first")
             except (WorkerError, ValueError, KeyError, TypeError):
                 out[name]["peak_rss_mb"] = float("nan")  # its timings stand; its peak is unknown
     finally:
@@ -388,6 +395,9 @@ def main(argv=None):
                     help="multiply the timed steps per turn")
     ap.add_argument("--rounds", type=int, default=None,
                     help="rounds of turns for every config (default: each config's own)")
+    ap.add_argument("--numpy-first", action="store_true",
+                    help="also time numgpt in a process that imports NumPy before numgpt, in "
+                         "turns with the others (its step against train.py's import order)")
     args = ap.parse_args(argv)
     sys.path.insert(0, REPO)
     import numgpt  # noqa: F401
@@ -436,6 +446,8 @@ def main(argv=None):
         jobs = {impl: (sys.executable if impl == "numgpt" else args.torch_python,
                        {"kind": "train", "impl": impl, "preset": preset, "overrides": over,
                         "warmup": warm}) for impl in impls}
+        if args.numpy_first:
+            jobs[NUMPY_FIRST] = (sys.executable, dict(jobs["numgpt"][1], numpy_first=True))
         # the matmul peak takes a turn in every round too, so that the MFU compares the steps
         # with the peak of the same minutes (the machine's speed drifts; see the docstring)
         jobs["peak"] = (sys.executable, {"kind": "peak_turns", "per_turn": 1, "skip": 0})
@@ -448,7 +460,7 @@ def main(argv=None):
         else:
             print(f"  {name:<7} matmul peak in turns failed ({peak_res.get('error')}); its MFU is "
                   "against the peak at the run's start and end")
-        for impl in impls:
+        for impl in impls + ([NUMPY_FIRST] if args.numpy_first else []):
             r = res[impl]
             if "error" not in r:
                 r["median_s"] = median(r["values"])
@@ -503,6 +515,13 @@ def main(argv=None):
     if strict:
         print(f"numgpt's MFU against the run's highest matmul peak ({highest / 1e9:.1f} GFLOP/s, "
               f"start, end or any turn): {', '.join(strict)}")
+    if args.numpy_first:
+        print("numgpt with NumPy imported first, its step time over train.py's order's (in the "
+              "same turns): " + ", ".join(
+                  f"{name} {res[NUMPY_FIRST]['median_s'] / res['numgpt']['median_s']:.2f}x "
+                  f"({res[NUMPY_FIRST]['step']} vs {res['numgpt']['step']})"
+                  if "median_s" in res[NUMPY_FIRST] and "median_s" in res["numgpt"]
+                  else f"{name} failed" for name, _, res, _ in rows))
 
     if args.no_sample:
         return 0

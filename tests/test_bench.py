@@ -21,12 +21,15 @@ def test_workers_take_turns_and_a_failing_one_is_reported():
     bad = dict(good, preset="no-such-preset")
     # the matmul peak's job takes its own turn size: one rate per round
     peak = {"kind": "peak_turns", "per_turn": 1, "skip": 0}
+    # b as --numpy-first runs it: NumPy imported before numgpt (a comes first, as in train.py)
     out = bench.run_in_turns({"a": (sys.executable, good), "bad": (sys.executable, bad),
-                              "b": (sys.executable, good), "peak": (sys.executable, peak)},
+                              "b": (sys.executable, dict(good, numpy_first=True)),
+                              "peak": (sys.executable, peak)},
                              threads=1, rounds=3, per_turn=2, skip=1)
     for name in ("a", "b"):
         assert len(out[name]["values"]) == 3 * 2 and all(v > 0 for v in out[name]["values"])
         assert out[name]["peak_rss_mb"] > 0
+    assert out["a"]["numpy_first"] is False and out["b"]["numpy_first"] is True
     assert len(out["peak"]["values"]) == 3 and all(v > 1e8 for v in out["peak"]["values"])
     assert "error" in out["bad"] and "exited" in out["bad"]["error"]
     assert "\n" not in out["bad"]["error"]
