@@ -401,6 +401,12 @@ def main(argv=None):
     args = ap.parse_args(argv)
     sys.path.insert(0, REPO)
     import numgpt  # noqa: F401
+    from numgpt.env import EnvError, check_all
+    try:
+        check_all()  # a variable the workers could not read: one line here, not one per worker
+    except EnvError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     if args.rounds is not None and args.rounds < 1 or not args.steps_scale > 0:
         print("error: --rounds must be at least 1 and --steps-scale above 0", file=sys.stderr)
@@ -519,7 +525,7 @@ def main(argv=None):
         print("numgpt with NumPy imported first, its step time over train.py's order's (in the "
               "same turns): " + ", ".join(
                   f"{name} {res[NUMPY_FIRST]['median_s'] / res['numgpt']['median_s']:.2f}x "
-                  f"({res[NUMPY_FIRST]['step']} vs {res['numgpt']['step']})"
+                  f"({res[NUMPY_FIRST].get('step')} vs {res['numgpt'].get('step')})"
                   if "median_s" in res[NUMPY_FIRST] and "median_s" in res["numgpt"]
                   else f"{name} failed" for name, _, res, _ in rows))
 

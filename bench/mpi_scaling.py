@@ -237,6 +237,12 @@ def main(argv=None):
     if args.worker:
         preset, seconds, warmup = args.worker
         return worker(preset, float(seconds), int(warmup))
+    from numgpt.env import EnvError, check_all
+    try:
+        check_all()  # a variable the ranks could not read: one line here, not one per rank
+    except EnvError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
     presets = [p for p in args.presets.split(",") if p]
     tok = measure(presets, args.ranks, args.seconds, args.rounds, mpiexec) if presets else {}

@@ -99,7 +99,7 @@ def _libc():
 def keep_freed_memory():
     """Ask glibc's malloc to keep freed memory for reuse instead of handing it back to the kernel;
     returns whether it took all three settings (False where malloc is not glibc's, or
-    NUMGPT_NO_MALLOPT is on). Called when training starts (training_starts); importing numgpt,
+    NUMGPT_NO_MALLOPT is on; an EnvError where NUMGPT_NO_MALLOPT is not a switch value). Called when training starts (training_starts); importing numgpt,
     loading the kernels, sampling and evaluating do not.
 
     A training step allocates the same large temporaries every time. By default glibc serves
@@ -145,8 +145,8 @@ def training_starts():
     sampling and evaluation leave malloc as it was."""
     global _TRAINING
     if not _TRAINING:
+        keep_freed_memory()  # (an EnvError for an unreadable NUMGPT_NO_MALLOPT, at every call)
         _TRAINING = True
-        keep_freed_memory()
 
 
 def _opted_out():

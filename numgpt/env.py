@@ -8,8 +8,9 @@ silent guess. Paths are used as given; unset or empty means the default.
     NUMGPT_DATA_PARALLEL    switch, default on: the two-thread step of mid-sized models
     NUMGPT_NO_MEMORY_CHECK  switch, default off: skip the memory check before a run
     NUMGPT_NO_MALLOPT       switch, default off: leave glibc's malloc settings alone
-    NUMGPT_TEST_REQUIRE_BUILD  switch, default off (the test suite's, tests/required.py): a
-                            missing torch, mpi4py or wheel build fails its tests, not skips them
+    NUMGPT_TEST_REQUIRE_BUILD  switch, default off, the test suite's (tests/required.py, checked
+                            when the suite starts): a missing torch, mpi4py or wheel build
+                            fails its tests, not skips them
     NUMGPT_STEP             one of fused_lanes, fused, sharded, one_blas, plain: force that step
     NUMGPT_MPI_TIMEOUT      seconds > 0, default 300: how long a rank waits for the others in a
                             collective (numgpt/distributed.py) before it stops the job
@@ -38,6 +39,7 @@ FALSE = ("0", "false", "no", "off")
 SWITCHES = {"NUMGPT_FUSED": True, "NUMGPT_DATA_PARALLEL": True,
             "NUMGPT_NO_MEMORY_CHECK": False, "NUMGPT_NO_MALLOPT": False,
             "NUMGPT_TEST_REQUIRE_BUILD": False}
+SUITE_SWITCHES = ("NUMGPT_TEST_REQUIRE_BUILD",)  # read by the test suite, not the commands
 CHOICES = {"NUMGPT_STEP": ("fused_lanes", "fused", "sharded", "one_blas", "plain")}
 SPIN_VARIABLES = ("OPENBLAS_THREAD_TIMEOUT", "GOMP_SPINCOUNT")
 THREAD_VARIABLES = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
@@ -83,7 +85,8 @@ def check_all():
     """Raise EnvError for the first variable that holds an unreadable value (the commands call this
     first, so a typo is one line at the start, not a traceback or a silent default later)."""
     for name in SWITCHES:
-        switch(name)
+        if name not in SUITE_SWITCHES:
+            switch(name)
     for name in CHOICES:
         choice(name)
     for name in SECONDS:

@@ -518,10 +518,27 @@ def measured_key(shape, names):
 
 def _choice_key(cfg, names, dtype="float32"):
     """The key of a training step's choice for cfg among names, for a model of that dtype
-    (train.py's is float32; measured_key)."""
+    (train.py's is float32; measured_key). Without the kernels, numgpt's own sources are in the
+    key too (_sources_stamp): the kernels' choices are measured again after a change by their
+    cache folder's name, the NumPy layers' by this."""
     shape = {k: getattr(cfg, k) for k in SHAPE_FIELDS}
     shape["dtype"] = np.dtype(dtype).name
+    if not cfg.kernels:
+        shape["sources"] = _sources_stamp()
     return measured_key(shape, names)
+
+
+@functools.lru_cache(maxsize=1)
+def _sources_stamp():
+    """A short hash of numgpt's Python sources (the package's folder, every file in it)."""
+    import glob
+    import hashlib
+    top = os.path.dirname(os.path.abspath(__file__))
+    h = hashlib.sha256()
+    for path in sorted(glob.glob(os.path.join(top, "**", "*.py"), recursive=True)):
+        with open(path, "rb") as f:
+            h.update(os.path.relpath(path, top).encode() + b"\0" + f.read())
+    return h.hexdigest()[:12]
 
 
 def _dtype_of(model):
@@ -651,7 +668,7 @@ class TrainingStep:
             loss, grads = step(x, y, rng=rng)       # as model.loss_and_grads(x, y, rng=rng)
 
     It chooses as train.py does (choose_step: NUMGPT_STEP, else the choice cached for this
-    machine and model shape, else measured now) and says which through say(msg), if given;
+    machine, model shape and dtype, else measured now) and says which through say(msg), if given;
     .name is the step's name (STEPS). The loss and gradients are model.loss_and_grads's up to
     float rounding, but the fused steps reuse one grads dict: each call overwrites the last
     call's gradients (copy them to keep them). close() (or the end of the with block) stops the

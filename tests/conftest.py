@@ -7,6 +7,16 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def pytest_configure(config):
+    """The suite's own switch read once, before anything is collected (tests/required.py): a value
+    that is not a switch stops the run with env.py's one-line error."""
+    from numgpt.env import EnvError, switch
+    try:
+        switch("NUMGPT_TEST_REQUIRE_BUILD")
+    except EnvError as e:
+        raise pytest.UsageError(str(e)) from None
+
+
 @pytest.fixture(autouse=True)
 def _data_cache(tmp_path, monkeypatch):
     """Prepared copies of test corpora go to a temp folder, not into the repo's data/."""

@@ -4,6 +4,8 @@ import importlib.util
 import os
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -12,6 +14,15 @@ def _bench():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def test_an_unreadable_variable_is_one_line_before_any_worker(monkeypatch, capsys):
+    bench = _bench()
+    monkeypatch.setenv("NUMGPT_NO_MALLOPT", "maybe")
+    monkeypatch.setattr(bench, "run_worker", lambda *a: pytest.fail("a worker was started"))
+    assert bench.main(["--configs", "tiny", "--no-sample"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: NUMGPT_NO_MALLOPT='maybe' is not a switch value; use 1/true/yes/on or 0/false/no/off"]
 
 
 def test_workers_take_turns_and_a_failing_one_is_reported():

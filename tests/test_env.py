@@ -60,11 +60,21 @@ def test_step_choice_is_checked(monkeypatch):
 
 def test_an_unreadable_malloc_switch_stops_the_api_too(monkeypatch):
     """NUMGPT_NO_MALLOPT=maybe was read as on (malloc left alone) without a word in the Python
-    API; now it is the one-line EnvError every switch gives."""
+    API; now it is the one-line EnvError every switch gives, at every start of training."""
     from numgpt import _threads
     monkeypatch.setenv("NUMGPT_NO_MALLOPT", "maybe")
-    with pytest.raises(env.EnvError, match="NUMGPT_NO_MALLOPT='maybe' is not a switch value"):
-        _threads.keep_freed_memory()
+    monkeypatch.setattr(_threads, "_TRAINING", False)
+    for _ in range(2):
+        with pytest.raises(env.EnvError, match="NUMGPT_NO_MALLOPT='maybe' is not a switch value"):
+            _threads.training_starts()
+    assert _threads._TRAINING is False
+
+
+def test_the_commands_leave_the_suites_switch_to_the_suite(monkeypatch):
+    monkeypatch.setenv("NUMGPT_TEST_REQUIRE_BUILD", "y")
+    env.check_all()  # train.py, sample.py and the ladder run
+    with pytest.raises(env.EnvError):
+        env.switch("NUMGPT_TEST_REQUIRE_BUILD")
 
 
 def test_the_suites_require_build_switch_takes_the_one_rule(monkeypatch):

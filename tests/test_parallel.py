@@ -117,8 +117,8 @@ class FakeSteps:
 
 def test_the_fastest_step_is_chosen_by_measurement_and_cached(monkeypatch, tmp_path):
     """choose_step times every candidate in turns and takes the fastest; the choice is cached for
-    this machine and model shape (the next run measures nothing), and a resumed run keeps the
-    step it trained with. Times come from a fake clock: no real time is asserted."""
+    this machine, model shape and dtype (the next run measures nothing), and a resumed run keeps
+    the step it trained with. Times come from a fake clock: no real time is asserted."""
     monkeypatch.setattr(parallel, "cores", lambda: 2)
     for var in ("NUMGPT_FUSED", "NUMGPT_DATA_PARALLEL", "NUMGPT_STEP"):
         monkeypatch.delenv(var, raising=False)
@@ -170,15 +170,20 @@ def test_the_numpy_layers_step_is_cached_too(monkeypatch, tmp_path):
     assert parallel.choose_step(None, cfg, say=said.append, clock=fake.clock) == "plain"
     assert len(fake.calls) == n and "cached" in said[-1]
     assert os.listdir(tmp_path) == ["kernels-False.json"]
+    # changed NumPy layers (numgpt's sources) are measured again
+    monkeypatch.setattr(parallel, "_sources_stamp", lambda: "other sources")
+    assert parallel.planned_step(cfg) is None
 
 
 def test_the_numpy_layers_choices_file_is_found_without_the_kernels():
-    code = ("import sys; from numgpt import parallel; p = parallel._choices_path(kernels=False); "
-            "print(p); print('numgpt.kernels' in sys.modules, 'numba' in sys.modules)")
+    """The file is in the folder of the kernels' caches, found without importing them."""
+    code = ("import os, sys\nfrom numgpt import parallel\n"
+            "p = parallel._choices_path(kernels=False)\nprint(os.path.basename(p))\n"
+            "print('numgpt.kernels' in sys.modules, 'numba' in sys.modules)\n"
+            "from numgpt.kernels import _jit\nprint(os.path.dirname(p) == _jit.CACHE_BASE)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.split("\n")
-    assert os.path.basename(out[0]) == "numpy-step-choices.json"
-    assert out[1] == "False False"
+    assert out[:3] == ["numpy-step-choices.json", "False False", "True"]
 
 
 def test_long_steps_are_timed_three_times_each(monkeypatch, tmp_path):
