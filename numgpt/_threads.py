@@ -99,8 +99,9 @@ def _libc():
 def keep_freed_memory():
     """Ask glibc's malloc to keep freed memory for reuse instead of handing it back to the kernel;
     returns whether it took all three settings (False where malloc is not glibc's, or
-    NUMGPT_NO_MALLOPT is on; an EnvError where NUMGPT_NO_MALLOPT is not a switch value). Called when training starts (training_starts); importing numgpt,
-    loading the kernels, sampling and evaluating do not.
+    NUMGPT_NO_MALLOPT is on; an EnvError where NUMGPT_NO_MALLOPT is not a switch value). Called
+    when training starts (training_starts); importing numgpt, loading the kernels, sampling and
+    evaluating do not.
 
     A training step allocates the same large temporaries every time. By default glibc serves
     big ones from fresh pages (mmap) and unmaps them on free, and gives every thread an arena of
