@@ -74,12 +74,14 @@ def _fused_possible():
 
 
 def decode_names():
-    """The compiled functions of kernels/decode.py (each caches its own code)."""
+    """The compiled functions of kernels/decode.py that cache their own code (not the block's
+    pieces, which are inlined into decode_step and cached in its code)."""
     from numba.core.registry import CPUDispatcher
 
     from . import decode
     return [name for name, f in vars(decode).items() if isinstance(f, CPUDispatcher)
-            and f.py_func.__module__ == decode.__name__]
+            and f.py_func.__module__ == decode.__name__
+            and f.targetoptions.get("inline") != "always"]
 
 
 def decode_cache_is_warm():

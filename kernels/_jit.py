@@ -50,8 +50,8 @@ OPTIONS = dict(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
 # the numgpt package: installed, these files are numgpt/kernels/, in a clone the top-level kernels/)
 NUMGPT_DIR = os.path.dirname(os.path.abspath(numgpt.__file__))
 DROPOUT_REFERENCE = os.path.join(NUMGPT_DIR, "layers", "dropout.py")
-# numgpt/arch.py too: the kernels compile its constants in (NORM_PRE, ACT_RELU, ...); and
-# numgpt/layers/layernorm.py: LayerNorm's EPS
+# numgpt/arch.py too: the kernels compile its block (block_forward, block_backward) and its
+# constants (NORM_PRE, ACT_RELU, ...) in; and numgpt/layers/layernorm.py: LayerNorm's EPS
 ARCH_DESCRIPTION = os.path.join(NUMGPT_DIR, "arch.py")
 LAYERNORM_REFERENCE = os.path.join(NUMGPT_DIR, "layers", "layernorm.py")
 
@@ -161,14 +161,41 @@ except (ImportError, AttributeError):  # another numba's internals: its own cach
         OPTIONS["cache"] = False  # numba's own would be beside the sources, in site-packages
 
 
-# numgpt.arch.n_sublayers, for the compiled step and decoder to loop over a block's sublayers
-# (inlined into its callers and cached in theirs; arch.py is part of the cache's stamp)
+# numgpt.arch.n_sublayers, for the compiled block below to loop over its sublayers (inlined into
+# its callers and cached in theirs; arch.py is part of the cache's stamp)
 n_sublayers = numba.njit(inline="always", nogil=True)(arch.n_sublayers)
+
+
+def _compiled_arch(fn):
+    """fn, a function of numgpt/arch.py, compiled to be inlined into the kernels that call it
+    (and cached in theirs); its calls to arch's n_sublayers go to the compiled one above."""
+    g = dict(fn.__globals__, n_sublayers=n_sublayers)
+    return numba.njit(inline="always", nogil=True)(
+        types.FunctionType(fn.__code__, g, fn.__name__, fn.__defaults__, fn.__closure__))
+
+
+# the block, as numgpt/arch.py writes it once, for the compiled step and decoder: they call it
+# with their own pieces (an arch.BlockForward or BlockBackward of compiled functions, see pieces)
+block_forward = _compiled_arch(arch.block_forward)
+block_backward = _compiled_arch(arch.block_backward)
+
+
+def pieces(name, ops):
+    """ops, an arch.BlockForward or BlockBackward of jit(inline=True) functions, as a module
+    object named name with the same attributes, for block_forward and block_backward to be called with from
+    compiled code. numba inlines a call ops.norm_in(...) only where ops is a module (its inliner
+    follows attributes of modules, not of tuples); so the pieces are inlined into the block and
+    the block into its caller, one function as if written there. (Called through a tuple, each
+    piece would be a call that passes the whole workspace, a reference count for each array.)"""
+    ns = types.ModuleType(name)
+    ns.__dict__.update(ops._asdict())
+    return ns
 
 
 def _renamed(fn, suffix):
     """A copy of fn under another qualified name: numba names its cache files after the function,
-    so without this the serial twin would load the parallel build from the cache (and vice versa)."""
+    so without this the serial twin would load the parallel build from the cache (and vice
+    versa)."""
     g = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + suffix, fn.__defaults__,
                            fn.__closure__)
     g.__qualname__ = fn.__qualname__ + suffix

@@ -8,14 +8,14 @@ every weight once per token, so they are memory-bound; see _mv for the layout th
 fastest.
 
 decode_step computes what model.forward(ids, kv=cache) computes for one new position, in the
-same order (equal to round-off: its exponentials are math.exp's): the embedding, then per block
-each sublayer's input (_sublayer_input), the sublayer (_multihead_forward, whose heads each
-_attend to the cache; _feedforward_forward) and the residual and post-norm merge (_merge), then
-the head. It takes the block's structure as a numgpt.arch.Arch and the parameters as
-DecodeWeights, the blocks' stacked along a leading layer axis (see numgpt.generate.KVCache), both
-passed as plain tuples; tests/test_kernels.py holds the two equal. sample_rows draws a token from
-the logits as numgpt.generate.sample_from does, and sample_and_decode alternates the two for a
-run of tokens without returning to Python.
+same order (equal to round-off: its exponentials are math.exp's): the embedding, then the blocks,
+each numgpt.arch.block_forward with this file's pieces (_norm_in, _sublayer, _add, _norm_out; the
+sublayers are _multihead_forward, whose heads each _attend to the cache, and
+_feedforward_forward), then the head. It takes the block's structure as a numgpt.arch.Arch and
+the parameters as DecodeWeights, the blocks' stacked along a leading layer axis (see
+numgpt.generate.KVCache), both passed as plain tuples; tests/test_kernels.py holds the two
+equal. sample_rows draws a token from the logits as numgpt.generate.sample_from does, and
+sample_and_decode alternates the two for a run of tokens without returning to Python.
 """
 import math
 from typing import NamedTuple
@@ -23,10 +23,10 @@ from typing import NamedTuple
 import numba
 import numpy as np
 
-from numgpt.arch import ACT_GELU, NORM_NONE, NORM_POST, NORM_PRE, SUB_ATTN, Arch
+from numgpt.arch import ACT_GELU, NORM_NONE, SUB_ATTN, Arch, BlockForward
 from numgpt.layers.layernorm import EPS as LN_EPS
 
-from ._jit import OPTIONS, n_sublayers
+from ._jit import OPTIONS, block_forward, pieces
 from .activations import gelu_consts, tanh_by_exp
 from .layernorm import layernorm_fwd
 
@@ -147,28 +147,6 @@ def _layernorm(x, g, b, out):
 
 
 @numba.njit(**OPTIONS)
-def _sublayer_input(x, norm, g, b, h):
-    """h = LN(x) (pre-norm) or x: what a sublayer reads from the stream x [B, C]."""
-    if norm == NORM_PRE:
-        _layernorm(x, g, b, h)
-    else:
-        h[:] = x
-
-
-@numba.njit(**OPTIONS)
-def _merge(x, y, h, residual, norm, g, b):
-    """A sublayer's output y into the stream x: x + y (residual) or y, then LayerNorm (post-norm);
-    h is scratch."""
-    if residual:
-        x += y
-    else:
-        x[:] = y
-    if norm == NORM_POST:
-        h[:] = x
-        _layernorm(h, g, b, x)
-
-
-@numba.njit(**OPTIONS)
 def _attend(q, Kh, Vh, t, scale, s, yh):
     """One head of one new position against the cache: yh [hs] = sum_p softmax(s)_p v_p over the
     positions p <= t, s_p = scale q . k_p (q [hs]; Kh, Vh [block, hs], rows 0..t filled; s [t + 1]
@@ -234,12 +212,14 @@ def _attend_heads_threads(qkv, K, V, t, scale, s, y):
 
 
 @numba.njit(**OPTIONS)
-def _multihead_forward(h, w_qkv, w_proj, b_proj, K, V, t, n_head, attn_proj, layout, qkv, s, y):
+def _multihead_forward(h, w_qkv, w_proj, b_proj, K, V, t, n_head, attn_proj, layout, qkv, s, att,
+                       y):
     """y [B, C] = the attention sublayer of one new position per row of h [B, C]
     (layers.attention.multihead_forward on the last row): qkv = h [w_q w_k w_v]; the new k, v are
     stored at t in K, V [B, H, block, hs]; every head attends over positions 0..t (_attend; on
-    numba's threads in the threaded layouts); y = att w_proj + b_proj (attn_proj). qkv, s
-    ([B * H or 1, t + 1]) and h are scratch (h is overwritten)."""
+    numba's threads in the threaded layouts) into att; y = att w_proj + b_proj (attn_proj), else
+    y = att. qkv, s ([B * H or 1, t + 1]) and att are scratch; h is read before y is written,
+    so y may be h."""
     B, C = h.shape
     hs = C // n_head
     scale = y.dtype.type(1 / math.sqrt(hs))
@@ -250,14 +230,15 @@ def _multihead_forward(h, w_qkv, w_proj, b_proj, K, V, t, n_head, attn_proj, lay
             K[b, hd, t] = qkv[b, C + o:C + o + hs]
             V[b, hd, t] = qkv[b, 2 * C + o:2 * C + o + hs]
     if s.shape[0] > 1:
-        _attend_heads_threads(qkv, K, V, t, scale, s, y)
+        _attend_heads_threads(qkv, K, V, t, scale, s, att)
     else:
         for b in range(B):
             for hd in range(n_head):
-                _attend_head(qkv, K, V, t, scale, s[0], y, b, hd)
+                _attend_head(qkv, K, V, t, scale, s[0], att, b, hd)
     if attn_proj:
-        h[:] = y
-        _mv(h, w_proj, b_proj, y, layout)
+        _mv(att, w_proj, b_proj, y, layout)
+    else:
+        y[:] = att
 
 
 @numba.njit(**OPTIONS)
@@ -278,7 +259,8 @@ def _activate(f, activation):
 @numba.njit(**OPTIONS)
 def _feedforward_forward(h, w_fc, b_fc, w_out, b_out, activation, ffn_proj, layout, f, y):
     """y [B, C] = the feed-forward sublayer of h [B, C] (layers.feedforward.feedforward_forward):
-    f = act(h w_fc + b_fc); y = f w_out + b_out (ffn_proj), else y = f. f [B, F] is scratch."""
+    f = act(h w_fc + b_fc); y = f w_out + b_out (ffn_proj), else y = f. f [B, F] is scratch; h is
+    read before y is written, so y may be h."""
     _mv(h, w_fc, b_fc, f, layout)
     _activate(f, activation)
     if ffn_proj:
@@ -312,6 +294,76 @@ class DecodeWeights(NamedTuple):
     b_head: np.ndarray    # [V]
 
 
+class _Layer(NamedTuple):
+    """What the pieces of a block read for one layer (st, in numgpt.arch.block_forward's terms):
+    the Arch; the layer's weights (its slices of DecodeWeights); its caches K, V [B, H, block, hs]
+    and the position t; the weights' layout; the scratch arrays h [B, C] (a sublayer's input),
+    qkv [B, 3C], s (the scores, see _multihead_forward), att [B, C], f [B, F] and y [B, C] (a
+    sublayer's output). Flat, not holding the DecodeWeights: numba counts a reference to every
+    array of a tuple each time the tuple is read out of another."""
+    a: Arch
+    ln_g: np.ndarray     # [N_SUB, C]
+    ln_b: np.ndarray
+    w_qkv: np.ndarray
+    w_proj: np.ndarray
+    b_proj: np.ndarray
+    w_fc: np.ndarray
+    b_fc: np.ndarray
+    w_out: np.ndarray
+    b_out: np.ndarray
+    K: np.ndarray
+    V: np.ndarray
+    t: int
+    layout: int
+    h: np.ndarray
+    qkv: np.ndarray
+    s: np.ndarray
+    att: np.ndarray
+    f: np.ndarray
+    y: np.ndarray
+
+
+# ---- a block's pieces: numgpt.arch.block_forward puts them together ----
+
+@numba.njit(inline="always", **OPTIONS)
+def _norm_in(st, j, x):
+    """Pre-norm: LN_j(x) into st.h."""
+    _layernorm(x, st.ln_g[j], st.ln_b[j], st.h)
+    return st.h
+
+
+@numba.njit(inline="always", **OPTIONS)
+def _sublayer(st, j, h):
+    """Attention (j = SUB_ATTN) or the feed-forward of h, into st.y."""
+    a = st.a
+    if j == SUB_ATTN:
+        _multihead_forward(h, st.w_qkv, st.w_proj, st.b_proj, st.K, st.V, st.t, a.n_head,
+                           a.attn_proj, st.layout, st.qkv, st.s, st.att, st.y)
+    else:
+        _feedforward_forward(h, st.w_fc, st.b_fc, st.w_out, st.b_out, a.activation, a.ffn_proj,
+                             st.layout, st.f, st.y)
+    return st.y
+
+
+@numba.njit(inline="always", **OPTIONS)
+def _add(st, x, f):
+    """x + f, into x."""
+    x += f
+    return x
+
+
+@numba.njit(inline="always", **OPTIONS)
+def _norm_out(st, j, x):
+    """Post-norm: x = LN_j(x), in place (through st.h)."""
+    st.h[:] = x
+    _layernorm(st.h, st.ln_g[j], st.ln_b[j], x)
+    return x
+
+
+FORWARD = pieces("decode.FORWARD", BlockForward(
+    norm_in=_norm_in, sublayer=_sublayer, add=_add, norm_out=_norm_out))
+
+
 @numba.njit(**OPTIONS)
 def decode_step(ids, t, arch, weights, K, V, layout, logits):
     """Logits [B, V] of the next token after ids [B] placed at position t; fills K, V at t.
@@ -321,8 +373,7 @@ def decode_step(ids, t, arch, weights, K, V, layout, logits):
     code, a namedtuple field by field in Python on every call. K, V: [L, B, H, block, hs]
     caches (positions < t filled). layout: of the weights, BY_INPUT, BY_OUTPUT, BY_OUTPUT_THREADS
     or BY_INPUT_THREADS (see _mv; the threaded two run the heads' attention on the threads too).
-    The blocks run as in GPT._block_forward: per sublayer (numgpt.arch.n_sublayers), its input
-    (LN or x), the sublayer, then the residual and post-norm merge.
+    The blocks are numgpt.arch.block_forward with the pieces above, as in GPT._block_forward.
     """
     a = Arch(*arch)
     w = DecodeWeights(*weights)
@@ -332,6 +383,7 @@ def decode_step(ids, t, arch, weights, K, V, layout, logits):
     x = np.empty((B, C), dtype)
     h = np.empty((B, C), dtype)
     y = np.empty((B, C), dtype)
+    att = np.empty((B, C), dtype)
     qkv = np.empty((B, 3 * C), dtype)
     f = np.empty((B, w.b_fc.shape[1]), dtype)
     threads = layout == BY_OUTPUT_THREADS or layout == BY_INPUT_THREADS
@@ -340,16 +392,9 @@ def decode_step(ids, t, arch, weights, K, V, layout, logits):
         for c in range(C):
             x[b, c] = w.tok_emb[ids[b], c] + w.pos_emb[t, c]
     for l in range(a.n_layer):
-        for j in range(n_sublayers(a)):
-            g, beta = w.ln_g[l, j], w.ln_b[l, j]  # the sublayer's LayerNorm
-            _sublayer_input(x, a.norm, g, beta, h)
-            if j == SUB_ATTN:
-                _multihead_forward(h, w.w_qkv[l], w.w_proj[l], w.b_proj[l], K[l], V[l], t,
-                                   a.n_head, a.attn_proj, layout, qkv, s, y)
-            else:
-                _feedforward_forward(h, w.w_fc[l], w.b_fc[l], w.w_out[l], w.b_out[l],
-                                     a.activation, a.ffn_proj, layout, f, y)
-            _merge(x, y, h, a.residual, a.norm, g, beta)
+        st = _Layer(a, w.ln_g[l], w.ln_b[l], w.w_qkv[l], w.w_proj[l], w.b_proj[l], w.w_fc[l],
+                    w.b_fc[l], w.w_out[l], w.b_out[l], K[l], V[l], t, layout, h, qkv, s, att, f, y)
+        x = block_forward(a, FORWARD, st, x)
     if a.norm != NORM_NONE:   # the head: logits = LN_f(x) w_head + b_head
         h[:] = x
         _layernorm(h, w.lnf_g, w.lnf_b, x)

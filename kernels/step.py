@@ -16,18 +16,19 @@ folder. Each shard writes its own gradient slots; they are summed at the end.
 
 The file reads like numgpt/model.py, bottom up, with its names: a forward/backward pair per
 layer (_linear_*, _layernorm_*, the embedding's kernels _embed_*; the attention kernels
-_attention_lanes_* and _attention_blas_*), per sublayer (_multihead_*, _feedforward_*, as numgpt/layers names them),
-per block (_block_forward/_block_backward: norm placement and residual, as GPT's) and for the
-head (_head_forward/_head_backward: final LayerNorm, lm_head, as GPT's); _forward composes the
+_attention_lanes_* and _attention_blas_*), per sublayer (_multihead_*, _feedforward_*, as
+numgpt/layers names them), a block's pieces (_norm_in, _sublayer, _add, _norm_out and their
+backward passes, as model.py's) and the head (_head_forward/_head_backward: final LayerNorm,
+lm_head, as GPT's). The block itself is numgpt.arch.block_forward and block_backward, the same
+two functions the model runs, here compiled with this file's pieces. _forward composes the
 forward (embed, blocks, head), _shard adds the loss and the backward in reverse (the residual
 stream's gradient dx, as in GPT.backward), and train_step runs the shards. A name ending in
-_forward/_backward is a step as numgpt/model.py names it (a layer's, or GPT's block and head);
-one ending in _fwd/_bwd is a numba kernel (from kernels/*.py, or the attention kernels here).
-Sampling runs the same _forward over a whole context (prefill), keeping its keys and values.
-The block's structure comes from numgpt.arch.Arch (norm placement, residual, which parts exist);
-a shard's arrays are allocated once per call in a _Work (_workspace) that the helpers write into.
-The helpers above the kernels are inlined into _forward and _shard when they compile
-(jit(inline=True)).
+_forward/_backward is a step as numgpt/model.py names it (a layer's or the head's); one ending
+in _fwd/_bwd is a numba kernel (from kernels/*.py, or the attention kernels here). Sampling runs
+the same _forward over a whole context (prefill), keeping its keys and values. A shard's arrays
+are allocated once per call in a _Work (_workspace) that the pieces write into. Everything above
+the kernels is inlined into _forward and _shard when they compile (jit(inline=True); the block's
+pieces through kernels/_jit.pieces).
 
 Parameters come in a numba typed List of 2-D arrays in the order of numgpt.model.param_shapes
 (vectors as [1, n] rows); `slots` and `top` say which entry is which. Dropout is not done
@@ -38,11 +39,11 @@ from typing import NamedTuple
 import numpy as np
 from numba import prange
 
-from numgpt.arch import (BLOCK_PARAMS, NORM_NONE, NORM_POST, NORM_PRE, SUB_ATTN, SUB_FFN,
-                         SUBLAYERS, TOP_PARAMS, Arch)
+from numgpt.arch import (BLOCK_PARAMS, NORM_NONE, SUB_ATTN, SUBLAYERS, TOP_PARAMS, Arch,
+                         BlockBackward, BlockForward)
 from numgpt.layers.layernorm import EPS as LN_EPS
 
-from ._jit import fast_exp, jit, n_sublayers
+from ._jit import block_backward, block_forward, fast_exp, jit, pieces
 from .activations import bias_act_bwd, bias_act_fwd
 from .attention import softmax_causal_bwd, softmax_causal_fwd
 from .blas import gemm
@@ -111,9 +112,9 @@ def _linear_backward(x, dy, W, gW, gb, row, dx):
 @jit(inline=True)
 def _layernorm_forward(x, g, b, eps, keep, y, mean, rstd):
     """y = g (x - mean) rstd + b over each row, rstd = 1 / sqrt(var + eps); x kept in `keep` and
-    the statistics in mean, rstd for _layernorm_backward. g, b: [1, C] rows."""
+    the statistics in mean, rstd for _layernorm_backward (y may be x). g, b: [1, C] rows."""
     keep[:] = x
-    _ln_fwd(x, g[0], b[0], eps, y, mean, rstd)
+    _ln_fwd(keep, g[0], b[0], eps, y, mean, rstd)
 
 
 @jit(inline=True)
@@ -289,7 +290,7 @@ def _attention_blas_bwd(qkv, p, y, dy, nb, T, H, scale, dqkv):
 # ---- a shard's arrays ----
 
 class _Work(NamedTuple):
-    """One shard's arrays, allocated once per call by _workspace; the helpers write into them.
+    """One shard's arrays, allocated once per call by _workspace; the pieces write into them.
     Per layer l and sublayer j (SUB_ATTN, SUB_FFN), kept from the forward for the backward:
     a LayerNorm's input and statistics, the sublayer's input and the attention and feed-forward
     intermediates. With lanes, attention's operands are transposed (see _attention_lanes_fwd)."""
@@ -311,7 +312,7 @@ class _Work(NamedTuple):
     pre: np.ndarray    # [L, M, F] feed-forward pre-activation (with its bias)
     hid: np.ndarray    # [L, M, F] its activation
     # the stream and the head
-    x: np.ndarray      # [M, C] the residual stream
+    x: np.ndarray      # [M, C] the residual stream (w.f after a sublayer without residual sum)
     f: np.ndarray      # [M, C] a sublayer's output
     hf: np.ndarray     # [M, C] the final LayerNorm's output ([0, C] without norm)
     meanf: np.ndarray  # [M]
@@ -319,7 +320,7 @@ class _Work(NamedTuple):
     z: np.ndarray      # [M, V] logits
     dz: np.ndarray     # [M, V] their gradient
     # the backward's scratch
-    dx: np.ndarray     # [M, C] gradient of the residual stream
+    dx: np.ndarray     # [M, C] gradient of the residual stream (after a residual sum)
     df: np.ndarray     # [M, C] gradient of a sublayer's output
     dh: np.ndarray     # [M, C] gradient of a sublayer's input
     datt: np.ndarray   # [C, M + T] (lanes, right pad zero) or [M, C]
@@ -337,7 +338,8 @@ class _Work(NamedTuple):
 def _workspace(a, nb, T, C, F, V, dtype, lanes, L):
     """A _Work for a shard of nb sequences of T positions of the model a (numgpt.arch.Arch) with
     C channels, feed-forward width F, vocabulary V, in the dtype `dtype`; attention in lanes or
-    not; the intermediates of L layers (every layer's for a backward pass, one for a forward alone)."""
+    not; the intermediates of L layers (every layer's for a backward pass, one for a forward
+    alone)."""
     M = nb * T
     H = a.n_head
     sc = np.empty(2, dtype=dtype)   # constants in the arrays' dtype
@@ -398,17 +400,41 @@ def _workspace(a, nb, T, C, F, V, dtype, lanes, L):
                  gg, gb, gf)
 
 
+# ---- one layer's state, read by the pieces below ----
+
+class _Layer(NamedTuple):
+    """What the pieces of a block read for layer l (st, in numgpt.arch.block_forward's terms):
+    the model's Arch, the shard's _Work and the layer's index l in its per-layer arrays, the
+    parameters P, the layer's row p of `slots` and its wqkv [C, 3C] (w_q, w_k, w_v side by side);
+    for the backward the gradients G and the shard's slot s in them (None and 0 in the forward)."""
+    a: Arch
+    w: _Work
+    l: int
+    P: object
+    p: np.ndarray
+    wqkv: np.ndarray
+    G: object
+    s: int
+
+
+@jit(inline=True)
+def _same(u, v):
+    """Whether u and v are one buffer (of the _Work)."""
+    return u.ctypes.data == v.ctypes.data
+
+
 # ---- the sublayers (numgpt/layers/attention.py, feedforward.py) ----
 
 @jit(inline=True)
-def _multihead_forward(a, w, l, P, p, wqkv, h, f):
+def _multihead_forward(st, h, f):
     """f [M, C] = multi-head causal attention of h [M, C] (layers.attention.multihead_forward):
     q, k, v = h w_q, h w_k, h w_v (one product with wqkv = [w_q w_k w_v]); per head
     y = softmax(q k^T / sqrt(hs), causal) v; f = y w_proj + b_proj (attn_proj), else f = y.
-    Kept in w for layer l: qkv, y (att) and the probabilities. p: the layer's slots."""
+    Kept in w for layer l: qkv, y (att) and the probabilities."""
+    a, w, l, P, p = st.a, st.w, st.l, st.P, st.p
     T, M, H = w.T, w.M, a.n_head
     if w.lanes:   # transposed: qkv^T = wqkv^T h^T into the lanes between the pads
-        gemm(wqkv, True, h, True, w.qkv[l][:, T:T + M], 0.0)
+        gemm(st.wqkv, True, h, True, w.qkv[l][:, T:T + M], 0.0)
         _attention_lanes_fwd(w.qkv[l], T, M, H, w.scale, w.valid, w.att[l],
                              w.probs[l].reshape(H, T, M + T))
         if a.attn_proj:   # f = (y^T)^T w_proj + b_proj
@@ -417,7 +443,7 @@ def _multihead_forward(a, w, l, P, p, wqkv, h, f):
         else:
             f[:] = w.att[l].T
     else:
-        np.dot(h, wqkv, w.qkv[l])
+        np.dot(h, st.wqkv, w.qkv[l])
         _attention_blas_fwd(w.qkv[l], w.nb, T, H, w.scale, w.att[l],
                             w.probs[l].reshape(w.nb, H, T, T))
         if a.attn_proj:
@@ -427,13 +453,13 @@ def _multihead_forward(a, w, l, P, p, wqkv, h, f):
 
 
 @jit(inline=True)
-def _multihead_backward(a, w, l, P, G, s, p, wqkv, df, dh):
+def _multihead_backward(st, h, df, dh):
     """The backward of _multihead_forward: df [M, C] (gradient of f) -> dh [M, C] (of h);
     with attn_proj dy = df w_proj^T, G[w_proj] = y^T df, G[b_proj] = sum over rows of df; the
     attention's backward gives dq, dk, dv; G[w_q] = h^T dq (and k, v alike), dh = dqkv wqkv^T.
     Gradients go to shard s's slots of G."""
+    a, w, l, P, G, s, p, wqkv = st.a, st.w, st.l, st.P, st.G, st.s, st.p, st.wqkv
     T, M, H, C = w.T, w.M, a.n_head, df.shape[1]
-    h = w.hin[l, SUB_ATTN]
     if w.lanes:   # the transposed forward's products, transposed back
         dy = w.datt[:, :M]
         if a.attn_proj:
@@ -462,10 +488,11 @@ def _multihead_backward(a, w, l, P, G, s, p, wqkv, df, dh):
 
 
 @jit(inline=True)
-def _feedforward_forward(a, w, l, P, p, h, f):
+def _feedforward_forward(st, h, f):
     """f [M, C] = the feed-forward of h [M, C] (layers.feedforward.feedforward_forward):
     pre = h w_fc + b_fc, hid = act(pre), f = hid w_out + b_out (ffn_proj), else f = hid.
     Kept in w for layer l: pre and hid."""
+    a, w, l, P, p = st.a, st.w, st.l, st.P, st.p
     np.dot(h, P[p[W_FC]], w.pre[l])
     _act_fwd(w.pre[l], P[p[B_FC]][0], a.activation, w.hid[l])   # adds b_fc into pre
     if a.ffn_proj:
@@ -475,74 +502,112 @@ def _feedforward_forward(a, w, l, P, p, h, f):
 
 
 @jit(inline=True)
-def _feedforward_backward(a, w, l, P, G, s, p, df, dh):
+def _feedforward_backward(st, h, df, dh):
     """The backward of _feedforward_forward: df -> dh. dhid = df w_out^T (G[w_out] = hid^T df,
     G[b_out] = sum of df) or df; dpre = dhid act'(pre), G[b_fc] = sum of dpre;
     G[w_fc] = h^T dpre; dh = dpre w_fc^T."""
+    a, w, l, P, G, s, p = st.a, st.w, st.l, st.P, st.G, st.s, st.p
     if a.ffn_proj:
         _linear_backward(w.hid[l], df, P[p[W_OUT]], G[p[W_OUT]][s], G[p[B_OUT]][s], w.gb, w.dhid)
     else:
         w.dhid[:] = df
     _act_bwd(w.dhid, w.pre[l], a.activation, ONE_CHUNK, w.dpre, w.gf)
     G[p[B_FC]][s][:] = w.gf
-    np.dot(w.hin[l, SUB_FFN].T, w.dpre, G[p[W_FC]][s])
+    np.dot(h.T, w.dpre, G[p[W_FC]][s])
     np.dot(w.dpre, P[p[W_FC]].T, dh)
 
 
-# ---- a block (numgpt/model.py: GPT._block_forward, GPT._block_backward) ----
+# ---- a block's pieces: numgpt.arch.block_forward and block_backward put them together ----
+#
+# Forward, the residual stream x is w.x where there is a residual sum, else the last sublayer's
+# output w.f; backward, its gradient is w.dx after a residual sum, else w.df or w.dh, which hold
+# the sublayers' gradients (see _sublayer_backward).
 
 @jit(inline=True)
-def _block_forward(a, w, l, P, p, wqkv, x):
-    """Block l on the residual stream x [M, C], in place. For each sublayer (attention, then
-    feed-forward): h = LN(x) (pre-norm) or x; f = sublayer(h); x = x + f (residual) or f;
-    x = LN(x) (post-norm)."""
-    f = w.f
-    for j in range(n_sublayers(a)):
-        g, b = LN_G[j], LN_B[j]
-        h = w.hin[l, j]
-        if a.norm == NORM_PRE:
-            _layernorm_forward(x, P[p[g]], P[p[b]], w.eps, w.lnx[l, j], h, w.mean[l, j],
-                               w.rstd[l, j])
-        else:
-            h[:] = x
-        if j == SUB_ATTN:
-            _multihead_forward(a, w, l, P, p, wqkv, h, f)
-        else:
-            _feedforward_forward(a, w, l, P, p, h, f)
-        if a.residual:
-            f += x
-        if a.norm == NORM_POST:
-            _layernorm_forward(f, P[p[g]], P[p[b]], w.eps, w.lnx[l, j], x, w.mean[l, j],
-                               w.rstd[l, j])
-        else:
-            x[:] = f
+def _norm_in(st, j, x):
+    """Pre-norm: h = LN_j(x) into w.hin[l, j], the sublayer's input kept for the backward."""
+    w, l, P, p = st.w, st.l, st.P, st.p
+    _layernorm_forward(x, P[p[LN_G[j]]], P[p[LN_B[j]]], w.eps, w.lnx[l, j], w.hin[l, j],
+                       w.mean[l, j], w.rstd[l, j])
+    return w.hin[l, j]
 
 
 @jit(inline=True)
-def _block_backward(a, w, l, P, G, s, p, wqkv, dx):
-    """The backward of _block_forward: dx [M, C], the gradient of the block's output, becomes that
-    of its input, in place. For each sublayer, last first: (post-norm) dx = LN'(dx); the
-    sublayer's output gets df = dx; dh = sublayer'(df); (pre-norm) dh = LN'(dh);
-    dx = df + dh (residual: the skip's gradient plus the sublayer's) or dh."""
-    df, dh = w.df, w.dh
-    for j in range(n_sublayers(a) - 1, -1, -1):
-        g, b = LN_G[j], LN_B[j]
-        if a.norm == NORM_POST:
-            _layernorm_backward(dx, w.lnx[l, j], P[p[g]], w.mean[l, j], w.rstd[l, j], df, w.gg,
-                                w.gb, G[p[g]][s], G[p[b]][s])
-        else:
-            df[:] = dx
-        if j == SUB_ATTN:
-            _multihead_backward(a, w, l, P, G, s, p, wqkv, df, dh)
-        else:
-            _feedforward_backward(a, w, l, P, G, s, p, df, dh)
-        if a.norm == NORM_PRE:   # (into dx, free now that df holds the gradient at the sum)
-            _layernorm_backward(dh, w.lnx[l, j], P[p[g]], w.mean[l, j], w.rstd[l, j], dx, w.gg,
-                                w.gb, G[p[g]][s], G[p[b]][s])
-        else:
-            dx[:] = dh
-        if a.residual:   # the skip's gradient: the sum's passes to both branches unchanged
-            dx += df
+def _sublayer(st, j, h):
+    """f = attention (j = SUB_ATTN) or the feed-forward of h, into w.f; h kept in w.hin[l, j]
+    (where _norm_in has not put it already)."""
+    w = st.w
+    hin = w.hin[st.l, j]
+    if not _same(h, hin):
+        hin[:] = h
+    if j == SUB_ATTN:
+        _multihead_forward(st, hin, w.f)
+    else:
+        _feedforward_forward(st, hin, w.f)
+    return w.f
+
+
+@jit(inline=True)
+def _add(st, x, f):
+    """x + f, into x."""
+    x += f
+    return x
+
+
+@jit(inline=True)
+def _norm_out(st, j, x):
+    """Post-norm: x = LN_j(x), in place (its input kept in w.lnx[l, j])."""
+    w, l, P, p = st.w, st.l, st.P, st.p
+    _layernorm_forward(x, P[p[LN_G[j]]], P[p[LN_B[j]]], w.eps, w.lnx[l, j], x, w.mean[l, j],
+                       w.rstd[l, j])
+    return x
+
+
+@jit(inline=True)
+def _norm_out_backward(st, j, dy):
+    """The backward of _norm_out: dy -> dx, into w.df; LN_j's gradients into shard s's slots."""
+    w, l, P, G, s, p = st.w, st.l, st.P, st.G, st.s, st.p
+    g, b = p[LN_G[j]], p[LN_B[j]]
+    _layernorm_backward(dy, w.lnx[l, j], P[g], w.mean[l, j], w.rstd[l, j], w.df, w.gg, w.gb,
+                        G[g][s], G[b][s])
+    return w.df
+
+
+@jit(inline=True)
+def _sublayer_backward(st, j, df):
+    """The backward of _sublayer: df -> dh, into w.dh (into w.df where df is w.dh itself: a block
+    without residual sums or LayerNorms hands one sublayer's dh to the next as its df)."""
+    w = st.w
+    dh = w.df if _same(df, w.dh) else w.dh
+    if j == SUB_ATTN:
+        _multihead_backward(st, w.hin[st.l, j], df, dh)
+    else:
+        _feedforward_backward(st, w.hin[st.l, j], df, dh)
+    return dh
+
+
+@jit(inline=True)
+def _norm_in_backward(st, j, dh):
+    """The backward of _norm_in: dh -> dx, into w.df; LN_j's gradients into shard s's slots."""
+    return _norm_out_backward(st, j, dh)   # the same LayerNorm of the same kept input
+
+
+@jit(inline=True)
+def _add_backward(st, dy, dh):
+    """The backward of _add: dx = dy + dh, into w.dx (the skip passes the sum's gradient dy on to
+    x; dh came back through the sublayer)."""
+    dx = st.w.dx
+    for n in range(dx.shape[0]):
+        for c in range(dx.shape[1]):
+            dx[n, c] = dy[n, c] + dh[n, c]
+    return dx
+
+
+FORWARD = pieces("step.FORWARD", BlockForward(
+    norm_in=_norm_in, sublayer=_sublayer, add=_add, norm_out=_norm_out))
+BACKWARD = pieces("step.BACKWARD", BlockBackward(
+    norm_out=_norm_out_backward, sublayer=_sublayer_backward, norm_in=_norm_in_backward,
+    add=_add_backward))
 
 
 # ---- the head (numgpt/model.py: GPT._head_forward, GPT._head_backward) ----
@@ -604,19 +669,23 @@ def _keep_kv(qkv, H, K, V):
 @jit()
 def _forward(idx, P, slots, top, a, wqkv, w, K, V):
     """The logits of the rows idx [nb, T] (positions 0 .. T-1) into w.z [nb * T, V]:
-    x = tok_emb[idx] + pos_emb[:T]; the blocks; the head. With K, V empty, every layer's
-    intermediates stay in w for the backward; else (sampling's prefill) w holds one layer's at a
-    time, and each layer's keys and values go to K, V [L, nb, H, >= T, hs] (_keep_kv)."""
+    x = tok_emb[idx] + pos_emb[:T]; the blocks (numgpt.arch.block_forward with the pieces
+    above); the head. Returns the last block's output x [M, C] (the head's backward reads it).
+    With K, V empty, every layer's intermediates stay in w for the backward; else (sampling's
+    prefill) w holds one layer's at a time, and each layer's keys and values go to
+    K, V [L, nb, H, >= T, hs] (_keep_kv)."""
     nb, T = idx.shape
     C = w.x.shape[1]
     x = w.x
     keep_all = K.size == 0
     _embed_fwd(idx, P[top[TOK]], P[top[POS]], x.reshape(nb, T, C))
     for l in range(a.n_layer):
-        _block_forward(a, w, l if keep_all else 0, P, slots[l], wqkv[l], x)
+        st = _Layer(a, w, l if keep_all else 0, P, slots[l], wqkv[l], None, 0)
+        x = block_forward(a, FORWARD, st, x)
         if not keep_all:
             _keep_kv(w.qkv[0], a.n_head, K[l], V[l])
     _head_forward(a, w, P, top, x)
+    return x
 
 
 @jit()
@@ -632,10 +701,9 @@ def _shard(idx, tgt, P, G, s, slots, top, a, lanes, wqkv, weight):
     nb, T = idx.shape
     C = P[top[TOK]].shape[1]
     w = _model_workspace(a, nb, T, P, slots, top, lanes, a.n_layer)
-    x = w.x
     # ---- forward: the logits (every layer's intermediates kept); the loss
-    no_cache = np.empty((0, 0, 0, 0, 0), dtype=x.dtype)
-    _forward(idx, P, slots, top, a, wqkv, w, no_cache, no_cache)
+    no_cache = np.empty((0, 0, 0, 0, 0), dtype=w.x.dtype)
+    x = _forward(idx, P, slots, top, a, wqkv, w, no_cache, no_cache)
     dz = w.dz
     losses = _xent(w.z, tgt.reshape(w.M), WITH_GRAD, dz)   # dz = (softmax - onehot) / M
     dz *= weight
@@ -643,7 +711,8 @@ def _shard(idx, tgt, P, G, s, slots, top, a, lanes, wqkv, weight):
     dx = w.dx
     _head_backward(a, w, P, G, s, top, x, dx)
     for l in range(a.n_layer - 1, -1, -1):
-        _block_backward(a, w, l, P, G, s, slots[l], wqkv[l], dx)
+        st = _Layer(a, w, l, P, slots[l], wqkv[l], G, s)
+        dx = block_backward(a, BACKWARD, st, dx)
     _embed_bwd(idx, dx.reshape(nb, T, C), G[top[TOK]][s], G[top[POS]][s])
     return losses.sum()
 

@@ -10,6 +10,12 @@ reference model (numgpt/model.py), the fused training step (numgpt/parallel.Fuse
 kernels/step.py) and the compiled decoder (numgpt/generate.KVCache and kernels/decode.py) all
 read this one description. Arch holds plain ints and bools, so numba takes it as an argument
 (and caches what it compiles for it); the constants are compiled into the kernels.
+
+The block itself is written once too, at the end of this file: block_forward and block_backward
+put the pieces together in the order above. Each of the three runs these same two functions with
+its own pieces (BlockForward, BlockBackward): the model with the NumPy layers, as Python; the
+step and the decoder with their kernels, compiled by numba (kernels/_jit.py: block_forward,
+block_backward, pieces).
 """
 from typing import NamedTuple
 
@@ -51,14 +57,9 @@ class Arch(NamedTuple):
 
 def n_sublayers(a):
     """How many sublayers a block of Arch a has: the first n_sublayers(a) of SUBLAYERS, i.e.
-    attention, then the feed-forward where a.ffn. The compiled step and decoder loop over
-    range(n_sublayers(a)) (kernels/step.py, kernels/decode.py)."""
+    attention, then the feed-forward where a.ffn (block_forward and block_backward loop over
+    range(n_sublayers(a)))."""
     return 2 if a.ffn else 1
-
-
-def sublayers(a):
-    """The sublayers a block of Arch a has, in order: SUB_ATTN, then SUB_FFN where a.ffn."""
-    return tuple(range(n_sublayers(a)))
 
 
 def has_param(a, name):
@@ -81,3 +82,61 @@ def arch(cfg):
                 residual=bool(cfg.residual), attn_proj=bool(cfg.attn_proj),
                 ffn=bool(cfg.ffn_mult > 0), ffn_proj=bool(cfg.ffn_proj),
                 activation=ACTIVATIONS[cfg.activation])
+
+
+# ---- a block, written once ----
+
+class BlockForward(NamedTuple):
+    """The pieces of a block's forward, for block_forward. Each takes st first: the caller's state
+    for this block (its parameters, what it keeps for the backward, its buffers), and j, the
+    sublayer (SUB_ATTN, SUB_FFN)."""
+    norm_in: object    # (st, j, x) -> LN_j(x), pre-norm's LayerNorm of the sublayer's input
+    sublayer: object   # (st, j, h) -> f(h): multi-head attention or the feed-forward
+    add: object        # (st, x, f) -> x + f, the residual sum
+    norm_out: object   # (st, j, x) -> LN_j(x), post-norm's LayerNorm after the residual sum
+
+
+class BlockBackward(NamedTuple):
+    """The backward of each piece of BlockForward, for block_backward: each takes the gradient of
+    its piece's output and returns that of its input (and keeps its parameters' gradients)."""
+    norm_out: object   # (st, j, dy) -> dx, through post-norm's LayerNorm
+    sublayer: object   # (st, j, df) -> dh, through the attention or the feed-forward
+    norm_in: object    # (st, j, dh) -> dx, through pre-norm's LayerNorm
+    add: object        # (st, dy, dh) -> dx = dy + dh: the skip passes the sum's gradient dy
+    #                    to x, and dh came back through the sublayer (x fed both)
+
+
+def block_forward(a, ops, st, x):
+    """One block of Arch a on the residual stream x [.., C] -> the stream after it. For each
+    sublayer j (attention, then the feed-forward where a.ffn), with ops a BlockForward:
+        h = LN_j(x)     (pre-norm)    else  h = x
+        f = sublayer_j(h)
+        x = x + f       (residual)    else  x = f
+        x = LN_j(x)     (post-norm)
+    """
+    for j in range(n_sublayers(a)):
+        h = ops.norm_in(st, j, x) if a.norm == NORM_PRE else x
+        f = ops.sublayer(st, j, h)
+        x = ops.add(st, x, f) if a.residual else f
+        if a.norm == NORM_POST:
+            x = ops.norm_out(st, j, x)
+    return x
+
+
+def block_backward(a, ops, st, dx):
+    """The backward of block_forward: dx, the gradient of the block's output -> that of its input.
+    For each sublayer, the last first, with ops a BlockBackward:
+        dx = LN_j'(dx)          (post-norm)
+        dh = sublayer_j'(dx)    dx is now the gradient of f, and (residual) of the skip's x
+        dh = LN_j'(dh)          (pre-norm)
+        dx = dx + dh            (residual: x went both ways, its gradient is the sum)  else dx = dh
+    (docs/derivations.md#residual)
+    """
+    for j in range(n_sublayers(a) - 1, -1, -1):
+        if a.norm == NORM_POST:
+            dx = ops.norm_out(st, j, dx)
+        dh = ops.sublayer(st, j, dx)
+        if a.norm == NORM_PRE:
+            dh = ops.norm_in(st, j, dh)
+        dx = ops.add(st, dx, dh) if a.residual else dh
+    return dx

@@ -9,13 +9,15 @@
                -> LN_f (when norm is not "none") -> lm_head  logits [B, T, V]
     The bigram model is logits = tok_emb[idx] with a [V, V] table.
 
+A block is numgpt.arch.block_forward / block_backward, the one place its structure is written,
+run here with the layers as its pieces (_layernorm, _sublayer, _add and their backward passes); the compiled step and decoder run the same two functions with their kernels.
 Parameters live in a flat dict name -> array; weights are stored [in, out] (y = x W + b).
 """
 import numpy as np
 
 from ._threads import training_starts
-from .arch import (BLOCK_PARAMS, NORM_NONE, NORM_POST, NORM_PRE, SUB_ATTN, SUBLAYERS, TOP_PARAMS,
-                   arch, has_param, sublayers)
+from .arch import (BLOCK_PARAMS, NORM_NONE, SUB_ATTN, SUBLAYERS, TOP_PARAMS, BlockBackward,
+                   BlockForward, arch, block_backward, block_forward, has_param)
 from .config import Config, validate
 from .layers import linear_backward, linear_forward, residual_backward, residual_forward
 from .ops import get_ops
@@ -47,7 +49,7 @@ def param_shapes(cfg):
 
 
 def init_params(cfg, seed=0, dtype=np.float32):
-    """Fresh parameters. Drawn in float64 and then cast, so one seed gives the same model in any dtype.
+    """Fresh parameters, drawn in float64 and then cast: one seed gives the same model in any dtype.
 
     init="torch": PyTorch's defaults (embeddings N(0, 1); a Linear's weight and bias U(-k, k),
     k = 1/sqrt(fan_in)); init="normal": weights and embeddings N(0, init_std), biases 0.
@@ -116,6 +118,82 @@ def _check_targets(y, logits):
     return y
 
 
+# ---- a block's pieces on the layers: numgpt.arch.block_forward and block_backward put them
+# together (the compiled step and decoder give the same two functions their kernels instead) ----
+
+class _Block:
+    """One pass through one block: the layers (numgpt.ops), the block's parameters by short name,
+    dropout and its rng, generation's key/value cache and the block's index i; the cache the
+    forward fills ({'ln1': ..., 'attn': ..., ...}) and the backward reads, and the gradients'
+    dict with the block's prefix."""
+
+    def __init__(self, ops, p, cfg, train=False, rng=None, kv=None, i=0, cache=None, grads=None,
+                 prefix=""):
+        self.ops, self.p, self.cfg, self.rng, self.kv, self.i = ops, p, cfg, rng, kv, i
+        self.drop = cfg.dropout if train else 0.0
+        self.cache, self.grads, self.prefix = cache, grads, prefix
+
+
+def _layernorm(st, j, x):
+    """LN_j(x): the LayerNorm of sublayer j (ln1 for attention, ln2 for the feed-forward)."""
+    ln = SUBLAYERS[j][1]
+    y, st.cache[ln] = st.ops.layernorm_forward(x, st.p[ln + ".g"], st.p[ln + ".b"])
+    return y
+
+
+def _sublayer(st, j, h):
+    """f(h): multi-head attention (j = SUB_ATTN) or the feed-forward, with dropout. Generating
+    with a key/value cache, attention reads the new positions against the cached past."""
+    name = SUBLAYERS[j][0]
+    sp = _sub(st.p, name + ".")
+    if j == SUB_ATTN and st.kv is not None:
+        return st.kv.attend(h, sp, st.i)
+    if j == SUB_ATTN:
+        f, st.cache[name] = st.ops.multihead_forward(h, sp, st.cfg.n_head, st.drop, st.drop,
+                                                     st.rng)
+    else:
+        f, st.cache[name] = st.ops.feedforward_forward(h, sp, st.cfg.activation, st.drop, st.rng)
+    return f
+
+
+def _add(st, x, f):
+    """x + f: the residual sum (numgpt/layers/residual.py)."""
+    return residual_forward(x, f)
+
+
+def _layernorm_backward(st, j, dy):
+    """The backward of _layernorm: dy -> dx; LN_j's g and b gradients into the grads."""
+    ln = SUBLAYERS[j][1]
+    g = st.prefix + ln
+    dx, st.grads[g + ".g"], st.grads[g + ".b"] = st.ops.layernorm_backward(dy, st.cache[ln])
+    return dx
+
+
+def _sublayer_backward(st, j, df):
+    """The backward of _sublayer: df -> dh; the sublayer's parameters' gradients into the grads."""
+    name = SUBLAYERS[j][0]
+    if j == SUB_ATTN:
+        dh, g = st.ops.multihead_backward(df, st.cache[name])
+    else:
+        dh, g = st.ops.feedforward_backward(df, st.cache[name])
+    for k, v in g.items():
+        st.grads[st.prefix + name + "." + k] = v
+    return dh
+
+
+def _add_backward(st, dy, dh):
+    """The backward of _add, y = x + f(x): the skip passes y's gradient dy on to x
+    (residual_backward; f's share went through the sublayer and came back as dh), and x's
+    gradient is the sum of the two."""
+    dskip, _ = residual_backward(dy)
+    return dskip + dh
+
+
+_FORWARD = BlockForward(norm_in=_layernorm, sublayer=_sublayer, add=_add, norm_out=_layernorm)
+_BACKWARD = BlockBackward(norm_out=_layernorm_backward, sublayer=_sublayer_backward,
+                          norm_in=_layernorm_backward, add=_add_backward)
+
+
 class GPT:
     """A character-level GPT with hand-written backward passes.
 
@@ -168,47 +246,17 @@ class GPT:
 
     # ---- forward / backward ----
     def _block_forward(self, x, i, train, rng, kv=None):
-        a, ops = self.arch, self.ops
+        """Block i on the stream x -> (its output, its cache): numgpt.arch.block_forward with the
+        layers (_FORWARD, above the class). train: dropout on; kv: generation's cache."""
         p = {short: self.params[full] for short, full in self._names[i].items()}
-        drop = self.cfg.dropout if train else 0.0
-        cache = {}
-        for kind in sublayers(a):
-            name, ln = SUBLAYERS[kind]
-            h = x
-            if a.norm == NORM_PRE:
-                h, cache[ln] = ops.layernorm_forward(x, p[ln + ".g"], p[ln + ".b"])
-            sp = _sub(p, name + ".")
-            if kind == SUB_ATTN and kv is not None:
-                f = kv.attend(h, sp, i)  # generation: new positions against the cached past
-            elif kind == SUB_ATTN:
-                f, cache[name] = ops.multihead_forward(h, sp, a.n_head, drop, drop, rng)
-            else:
-                f, cache[name] = ops.feedforward_forward(h, sp, self.cfg.activation, drop, rng)
-            x = residual_forward(x, f) if a.residual else f
-            if a.norm == NORM_POST:
-                x, cache[ln] = ops.layernorm_forward(x, p[ln + ".g"], p[ln + ".b"])
-        return x, cache
+        st = _Block(self.ops, p, self.cfg, train, rng, kv, i, cache={})
+        return block_forward(self.arch, _FORWARD, st, x), st.cache
 
     def _block_backward(self, dx, i, cache, grads):
-        a, ops = self.arch, self.ops
-        pre = f"blocks.{i}."
-        for kind in reversed(sublayers(a)):
-            name, ln = SUBLAYERS[kind]
-            if a.norm == NORM_POST:
-                dx, grads[pre + ln + ".g"], grads[pre + ln + ".b"] = ops.layernorm_backward(
-                    dx, cache[ln])
-            dskip, df = residual_backward(dx) if a.residual else (None, dx)
-            if kind == SUB_ATTN:
-                dh, g = ops.multihead_backward(df, cache[name])
-            else:
-                dh, g = ops.feedforward_backward(df, cache[name])
-            for k, v in g.items():
-                grads[pre + name + "." + k] = v
-            if a.norm == NORM_PRE:
-                dh, grads[pre + ln + ".g"], grads[pre + ln + ".b"] = ops.layernorm_backward(
-                    dh, cache[ln])
-            dx = dh if dskip is None else dskip + dh
-        return dx
+        """The backward of _block_forward: dx -> the gradient of block i's input; its parameters'
+        gradients into grads under their full names (numgpt.arch.block_backward, _BACKWARD)."""
+        st = _Block(self.ops, None, self.cfg, cache=cache, grads=grads, prefix=f"blocks.{i}.")
+        return block_backward(self.arch, _BACKWARD, st, dx)
 
     def _head_forward(self, x):
         """The head: logits = LN_f(x) W + b (LN_f unless norm is none) -> logits, the LayerNorm's
@@ -267,7 +315,7 @@ class GPT:
         return logits, {"emb": c_emb, "blocks": blocks, "ln_f": c_lnf, "head": c_head}
 
     def backward(self, dlogits, cache):
-        """dlogits [B, T, V] -> grads dict with one entry per parameter (same names, shapes, dtype)."""
+        """dlogits [B, T, V] -> grads: one entry per parameter (same names, shapes, dtype)."""
         cfg, ops = self.cfg, self.ops
         if cfg.model == "bigram":
             return {"tok_emb": ops.table_backward(dlogits, cache["tok"])}
@@ -298,9 +346,9 @@ class GPT:
             dlogits *= dlogits.dtype.type(grad_scale)
         return loss, self.backward(dlogits, cache)
 
-    # ---- generation without a key/value cache (the video's way; see generate.py for the cache) ----
+    # ---- generation without a key/value cache (the video's way; generate.py has the cache) ----
     def next_token_logits(self, idx):
-        """idx: [B, T] -> logits of the next token [B, V] (float64), looking at the last block_size."""
+        """idx: [B, T] -> logits of the next token [B, V] (float64), from the last block_size."""
         idx = np.asarray(idx)[:, -self.cfg.block_size:]
         logits, _ = self.forward(idx, train=False, keep_cache=False)
         return logits[:, -1, :].astype(np.float64)

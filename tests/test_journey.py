@@ -489,7 +489,8 @@ def test_the_readmes_python_api_runs():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        timeout=600, cwd=repo, env=dict(os.environ, PYTHONPATH=repo))
     assert r.returncode == 0, r.stderr
-    lines = r.stdout.splitlines()
+    # (a cold kernel cache first says that it compiles)
+    lines = [ln for ln in r.stdout.splitlines() if not ln.startswith("compiling numba kernels")]
     assert lines[0].startswith("step: ")
     loss, name = lines[-1].split()[1:]
     assert np.isfinite(float(loss)) and name in numgpt.parallel.STEPS

@@ -36,6 +36,63 @@ def test_the_block_is_described_once_from_the_config():
     assert m.arch == arch(m.cfg)
 
 
+def _symbolic_pieces():
+    """BlockForward and BlockBackward pieces that compute on strings: each returns the expression
+    of its output in its inputs, so what a block returns shows which piece was fed by which."""
+    from numgpt.arch import BlockBackward, BlockForward
+    fwd = BlockForward(norm_in=lambda st, j, x: f"in{j}({x})",
+                       sublayer=lambda st, j, h: f"f{j}({h})",
+                       add=lambda st, x, f: f"({x} + {f})",
+                       norm_out=lambda st, j, x: f"out{j}({x})")
+    bwd = BlockBackward(norm_out=lambda st, j, dy: f"out{j}'({dy})",
+                        sublayer=lambda st, j, df: f"f{j}'({df})",
+                        norm_in=lambda st, j, dh: f"in{j}'({dh})",
+                        add=lambda st, dy, dh: f"({dy} + {dh})")
+    return fwd, bwd
+
+
+@pytest.mark.parametrize("preset, forward, backward", [
+    ("single_head", "f0(x)", "f0'(d)"),
+    ("ffn", "f1(f0(x))", "f0'(f1'(d))"),
+    ("residual", "((x + f0(x)) + f1((x + f0(x))))", "((d + f1'(d)) + f0'((d + f1'(d))))"),
+    ("layernorm", "out1((out0((x + f0(x))) + f1(out0((x + f0(x))))))",
+     "(out0'((out1'(d) + f1'(out1'(d)))) + f0'(out0'((out1'(d) + f1'(out1'(d))))))"),
+    ("preln", "((x + f0(in0(x))) + f1(in1((x + f0(in0(x))))))",
+     "((d + in1'(f1'(d))) + in0'(f0'((d + in1'(f1'(d))))))"),
+])
+def test_the_block_is_written_once(preset, forward, backward):
+    """numgpt/arch.py's block_forward and block_backward wire a block's pieces as its Arch says:
+    pre-norm LN(x) feeds the sublayer, post-norm LN follows the residual sum, and the backward
+    runs in reverse, each piece fed by the right one (here on symbols: f0 is attention, f1 the
+    feed-forward, in/out the LayerNorms before and after, ' a backward pass)."""
+    from numgpt.arch import arch, block_backward, block_forward
+    a = arch(numgpt.get_config(preset))
+    fwd, bwd = _symbolic_pieces()
+    assert block_forward(a, fwd, None, "x") == forward
+    assert block_backward(a, bwd, None, "d") == backward
+
+
+def test_no_block_structure_outside_arch():
+    """The model, the compiled step and the decoder run numgpt/arch.py's block_forward and
+    block_backward themselves (compiled, for the kernels), and none of them reads the block's
+    structure (where the LayerNorms sit, the residual sum, the sublayers) on its own."""
+    import pathlib
+
+    import numgpt.kernels.decode
+    import numgpt.kernels.step
+    import numgpt.model
+    from numgpt import arch
+    assert numgpt.model.block_forward is arch.block_forward
+    assert numgpt.model.block_backward is arch.block_backward
+    for mod in (numgpt.kernels.step, numgpt.kernels.decode):
+        assert mod.block_forward.py_func.__code__ is arch.block_forward.__code__
+    assert numgpt.kernels.step.block_backward.py_func.__code__ is arch.block_backward.__code__
+    for mod in (numgpt.model, numgpt.kernels.step, numgpt.kernels.decode):
+        text = pathlib.Path(mod.__file__).read_text(encoding="utf-8")
+        for structure in ("NORM_PRE", "NORM_POST", ".residual", "n_sublayers"):
+            assert structure not in text, f"{mod.__name__} reads the block's structure: {structure}"
+
+
 @pytest.mark.parametrize("preset", numgpt.LADDER + ["laptop", "hour"])
 def test_untrained_loss_is_near_uniform(preset):
     """With the video's init (every rung) an untrained model is near the uniform prediction,
