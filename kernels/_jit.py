@@ -182,11 +182,12 @@ block_backward = _compiled_arch(arch.block_backward)
 
 def pieces(name, ops):
     """ops, an arch.BlockForward or BlockBackward of jit(inline=True) functions, as a module
-    object named name with the same attributes, for block_forward and block_backward to be called with from
-    compiled code. numba inlines a call ops.norm_in(...) only where ops is a module (its inliner
-    follows attributes of modules, not of tuples); so the pieces are inlined into the block and
-    the block into its caller, one function as if written there. (Called through a tuple, each
-    piece would be a call that passes the whole workspace, a reference count for each array.)"""
+    object named name with the same attributes, for compiled code to call block_forward and
+    block_backward with. numba inlines a call ops.norm_in(...) only where ops is a module (its
+    inliner follows attributes of modules, not of tuples); so the pieces are inlined into the
+    block and the block into its caller, one function as if written there. (Called through a
+    tuple, each piece would be a call that passes the whole workspace, a reference count for
+    each array.)"""
     ns = types.ModuleType(name)
     ns.__dict__.update(ops._asdict())
     return ns

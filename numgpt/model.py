@@ -10,7 +10,9 @@
     The bigram model is logits = tok_emb[idx] with a [V, V] table.
 
 A block is numgpt.arch.block_forward / block_backward, the one place its structure is written,
-run here with the layers as its pieces (_layernorm, _sublayer, _add and their backward passes); the compiled step and decoder run the same two functions with their kernels.
+run here with the layers as its pieces (_layernorm, _sublayer, _add and their backward passes);
+the compiled step and decoder run the same two functions with their kernels.
+
 Parameters live in a flat dict name -> array; weights are stored [in, out] (y = x W + b).
 """
 import numpy as np

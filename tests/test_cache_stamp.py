@@ -26,9 +26,9 @@ def test_cache_folder_is_named_by_the_kernel_sources(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("attr", ["DROPOUT_REFERENCE", "ARCH_DESCRIPTION", "LAYERNORM_REFERENCE"])
 def test_cache_folder_follows_the_files_outside_kernels_it_compiles_in(tmp_path, monkeypatch, attr):
-    """The kernels compile in constants from numgpt/layers/dropout.py (the hash), numgpt/arch.py
-    (the block, block_forward and block_backward, and its structure flags) and numgpt/layers/layernorm.py (EPS): a change to any of them
-    names another cache folder."""
+    """The kernels compile in numgpt/layers/dropout.py's constants (the hash), numgpt/arch.py's
+    block (block_forward, block_backward) and structure flags, and numgpt/layers/layernorm.py's
+    EPS: a change to any of them names another cache folder."""
     ref = tmp_path / "copy.py"
     shutil.copy(getattr(jit, attr), ref)
     monkeypatch.setattr(jit, attr, str(ref))
