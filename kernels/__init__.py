@@ -1,5 +1,5 @@
-"""numba twins of numgpt's hot layers (issue: speed). Each kernel has its NumPy reference in
-numgpt/layers; tests/test_kernels.py holds the two equal, and the gradient checks run with both.
+"""numba twins of numgpt's hot layers. Each kernel has its NumPy reference in numgpt/layers;
+tests/test_kernels.py holds the two equal, and the gradient checks run with both.
 
     attention.py    causal attention's softmax between BLAS's products, forward and backward
     layernorm.py    LayerNorm forward/backward
@@ -9,8 +9,12 @@ numgpt/layers; tests/test_kernels.py holds the two equal, and the gradient check
     dropout.py      dropout masks drawn on all cores (the reference's bits)
     adamw.py        the AdamW update in one pass (also over a list of tensors in one call)
     step.py         a small model's whole training step in one call, the batch split over cores
+    decode.py       generation's one-token step with the key/value cache, in one call
     blas.py         BLAS's matrix product on strided views, from compiled code (for step.py)
     ops.py          the kernel set with the same API as numgpt.ops.REFERENCE
+    _jit.py         the shared compile options, the threaded/serial builds and the choice
+                    between them, the kernels' cache, and numgpt/arch.py's block compiled for
+                    step.py and decode.py
 """
 import contextlib
 import glob

@@ -7,7 +7,12 @@ causal range instead of writing -inf, and a NaN loss must still be seen as NaN.
 Every parallel kernel is compiled twice: `f` runs its prange loops on numba's threads, `f.serial`
 runs them on the calling thread. Waking threads costs more than a small array's whole work, so
 the ops call `pick(f, work)`, which takes the threaded build from an amount of work measured on
-this machine.
+this machine (parallel_min_work, cached).
+
+Also here: the kernels' cache folder (one per machine and set of sources), fast_exp (exp for the
+softmax loops), and the block of numgpt/arch.py compiled for kernels/step.py and
+kernels/decode.py: block_forward and block_backward, always inlined into their callers, which
+hand them their pieces as a module object (pieces).
 """
 import glob
 import hashlib

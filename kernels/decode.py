@@ -30,6 +30,7 @@ from ._jit import OPTIONS, block_forward, pieces
 from .activations import gelu_consts, tanh_by_exp
 from .layernorm import layernorm_fwd
 
+
 @numba.njit(**OPTIONS)
 def _dot_rows(xb, W, bias, yb, j0, j1):
     """yb[j] = W[j] . xb + bias[j] for j0 <= j < j1 (W as W.T [out, in]; bias may be empty)."""
@@ -111,7 +112,7 @@ def _mv(x, W, bias, y, layout):
     BY_OUTPUT, BY_OUTPUT_THREADS (big models, W given as W.T [out, in]): each output is a dot
     product over one contiguous row, so the weights stream through memory once, front to back;
     the threaded form deals the rows out to numba's threads, since one core's outstanding loads
-    do not fill the memory bandwidth (docs/kernels.md has the measured rates).
+    do not fill the memory bandwidth (docs/benchmarks.md has the measured rates).
     BY_INPUT (small models, W [in, out] in L2): y = sum_i x_i W_i, four rows i per sweep, a
     vectorised multiply-add over contiguous outputs (_add_rows); for 128-wide layers this beats
     the dot products, whose short sums end in a horizontal add each.

@@ -107,13 +107,13 @@ def keep_freed_memory():
     big ones from fresh pages (mmap) and unmaps them on free, and gives every thread an arena of
     its own whose heaps it gives back when they empty; either way the next step faults the same
     pages in again. So: blocks up to 1 GB from the heap, no trimming, and one arena for all
-    threads (the data-parallel step's two threads otherwise fault their pages in at every step).
+    threads (the data-parallel step's threads otherwise fault their pages in at every step).
 
     The costs: the threads share one malloc lock (numgpt's threads allocate a few hundred arrays
     a step, so it is not contended), and freed memory is not returned to the system until the
     process ends (the resident size stays at the largest it has been: for training, the peak
     every step reaches anyway). That is why it is not done on import. What it saves a step is
-    measured in docs/kernels.md ("Freed memory kept").
+    measured in docs/benchmarks.md ("Freed memory kept").
     """
     global MALLOC_TUNED
     if _opted_out():

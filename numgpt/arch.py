@@ -54,6 +54,14 @@ class Arch(NamedTuple):
     ffn_proj: bool    # the feed-forward sublayer ends in its output linear (w_out, b_out)
     activation: int   # ACT_RELU or ACT_GELU
 
+    def __repr__(self):
+        """With the constants' names, not their values: Arch(..., norm=NORM_PRE, ...)."""
+        named = {"norm": {v: "NORM_" + k.upper() for k, v in NORMS.items()},
+                 "activation": {v: "ACT_" + k.upper() for k, v in ACTIVATIONS.items()}}
+        shown = (named[k].get(v, repr(v)) if k in named else repr(v)
+                 for k, v in self._asdict().items())
+        return "Arch(" + ", ".join(f"{k}={v}" for k, v in zip(self._fields, shown)) + ")"
+
 
 def n_sublayers(a):
     """How many sublayers a block of Arch a has: the first n_sublayers(a) of SUBLAYERS, i.e.

@@ -29,7 +29,10 @@ silent guess. Paths are used as given; unset or empty means the default.
                             sets them where the user has not (numgpt/_threads.py)
 
 Read, never set by the user: the rank and size an MPI launcher (mpiexec, mpirun, srun) gives each
-process it starts (mpi_launch), so that numgpt knows it runs under one even without mpi4py.
+process it starts (mpi_launch), so that numgpt knows it runs under one even without mpi4py; and
+CI, the variable a CI service sets, which the test suite reads (service_flag): true where it
+holds a switch's true value, and since its values are the service's, any other value means
+unset, not an error.
 """
 import os
 
@@ -46,6 +49,7 @@ THREAD_VARIABLES = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREAD
                     "MKL_NUM_THREADS")
 PATHS = ("NUMGPT_DATA_DIR", "NUMGPT_SHAKESPEARE", "NUMBA_CACHE_DIR", "XDG_CACHE_HOME")
 SECONDS = {"NUMGPT_MPI_TIMEOUT": 300.0}
+SERVICE_FLAGS = ("CI",)  # set by a CI service (service_flag)
 # (rank, size) variables of the MPI launchers: MPICH's and Intel MPI's hydra, Slurm's PMI-2
 # (PMI_*), Open MPI (OMPI_COMM_WORLD_*); PMIx launchers set a rank only
 LAUNCH_VARIABLES = (("PMI_RANK", "PMI_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
@@ -68,6 +72,13 @@ def switch(name):
     if v in FALSE:
         return False
     raise EnvError(f"{name}={raw!r} is not a switch value; use 1/true/yes/on or 0/false/no/off")
+
+
+def service_flag(name):
+    """Whether the variable `name` (one of SERVICE_FLAGS, another program's) holds a true value
+    (1/true/yes/on in any case); any other value, or none, means false, never an error."""
+    assert name in SERVICE_FLAGS, name
+    return os.environ.get(name, "").strip().lower() in TRUE
 
 
 def choice(name):

@@ -10,8 +10,9 @@
     The bigram model is logits = tok_emb[idx] with a [V, V] table.
 
 A block is numgpt.arch.block_forward / block_backward, the one place its structure is written,
-run here with the layers as its pieces (_layernorm, _sublayer, _add and their backward passes);
-the compiled step and decoder run the same two functions with their kernels.
+run here with the layers as its pieces (_norm_in, _sublayer, _add, _norm_out and their backward
+passes, named as kernels/step.py's and kernels/decode.py's); the compiled step and decoder run the
+same two functions with their kernels.
 
 Parameters live in a flat dict name -> array; weights are stored [in, out] (y = x W + b).
 """
@@ -123,8 +124,8 @@ def _check_targets(y, logits):
 # ---- a block's pieces on the layers: numgpt.arch.block_forward and block_backward put them
 # together (the compiled step and decoder give the same two functions their kernels instead) ----
 
-class _Block:
-    """One pass through one block: the layers (numgpt.ops), the block's parameters by short name,
+class _Layer:
+    """One pass through one block (layer i): the layers (numgpt.ops), the block's parameters by short name,
     dropout and its rng, generation's key/value cache and the block's index i; the cache the
     forward fills ({'ln1': ..., 'attn': ..., ...}) and the backward reads, and the gradients'
     dict with the block's prefix."""
@@ -136,11 +137,17 @@ class _Block:
         self.cache, self.grads, self.prefix = cache, grads, prefix
 
 
-def _layernorm(st, j, x):
-    """LN_j(x): the LayerNorm of sublayer j (ln1 for attention, ln2 for the feed-forward)."""
+def _norm_in(st, j, x):
+    """LN_j(x) on sublayer j's input (pre-norm), LN_j the LayerNorm of sublayer j (ln1 for
+    attention, ln2 for the feed-forward)."""
     ln = SUBLAYERS[j][1]
     y, st.cache[ln] = st.ops.layernorm_forward(x, st.p[ln + ".g"], st.p[ln + ".b"])
     return y
+
+
+def _norm_out(st, j, x):
+    """LN_j(x) after sublayer j's residual sum (post-norm): the same LayerNorm as _norm_in's."""
+    return _norm_in(st, j, x)
 
 
 def _sublayer(st, j, h):
@@ -163,8 +170,8 @@ def _add(st, x, f):
     return residual_forward(x, f)
 
 
-def _layernorm_backward(st, j, dy):
-    """The backward of _layernorm: dy -> dx; LN_j's g and b gradients into the grads."""
+def _norm_out_backward(st, j, dy):
+    """The backward of _norm_out: dy -> dx; LN_j's g and b gradients into the grads."""
     ln = SUBLAYERS[j][1]
     g = st.prefix + ln
     dx, st.grads[g + ".g"], st.grads[g + ".b"] = st.ops.layernorm_backward(dy, st.cache[ln])
@@ -183,6 +190,11 @@ def _sublayer_backward(st, j, df):
     return dh
 
 
+def _norm_in_backward(st, j, dh):
+    """The backward of _norm_in: dh -> dx; LN_j's g and b gradients into the grads."""
+    return _norm_out_backward(st, j, dh)
+
+
 def _add_backward(st, dy, dh):
     """The backward of _add, y = x + f(x): the skip passes y's gradient dy on to x
     (residual_backward; f's share went through the sublayer and came back as dh), and x's
@@ -191,9 +203,9 @@ def _add_backward(st, dy, dh):
     return dskip + dh
 
 
-_FORWARD = BlockForward(norm_in=_layernorm, sublayer=_sublayer, add=_add, norm_out=_layernorm)
-_BACKWARD = BlockBackward(norm_out=_layernorm_backward, sublayer=_sublayer_backward,
-                          norm_in=_layernorm_backward, add=_add_backward)
+_FORWARD = BlockForward(norm_in=_norm_in, sublayer=_sublayer, add=_add, norm_out=_norm_out)
+_BACKWARD = BlockBackward(norm_out=_norm_out_backward, sublayer=_sublayer_backward,
+                          norm_in=_norm_in_backward, add=_add_backward)
 
 
 class GPT:
@@ -251,13 +263,13 @@ class GPT:
         """Block i on the stream x -> (its output, its cache): numgpt.arch.block_forward with the
         layers (_FORWARD, above the class). train: dropout on; kv: generation's cache."""
         p = {short: self.params[full] for short, full in self._names[i].items()}
-        st = _Block(self.ops, p, self.cfg, train, rng, kv, i, cache={})
+        st = _Layer(self.ops, p, self.cfg, train, rng, kv, i, cache={})
         return block_forward(self.arch, _FORWARD, st, x), st.cache
 
     def _block_backward(self, dx, i, cache, grads):
         """The backward of _block_forward: dx -> the gradient of block i's input; its parameters'
         gradients into grads under their full names (numgpt.arch.block_backward, _BACKWARD)."""
-        st = _Block(self.ops, None, self.cfg, cache=cache, grads=grads, prefix=f"blocks.{i}.")
+        st = _Layer(self.ops, None, self.cfg, cache=cache, grads=grads, prefix=f"blocks.{i}.")
         return block_backward(self.arch, _BACKWARD, st, dx)
 
     def _head_forward(self, x):

@@ -6,8 +6,8 @@ Five ways to compute a step's loss and gradients, all of the same mean loss up t
                  split over the cores (GPTs with the kernels and no dropout), attention in lanes:
                  one vectorised sweep per offset over all rows (short blocks of small heads)
     fused        the same, attention per (sequence, head) in BLAS products
-    sharded      the layer-by-layer path on two threads, half the batch each, BLAS on one thread
-                 and the kernels' serial builds in each (ShardedStep)
+    sharded      the layer-by-layer path on one thread per core, a slice of the batch each, BLAS
+                 on one thread and the kernels' serial builds in each (ShardedStep)
     one_blas     the layer-by-layer path with BLAS on one thread (small products do not pay for
                  waking a second BLAS thread)
     plain        the layer-by-layer path, BLAS and the kernels on their own threads
@@ -23,7 +23,7 @@ NUMGPT_FUSED=0 and NUMGPT_DATA_PARALLEL=0 take the fused and the sharded steps o
 Sharded steps: each shard draws its rows of the whole batch's dropout masks (BatchRows in
 numgpt/layers/dropout.py), so every step trains a batch with the same masks. A run is
 reproducible from its seed and checkpoint to float32 rounding, but not always bit for bit: now
-and then, when the two threads compute at once, a step's attention gradients of w_q and w_k differ
+and then, when the threads compute at once, a step's attention gradients of w_q and w_k differ
 in the last place; the cause is not known (docs/kernels.md). The other steps are bit-exact, resume
 included.
 """
@@ -39,6 +39,7 @@ from ._threads import blas_pools, give_back_freed_memory, training_starts
 from .arch import BLOCK_PARAMS, TOP_PARAMS
 from .env import EnvError, choice, switch, thread_cap
 from .layers.dropout import BatchRows
+
 
 def copy_rng(rng):
     """An independent generator in rng's state (rng: a numpy Generator or a BatchRows of one)."""
@@ -68,11 +69,12 @@ def cores():
 
 class ShardedStep:
     """step(x, y, rng) -> (loss, grads) of model.loss_and_grads, computed as `shards` slices of the
-    batch on as many threads. Use as a context manager (or call close()) to stop the threads."""
+    batch (default: one per core, cores()) on as many threads; a batch of fewer rows than shards
+    runs on fewer. Use as a context manager (or call close()) to stop the threads."""
 
-    def __init__(self, model, shards=2):
+    def __init__(self, model, shards=None):
         self.model = model
-        self.shards = shards
+        self.shards = max(1, shards or cores())
         # malloc's one arena for all threads, asked for before the shards' threads first
         # allocate (a thread takes its arena then, and keeps it)
         training_starts()
@@ -80,7 +82,7 @@ class ShardedStep:
         # shard's float rounding between steps (malloc's arenas were such state; since numgpt
         # asks for one arena, numgpt/_threads.py, the threads share it)
         self.pools = [ThreadPoolExecutor(1, thread_name_prefix=f"numgpt-shard{i}")
-                      for i in range(shards)]
+                      for i in range(self.shards)]
         self.blas = blas_pools()
 
     def __call__(self, x, y, train=True, rng=None):
@@ -316,7 +318,7 @@ def make_step(name, model):
     if name in FUSED:
         return FusedStep(model, lanes=name == "fused_lanes"), (lambda: None)
     if name == "sharded":
-        s = ShardedStep(model, 2)
+        s = ShardedStep(model)
         return s, s.close
     if name == "one_blas":
         return OneBlasThreadStep(model), (lambda: None)

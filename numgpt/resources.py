@@ -87,8 +87,22 @@ def training_bytes(cfg, step=None):
         from numgpt.kernels.ops import CHUNK_BYTES
         attn = N * cfg.n_layer * 0.25 * cfg.n_head * cfg.block_size if cfg.dropout > 0 else 0
         chunk = max(CHUNK_BYTES, 4 * cfg.n_head * cfg.block_size ** 2)
-        attn += 3 * chunk / 4 * (2 if step == "sharded" else 1)
+        attn += 3 * chunk / 4 * _threads_of(cfg, step)
     return BASE_BYTES + int(4 * (4 * P + N * cfg.n_layer * per_layer + attn + N * (4 * V + 8 * C)))
+
+
+def _threads_of(cfg, step):
+    """How many threads run a step's layer calls at once: one per shard in the sharded step (one
+    per core, at most one per row of the batch; numgpt.parallel.ShardedStep), else one."""
+    if step != "sharded":
+        return 1
+    from .parallel import cores
+    return max(1, min(cores(), cfg.batch_size))
+
+
+def _call_rows(cfg, step):
+    """The batch rows one call of a layer sees: the largest shard's in the sharded step."""
+    return -(-cfg.batch_size // _threads_of(cfg, step))
 
 
 def _kernels_recompute(cfg, step):
@@ -97,7 +111,7 @@ def _kernels_recompute(cfg, step):
     kernels/ops.RECOMPUTE_BYTES (computed again in the backward)."""
     from numgpt.kernels.ops import RECOMPUTE_BYTES
     n = 2 * cfg.n_embd if cfg.dropout > 0 else 0
-    B = -(-cfg.batch_size // 2) if step == "sharded" else cfg.batch_size
+    B = _call_rows(cfg, step)
     if cfg.ffn_mult > 0 and 4 * B * cfg.block_size * cfg.ffn_hidden > RECOMPUTE_BYTES:
         n += cfg.ffn_hidden
     return n
@@ -106,13 +120,13 @@ def _kernels_recompute(cfg, step):
 def _kernels_store_probs(cfg, step):
     """Whether the kernels keep the T x T attention probabilities (see kernels/ops.py): the fused
     step (kernels/step.py) always does; the layer path decides per call, on the batch the call
-    sees, which is half of it in the sharded step."""
+    sees, which is a shard's slice of it in the sharded step."""
     from numgpt.kernels.ops import stores_probs
 
     from .parallel import FUSED
     if step in FUSED:
         return True
-    B = -(-cfg.batch_size // 2) if step == "sharded" else cfg.batch_size
+    B = _call_rows(cfg, step)
     return stores_probs(B, cfg.n_head, cfg.block_size, "float32")
 
 

@@ -76,7 +76,6 @@ def walk(cfg, B, T, seed=0):
     logits, cache = model.forward(idx)
     P = model.params
     bc = cache["blocks"][0]
-    pre = cfg.norm == "pre"
 
     tb.section("Parameters and their gradients (a gradient has its parameter's shape)",
                ("parameter", "what it is"))
@@ -110,10 +109,9 @@ def walk(cfg, B, T, seed=0):
     tb.add("pos_emb[:T]", "T, C", P["pos_emb"][:T], "`position_forward`; broadcast over B")
     x = P["tok_emb"][idx] + P["pos_emb"][:T]
     tb.add("x (block input)", "B, T, C", x, "the residual stream")
-    xhat, rstd, g = bc["ln1"] if pre else (None, None, None)
-    if pre:
-        tb.add("LN1 cache: xhat", "B, T, C", xhat, "`layernorm_forward`: normalised input")
-        tb.add("LN1 cache: rstd", "B, T, 1", rstd, "1/sqrt(var + eps), one per position")
+    xhat, rstd, g = bc["ln1"]
+    tb.add("LN1 cache: xhat", "B, T, C", xhat, "`layernorm_forward`: normalised input")
+    tb.add("LN1 cache: rstd", "B, T, 1", rstd, "1/sqrt(var + eps), one per position")
     cq, ck, cv, ca, cp, cd, _ = bc["attn"]
     tb.add("h = LN1(x)", "B, T, C", cq[0], "attention input (kept by the q, k, v Linear caches)")
     q, k, v, p, pd, dmask, scale = ca
@@ -174,9 +172,8 @@ def walk(cfg, B, T, seed=0):
     tb.add(f"dh = d {act}(h) * {act}'(h)", "B, T, F", dh, f"`{act}_backward`")
     dln2, dWfc, dbfc = linear_backward(dh, c1)
     tb.add("d LN2 output = dh W_fc^T", "B, T, C", dln2, "")
-    if pre:
-        dln2, _, _ = model.ops.layernorm_backward(dln2, bc["ln2"])
-        tb.add("through LN2", "B, T, C", dln2, "")
+    dln2, _, _ = model.ops.layernorm_backward(dln2, bc["ln2"])
+    tb.add("through LN2", "B, T, C", dln2, "")
     dx1 = dx + dln2
     tb.add("d(x + a) = dy + that", "B, T, C", dx1, "the skip adds dy (`residual_backward`)")
     du, dWp, dbp = linear_backward(dx1, cp)
@@ -198,9 +195,8 @@ def walk(cfg, B, T, seed=0):
     dh_attn, dxc = model.ops.multihead_backward(dx1, bc["attn"])
     assert np.allclose(dh_attn, dxq + _merge(dk) @ P["blocks.0.attn.w_k"].T
                        + _merge(dv) @ P["blocks.0.attn.w_v"].T)
-    if pre:
-        dh_attn, _, _ = model.ops.layernorm_backward(dh_attn, bc["ln1"])
-        tb.add("through LN1", "B, T, C", dh_attn, "")
+    dh_attn, _, _ = model.ops.layernorm_backward(dh_attn, bc["ln1"])
+    tb.add("through LN1", "B, T, C", dh_attn, "")
     dx0 = dx1 + dh_attn
     tb.add("dx: into block 0 = the embeddings' gradient", "B, T, C", dx0, "the skip adds d(x + a)")
     dtok, dpos = model.ops.embed_backward(dx0, cache["emb"])

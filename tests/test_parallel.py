@@ -13,15 +13,16 @@ from numgpt import parallel
 from numgpt.parallel import ShardedStep
 
 
-@pytest.mark.parametrize("B", [2, 5, 6])
-def test_sharded_step_equals_the_whole_batch(B):
+@pytest.mark.parametrize("B,shards", [(2, 2), (5, 2), (6, 2), (5, 3), (2, 4)])
+def test_sharded_step_equals_the_whole_batch(B, shards):
+    """Two shards (these machines' cores), and more (a bigger CPU's), uneven or more than rows."""
     cfg = numgpt.get_config("preln", vocab_size=20, batch_size=B)
     m = numgpt.GPT(cfg, seed=1, dtype=np.float64)
     rng = np.random.default_rng(0)
     x = rng.integers(0, 20, (B, cfg.block_size))
     y = rng.integers(0, 20, (B, cfg.block_size))
     loss, grads = m.loss_and_grads(x, y, train=False)
-    with ShardedStep(m, 2) as step:
+    with ShardedStep(m, shards) as step:
         loss2, grads2 = step(x, y, train=False)
     assert abs(loss - loss2) < 1e-12
     for k in grads:
@@ -40,6 +41,20 @@ def test_sharded_dropout_is_reproducible_and_follows_the_rng():
     assert abs(a[0] - b[0]) < 1e-6 and abs(a[0] - c[0]) > 1e-4
     for k in a[1]:
         np.testing.assert_allclose(a[1][k], b[1][k], rtol=1e-5, atol=1e-8)
+
+
+def test_the_sharded_step_takes_a_slice_per_core(monkeypatch):
+    """One shard per core (parallel.cores), so a CPU with more cores than these machines' two
+    uses them all; the memory estimate counts the same slices."""
+    from numgpt import resources
+    monkeypatch.setattr(parallel, "cores", lambda: 4)
+    m = numgpt.GPT(numgpt.get_config("residual", vocab_size=20), seed=0)
+    step, close = parallel.make_step("sharded", m)
+    close()
+    assert step.shards == 4
+    cfg = numgpt.get_config("scaled", vocab_size=65, batch_size=64)
+    assert resources._call_rows(cfg, "sharded") == 16 and resources._call_rows(cfg, "plain") == 64
+    assert resources._threads_of(cfg.replace(batch_size=3), "sharded") == 3
 
 
 def test_which_configs_may_be_sharded(monkeypatch):
