@@ -91,6 +91,20 @@ def test_no_block_structure_outside_arch():
         text = pathlib.Path(mod.__file__).read_text(encoding="utf-8")
         for structure in ("NORM_PRE", "NORM_POST", ".residual", "n_sublayers"):
             assert structure not in text, f"{mod.__name__} reads the block's structure: {structure}"
+    # and the three name a block's pieces alike: a reader finds the model's in the step's file
+    forward = ("_norm_in", "_sublayer", "_add", "_norm_out")
+    for name in forward + tuple(n + "_backward" for n in forward) + ("_Layer",):
+        for mod in (numgpt.model, numgpt.kernels.step):
+            assert hasattr(mod, name), f"{mod.__name__} has no {name}"
+
+
+def test_the_block_description_prints_its_constants_names():
+    """Arch holds ints for numba, but shows NORM_PRE and ACT_GELU, not 2 and 1."""
+    from numgpt.arch import arch
+    a = arch(numgpt.get_config("scaled", vocab_size=65))
+    assert "norm=NORM_PRE" in repr(a) and "activation=ACT_RELU" in repr(a)
+    a = arch(numgpt.get_config("layernorm", vocab_size=65, activation="gelu"))
+    assert "norm=NORM_POST" in repr(a) and "activation=ACT_GELU" in repr(a)
 
 
 @pytest.mark.parametrize("preset", numgpt.LADDER + ["laptop", "hour"])
