@@ -125,10 +125,10 @@ def _check_targets(y, logits):
 # together (the compiled step and decoder give the same two functions their kernels instead) ----
 
 class _Layer:
-    """One pass through one block (layer i): the layers (numgpt.ops), the block's parameters by short name,
-    dropout and its rng, generation's key/value cache and the block's index i; the cache the
-    forward fills ({'ln1': ..., 'attn': ..., ...}) and the backward reads, and the gradients'
-    dict with the block's prefix."""
+    """One pass through one block (layer i): the layers (numgpt.ops), the block's parameters by
+    short name, dropout and its rng, generation's key/value cache and the block's index i; the
+    cache the forward fills ({'ln1': ..., 'attn': ..., ...}) and the backward reads, and the
+    gradients' dict with the block's prefix."""
 
     def __init__(self, ops, p, cfg, train=False, rng=None, kv=None, i=0, cache=None, grads=None,
                  prefix=""):
